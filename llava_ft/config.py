@@ -1,0 +1,405 @@
+"""Typed run configuration: dataclass schema, YAML loading, `a.b=value` overrides, validation.
+
+A recipe is a YAML file with four sections (model, data, train, evaluation) plus optional `name` and
+`phase`. Load one with:
+
+    cfg = load_config("configs/demo/tiny_text_qlora.yaml", overrides=["train.learning_rate=1e-4"])
+
+Every key is checked against the dataclasses below before any model loads: an unknown key, or a value
+outside its allowed set, raises `UserError` naming the key, the allowed values and the closest match.
+`save_config(cfg, path)` writes the resolved config (what the run really used) into the work dir.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from llava_ft.errors import UserError
+
+# Where the built-in recipes live (repo root / configs). `llava_ft list-cfg` reads this folder.
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+DATA_FORMATS = ("auto", "openai", "alpaca", "sharegpt", "llava", "oasst1", "text")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attention_2")
+VISION_TYPES = ("auto", "clip", "siglip", "open_clip")
+PHASES = ("auto", "sft", "incremental_pretrain", "pretrain", "finetune")
+TRUNCATIONS = ("drop", "cut_text")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (peft.LoraConfig). `target_modules: all-linear` = every Linear but lm_head."""
+
+    enabled: bool = False
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: Union[str, list] = "all-linear"
+
+
+@dataclass
+class ModelConfig:
+    llm: str = ""  # hub id or local folder of an AutoModelForCausalLM
+    tokenizer: Optional[str] = None  # defaults to `llm`
+    dtype: str = "auto"  # auto: bf16 where the device supports it, fp32 on CPU
+    quantization: str = "none"  # 4bit = NF4 + double quant (QLoRA)
+    attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on a GPU, else sdpa
+    gradient_checkpointing: bool = False
+    freeze_llm: bool = False  # true: LLM weights never train (LoRA, if enabled, still does)
+    llm_lora: LoraSettings = field(default_factory=LoraSettings)
+    # --- LLaVA only (visual_encoder set) ---
+    visual_encoder: Optional[str] = None  # HF id/folder, or an open_clip architecture name
+    visual_encoder_type: str = "auto"  # auto reads the folder's config.json (never the folder name)
+    open_clip_pretrained: Optional[str] = None  # open_clip pretrained tag or checkpoint path
+    visual_select_layer: int = -2
+    projector_depth: int = 2
+    freeze_visual_encoder: bool = True
+    visual_encoder_lora: LoraSettings = field(
+        default_factory=lambda: LoraSettings(enabled=False, r=64, alpha=16, dropout=0.05)
+    )
+    pretrained_pth: Optional[str] = None  # iter_N.pth of a pretrain run (projector weights)
+
+
+@dataclass
+class DataSource:
+    path: str = ""  # .json / .jsonl / .parquet file, or a `datasets.save_to_disk` folder
+    format: str = "auto"  # auto detects from the first record's keys
+    image_folder: Optional[str] = None  # LLaVA: image paths are relative to this
+    repeat: int = 1  # use this source N times per epoch
+
+
+@dataclass
+class DataConfig:
+    sources: list = field(default_factory=list)  # list[DataSource]
+    template: str = "default"  # prompt template name (llava_ft.templates), or `hf`
+    system: Optional[str] = None  # system prompt; None = the template's default (if any)
+    max_length: int = 2048
+    pack_to_max_length: bool = False
+    pad_image_to_square: bool = False
+    skip_bad_samples: bool = False  # true: bad samples/images are warned about and counted, not fatal
+    truncation: str = "drop"  # image samples too long: drop them, or cut text after the last image
+    num_proc: int = 1  # processes for tokenization
+    cache_dir: Optional[str] = None  # default: ~/.cache/llava_ft/datasets (LLAVA_FT_CACHE overrides)
+    shuffle_before_pack: bool = True
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 2e-4
+    projector_lr: Optional[float] = None  # None: learning_rate
+    visual_encoder_lr: Optional[float] = None  # None: learning_rate
+    per_device_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    num_epochs: float = 1.0
+    max_steps: int = -1  # >0 overrides num_epochs
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    seed: int = 42
+    group_by_length: bool = True
+    dataloader_num_workers: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Prompts answered every `every_n_steps` steps and at the end -> eval_outputs_iter_<step>.txt."""
+
+    prompts: list = field(default_factory=list)
+    images: list = field(default_factory=list)  # LLaVA: one image per prompt (or one for all)
+    every_n_steps: int = 500
+    max_new_tokens: int = 64
+
+
+@dataclass
+class Config:
+    name: str = ""  # default: the YAML file's stem; work dir = work_dirs/<name>
+    phase: str = "auto"  # auto: derived (see `resolved_phase`)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    source_path: Optional[str] = None  # where it was loaded from (set by load_config)
+
+    @property
+    def is_llava(self) -> bool:
+        return bool(self.model.visual_encoder)
+
+    @property
+    def resolved_phase(self) -> str:
+        """sft | incremental_pretrain | pretrain | finetune, from `phase` or the model/data settings."""
+        if self.phase != "auto":
+            return self.phase
+        if self.is_llava:
+            m = self.model
+            only_projector = (m.freeze_llm and not m.llm_lora.enabled and m.freeze_visual_encoder
+                              and not m.visual_encoder_lora.enabled)
+            return "pretrain" if only_projector else "finetune"
+        if self.data.sources and all(_src(s).format == "text" for s in self.data.sources):
+            return "incremental_pretrain"
+        return "sft"
+
+
+# Allowed values per dotted key (validated after loading and after every override).
+CHOICES: dict[str, tuple] = {
+    "model.dtype": DTYPES,
+    "model.quantization": QUANTIZATIONS,
+    "model.attn_implementation": ATTN_IMPLS,
+    "model.visual_encoder_type": VISION_TYPES,
+    "data.truncation": TRUNCATIONS,
+    "train.lr_scheduler": SCHEDULERS,
+    "phase": PHASES,
+}
+
+
+def _src(s: Any) -> DataSource:
+    return s if isinstance(s, DataSource) else DataSource(**s)
+
+
+def _closest(word: str, options) -> str:
+    match = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.4)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise a UserError naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except UserError as err:
+                errors.append(str(err))
+        raise UserError(errors[0] if errors else f"{where}: bad value for '{key}': {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: '{key}' must be a mapping of {annotation.__name__} keys, got {value!r}")
+        return _build(annotation, value, key + ".", where)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{where}: '{key}' must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise UserError(f"{where}: '{key}' must be an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise UserError(f"{where}: '{key}' must be an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise UserError(f"{where}: '{key}' must be an integer, got {value!r}")
+        return int(as_float)
+    if annotation is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: '{key}' must be a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f"{where}: '{key}' must be a string, got {value!r}")
+        return str(value)
+    if annotation is list or origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: '{key}' must be a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def _build(cls, raw: dict, prefix: str, where: str):
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in types or key == "source_path":
+            raise UserError(
+                f"{where}: unknown key '{prefix}{key}'.{_closest(key, types)} "
+                f"Valid keys under '{prefix.rstrip('.') or 'top level'}': {', '.join(k for k in types if k != 'source_path')}"
+            )
+        kwargs[key] = _coerce(value, types[key], prefix + key, where)
+    obj = cls(**kwargs)
+    if cls is DataConfig:
+        obj.sources = [
+            _build(DataSource, s, f"data.sources.{i}.", where) if isinstance(s, dict) else _coerce(s, DataSource, f"data.sources.{i}", where)
+            for i, s in enumerate(obj.sources)
+        ]
+    return obj
+
+
+def _validate(cfg: Config, where: str) -> None:
+    for dotted, allowed in CHOICES.items():
+        value = _get(cfg, dotted)
+        if value not in allowed:
+            raise UserError(
+                f"{where}: '{dotted}' is {value!r}; allowed: {', '.join(allowed)}.{_closest(value, allowed)}"
+            )
+    for i, src in enumerate(cfg.data.sources):
+        if src.format not in DATA_FORMATS:
+            raise UserError(
+                f"{where}: 'data.sources.{i}.format' is {src.format!r}; allowed: {', '.join(DATA_FORMATS)}."
+                f"{_closest(src.format, DATA_FORMATS)}"
+            )
+        if not src.path:
+            raise UserError(f"{where}: 'data.sources.{i}.path' is empty; set it to a .json/.jsonl/.parquet file")
+        if src.repeat < 1:
+            raise UserError(f"{where}: 'data.sources.{i}.repeat' must be >= 1, got {src.repeat}")
+    from llava_ft.templates import TEMPLATES  # local import: templates import nothing from config
+
+    names = list(TEMPLATES) + ["hf"]
+    if cfg.data.template not in names:
+        raise UserError(
+            f"{where}: 'data.template' is {cfg.data.template!r}; allowed: {', '.join(names)}."
+            f"{_closest(cfg.data.template, names)}"
+        )
+    positive = {
+        "data.max_length": cfg.data.max_length,
+        "train.per_device_batch_size": cfg.train.per_device_batch_size,
+        "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "train.save_steps": cfg.train.save_steps,
+        "train.logging_steps": cfg.train.logging_steps,
+        "model.projector_depth": cfg.model.projector_depth,
+        "evaluation.every_n_steps": cfg.evaluation.every_n_steps,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{where}: '{key}' must be > 0, got {value}")
+    if cfg.train.learning_rate <= 0:
+        raise UserError(f"{where}: 'train.learning_rate' must be > 0, got {cfg.train.learning_rate}")
+    if not 0 <= cfg.train.warmup_ratio < 1:
+        raise UserError(f"{where}: 'train.warmup_ratio' must be in [0, 1), got {cfg.train.warmup_ratio}")
+    if cfg.model.quantization != "none" and not cfg.model.llm_lora.enabled and not cfg.model.freeze_llm:
+        raise UserError(
+            f"{where}: a {cfg.model.quantization} LLM cannot be trained fully; set model.llm_lora.enabled=true "
+            "(QLoRA) or model.freeze_llm=true (e.g. LLaVA pretrain), or model.quantization=none for full training"
+        )
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = obj[int(part)] if isinstance(obj, list) else getattr(obj, part)
+    return obj
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to a raw config dict in place."""
+    if "=" not in override:
+        raise UserError(f"override '{override}' must look like section.key=value (e.g. train.learning_rate=1e-4)")
+    dotted, text = override.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    parts = dotted.strip().split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"override '{override}': '{'.'.join(parts[:depth + 1])}' is not a valid list index")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if node is None:
+                node = {}
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise UserError(f"override '{override}': '{last}' is not a valid list index")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def config_from_dict(raw: dict, where: str = "config") -> Config:
+    """Build and validate a Config from a plain dict (as loaded from YAML)."""
+    raw = copy.deepcopy(raw or {})
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: the top level must be a mapping with model/data/train/evaluation sections")
+    cfg = _build(Config, raw, "", where)
+    _validate(cfg, where)
+    return cfg
+
+
+def resolve_config_path(path_or_name: str) -> Path:
+    """A path to a YAML file, or the name of a built-in recipe (as `list-cfg` prints it)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    for candidate in CONFIG_ROOT.rglob("*.yaml"):
+        if candidate.stem == path_or_name or candidate.stem == path.stem and not path.exists():
+            return candidate
+    names = [p.stem for p in CONFIG_ROOT.rglob("*.yaml")]
+    raise UserError(
+        f"config '{path_or_name}' not found: no such file and no built-in recipe of that name."
+        f"{_closest(path.stem, names)} Run `llava_ft list-cfg` to see the recipes."
+    )
+
+
+def load_config(path_or_name: str, overrides: Optional[list] = None) -> Config:
+    """Load a YAML recipe (file path or built-in name), apply overrides, validate."""
+    path = resolve_config_path(path_or_name)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    for override in overrides or []:
+        apply_override(raw, override)
+    cfg = config_from_dict(raw, where=str(path))
+    if not cfg.name:
+        cfg.name = path.stem
+    cfg.source_path = str(path)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    out = dataclasses.asdict(cfg)
+    out.pop("source_path", None)
+    return out
+
+
+def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def list_configs(pattern: Optional[str] = None) -> list[str]:
+    """Names of built-in recipes whose name contains `pattern` (case-insensitive)."""
+    names = sorted(p.stem for p in CONFIG_ROOT.rglob("*.yaml"))
+    if pattern:
+        names = [n for n in names if pattern.lower() in n.lower()]
+    return names
