@@ -1,0 +1,66 @@
+"""Shared pytest fixtures: tiny random-init models, a local tokenizer and demo data, built once per session.
+
+Every fixture returns a path (str) to an HF-format folder or data file, built with `llava_ft.demo.assets`
+under pytest's session temp dir. Nothing is downloaded. Tests must not modify these folders (copy first):
+they are shared by the whole session.
+
+    def test_x(tiny_llama, tiny_tokenizer, tiny_clip, demo_data):
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        demo_data["finetune"], demo_data["image_folder"], ...
+
+Tests marked `gpu` are skipped when CUDA is unavailable.
+"""
+from __future__ import annotations
+
+import pytest
+
+from llava_ft.demo import assets
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> dict:
+    """Paths from `make_demo_data`: image_folder, pretrain, finetune, eval, self_cognition, text."""
+    return assets.make_demo_data(tmp_path_factory.mktemp("demo_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> str:
+    """Byte-level BPE (vocab 512), <s> </s> <pad> <unk>, ChatML-like chat_template."""
+    return assets.build_tokenizer(tmp_path_factory.mktemp("assets") / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_tokenizer) -> str:
+    """LlamaForCausalLM: hidden 64, 2 layers, 4 heads (2 kv), tokenizer files included."""
+    return assets.build_tiny_llm(tmp_path_factory.mktemp("assets") / "llama", tiny_tokenizer, arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, tiny_tokenizer) -> str:
+    """Qwen2ForCausalLM with the same sizes as tiny_llama."""
+    return assets.build_tiny_llm(tmp_path_factory.mktemp("assets") / "qwen2", tiny_tokenizer, arch="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """CLIPVisionModel (32 px, patch 8 -> 16 patches + CLS, hidden 32, 2 layers) + CLIPImageProcessor."""
+    return assets.build_tiny_clip(tmp_path_factory.mktemp("assets") / "clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory) -> str:
+    """SiglipVisionModel (32 px, patch 8 -> 16 patches, hidden 32, 2 layers) + SiglipImageProcessor."""
+    return assets.build_tiny_siglip(tmp_path_factory.mktemp("assets") / "siglip")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)
