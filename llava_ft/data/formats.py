@@ -1,0 +1,251 @@
+"""Read data files in the formats users bring and turn each record into one canonical record.
+
+Formats (`data.sources[i].format`, `auto` detects from the first record's keys):
+  openai    {"messages": [{"role": system|user|assistant, "content": ..., "loss": false?}]}
+  alpaca    {"instruction", "input", "output"}            (XTuner: input = instruction + "\\n" + input)
+  sharegpt  {"conversations": [{"from": human|gpt|system, "value": ...}]}
+  llava     sharegpt + {"id", "image": str | [str]}       (images resolved against `image_folder`)
+  oasst1    {"text": "### Human: ... ### Assistant: ..."}
+  text      {"text": ...}                                  (incremental pretraining: all text supervised)
+Files: .json (a list), .jsonl, .parquet, or a folder written by `datasets.Dataset.save_to_disk`.
+
+Canonical record (see docs/architecture.md): {"id", "messages": [{"role", "content", "loss"}], "images"}
+or {"id", "text"}. Errors name the file and line (or record index) and say what to do.
+
+    for rec in iter_records(DataSource(path="train.jsonl")): ...
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Iterator, Optional
+
+from llava_ft import IMAGE_TOKEN
+from llava_ft.config import DATA_FORMATS, DataSource
+from llava_ft.errors import UserError
+
+FORMATS = tuple(f for f in DATA_FORMATS if f != "auto")
+_ROLE_FROM = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+              "bot": "assistant", "model": "assistant", "system": "system"}
+
+
+def source_files(path: str) -> list[str]:
+    """The files that make up a source (for cache fingerprints). A missing path is a UserError."""
+    if os.path.isdir(path):
+        return sorted(os.path.join(root, f) for root, _, files in os.walk(path) for f in files)
+    if os.path.isfile(path):
+        return [path]
+    raise UserError(f"data file '{path}' does not exist; fix data.sources[].path in the config")
+
+
+def iter_raw(path: str) -> Iterator[tuple[str, Any]]:
+    """Yield (where, raw_dict) for every record of a file; `where` is 'file:line' or 'file[#index]'."""
+    source_files(path)
+    lower = path.lower()
+    if os.path.isdir(path):
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as err:  # datasets raises several types for a folder it cannot read
+            raise UserError(f"'{path}' is a folder but not a saved `datasets` dataset ({err}); "
+                            "point data.sources[].path at a .json/.jsonl/.parquet file or a save_to_disk folder") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        for i, row in enumerate(ds):
+            yield f"{path}[#{i}]", row
+    elif lower.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}); "
+                                    "fix or delete this line") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+                yield f"{path}:{lineno}", row
+    elif lower.endswith(".json"):
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); "
+                            "a .json file must hold one list of records (use .jsonl for one record per line)") from None
+        if isinstance(rows, dict):
+            rows = [rows]
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise UserError(f"{path}[#{i}]: expected a JSON object, got {type(row).__name__}")
+            yield f"{path}[#{i}]", row
+    elif lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{path}[#{i}]", row
+    else:
+        raise UserError(f"'{path}': unsupported file type; use .json, .jsonl, .parquet or a `datasets` folder")
+
+
+def detect_format(row: dict, where: str, image_folder: Optional[str] = None) -> str:
+    """Guess the format from one record's keys (what `format: auto` does)."""
+    if "messages" in row:
+        return "openai"
+    if "conversations" in row:
+        return "llava" if ("image" in row or "images" in row or image_folder) else "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "text" in row:
+        text = str(row["text"])
+        return "oasst1" if "### Human:" in text and "### Assistant:" in text else "text"
+    raise UserError(f"{where}: cannot detect the data format from keys {sorted(row)}; set "
+                    f"data.sources[].format to one of: {', '.join(FORMATS)}")
+
+
+def _need(row: dict, key: str, where: str, fmt: str) -> Any:
+    if key not in row or row[key] is None:
+        raise UserError(f"{where}: {fmt} record has no '{key}' (keys: {sorted(row)}); "
+                        f"fix the record or set data.sources[].format correctly")
+    return row[key]
+
+
+def _msg(role: str, content: Any, where: str, loss: bool = True) -> dict:
+    if not isinstance(content, str):
+        raise UserError(f"{where}: message content must be a string, got {type(content).__name__}")
+    return {"role": role, "content": content, "loss": loss}
+
+
+def _parse_loss(value: Any) -> bool:
+    # XTuner reads `loss` through str(): "false"/False both mean no loss.
+    return str(value).lower() == "true"
+
+
+def _openai(row: dict, where: str) -> list[dict]:
+    messages = _need(row, "messages", where, "openai")
+    if not isinstance(messages, list):
+        raise UserError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+    out = []
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise UserError(f"{where}: messages[{j}] must be an object with 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise UserError(f"{where}: messages[{j}] has role {m['role']!r}; expected system, user or assistant")
+        out.append(_msg(m["role"], m["content"], f"{where} messages[{j}]", _parse_loss(m.get("loss", True))))
+    return out
+
+
+def _alpaca(row: dict, where: str) -> list[dict]:
+    output = _need(row, "output", where, "alpaca")
+    if output == "<nooutput>":  # XTuner drops these (alpaca's marker for "no answer")
+        return []
+    text = f"{_need(row, 'instruction', where, 'alpaca')}\n{row.get('input') or ''}"
+    return [_msg("user", text, where), _msg("assistant", output, where)]
+
+
+def _move_image_tokens(text: str) -> str:
+    """XTuner/LLaVA: strip every <image> from the turn and put them at its start, each followed by '\\n'."""
+    n = text.count(IMAGE_TOKEN)
+    if not n:
+        return text
+    rest = text.replace(IMAGE_TOKEN, "").strip()
+    return (IMAGE_TOKEN + "\n") * n + rest if rest else ((IMAGE_TOKEN + "\n") * n).strip()
+
+
+def _sharegpt(row: dict, where: str, move_images: bool) -> list[dict]:
+    convs = _need(row, "conversations", where, "sharegpt")
+    if not isinstance(convs, list):
+        raise UserError(f"{where}: 'conversations' must be a list of {{from, value}} objects")
+    out = []
+    for j, turn in enumerate(convs):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise UserError(f"{where}: conversations[{j}] must be an object with 'from' and 'value'")
+        role = _ROLE_FROM.get(str(turn["from"]).lower())
+        if role is None:
+            raise UserError(f"{where}: conversations[{j}] has from={turn['from']!r}; expected human, gpt or system")
+        value = turn["value"]
+        if role == "user" and move_images and isinstance(value, str):
+            value = _move_image_tokens(value)
+        out.append(_msg(role, value, f"{where} conversations[{j}]", _parse_loss(turn.get("loss", True))))
+    return out
+
+
+def _oasst1(text: str) -> list[dict]:
+    # Same split as XTuner's oasst1 map fn: segments between '###', an unanswered last question is dropped.
+    parts = []
+    for piece in text.strip().split("###"):
+        piece = piece.strip()
+        if piece.startswith("Human:"):
+            parts.append(piece[6:].strip())
+        elif piece.startswith("Assistant:"):
+            parts.append(piece[10:].strip())
+    if len(parts) % 2:
+        parts.pop()
+    out = []
+    for i in range(0, len(parts), 2):
+        out += [{"role": "user", "content": parts[i], "loss": True},
+                {"role": "assistant", "content": parts[i + 1], "loss": True}]
+    return out
+
+
+def _images(row: dict, where: str, image_folder: Optional[str], base_dir: str) -> list[str]:
+    value = row.get("image", row.get("images"))
+    if value is None or value == "":
+        return []
+    items = value if isinstance(value, list) else [value]
+    folder = image_folder if image_folder is not None else base_dir
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            raise UserError(f"{where}: 'image' must be a path string or a list of them, got {item!r}")
+        out.append(os.path.abspath(os.path.join(folder, item)))
+    return out
+
+
+def to_record(row: dict, fmt: str, where: str, index: int, image_folder: Optional[str] = None,
+              base_dir: str = ".") -> dict:
+    """Convert one raw record of format `fmt` to the canonical record."""
+    rid = str(row["id"]) if row.get("id") not in (None, "") else where
+    if fmt == "text":
+        text = _need(row, "text", where, "text")
+        if not isinstance(text, str):
+            raise UserError(f"{where}: 'text' must be a string")
+        return {"id": rid, "text": text}
+    if fmt == "openai":
+        messages = _openai(row, where)
+    elif fmt == "alpaca":
+        messages = _alpaca(row, where)
+    elif fmt in ("sharegpt", "llava"):
+        messages = _sharegpt(row, where, move_images=True)
+    elif fmt == "oasst1":
+        messages = _oasst1(str(_need(row, "text", where, "oasst1")))
+    else:
+        raise UserError(f"unknown data format '{fmt}'; valid formats: auto, {', '.join(FORMATS)}")
+    images = _images(row, where, image_folder, base_dir) if fmt in ("llava", "openai", "sharegpt") else []
+    return {"id": rid, "messages": messages, "images": images}
+
+
+def iter_records(source: DataSource) -> Iterator[dict]:
+    """Canonical records of one source (without `repeat`, which the dataset builder applies)."""
+    fmt = source.format
+    if fmt != "auto" and fmt not in FORMATS:
+        raise UserError(f"unknown data format '{fmt}'; valid formats: auto, {', '.join(FORMATS)}")
+    base_dir = os.path.dirname(os.path.abspath(source.path))
+    for index, (where, row) in enumerate(iter_raw(source.path)):
+        if fmt == "auto":
+            fmt = detect_format(row, where, source.image_folder)
+        yield to_record(row, fmt, where, index, source.image_folder, base_dir)
+
+
+_IMAGE_RE = re.compile(re.escape(IMAGE_TOKEN))
+
+
+def count_image_markers(record: dict) -> int:
+    """Number of `<image>` markers in a canonical record's messages."""
+    return sum(len(_IMAGE_RE.findall(m["content"])) for m in record.get("messages", ()))
