@@ -1,0 +1,174 @@
+"""Work-dir checkpoint files: atomic `iter_<step>.pth`, `last_checkpoint`, rotation, resume lookup.
+
+Layout of a work dir (see docs/architecture.md "Checkpoints"):
+
+    iter_500.pth        {"state_dict": trainable weights, "meta": {"step", "phase", "llava_ft_version", "config"}}
+    checkpoint-500/     transformers.Trainer state (optimizer, scheduler, RNG, trainer_state.json)
+    last_checkpoint     text file naming the newest complete iter_<step>.pth
+
+Every file is written to a temporary name and `os.replace`d, so Ctrl-C or a crash never leaves a
+half-written `iter_*.pth` under its final name. A `checkpoint-<step>/` folder counts as complete only
+when its `trainer_state.json` exists (Trainer writes it last) and its `iter_<step>.pth` sits beside it;
+`find_resume_checkpoint` skips incomplete ones with a warning.
+
+    save_iter_checkpoint(work_dir, step, model.trainable_state_dict(), meta)
+    sd = load_iter_checkpoint("work_dirs/x/iter_500.pth")["state_dict"]
+    ckpt = find_resume_checkpoint(work_dir)     # -> "work_dirs/x/checkpoint-500" or None
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from llava_ft.errors import UserError
+
+PathLike = Union[str, os.PathLike]
+_ITER_RE = re.compile(r"^iter_(\d+)\.pth$")
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path: PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quiet(tmp)
+        raise
+
+
+def _unlink_quiet(path: PathLike) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def iter_path(work_dir: PathLike, step: int) -> Path:
+    return Path(work_dir) / f"iter_{step}.pth"
+
+
+def save_iter_checkpoint(work_dir: PathLike, step: int, state_dict: dict, meta: dict) -> Path:
+    """Write `iter_<step>.pth` (CPU tensors, contiguous) atomically and point `last_checkpoint` at it."""
+    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    path = iter_path(work_dir, step)
+    atomic_torch_save({"state_dict": sd, "meta": dict(meta, step=int(step))}, path)
+    atomic_write_text(Path(work_dir) / "last_checkpoint", str(path.resolve()) + "\n")
+    return path
+
+
+def load_iter_checkpoint(path: PathLike) -> dict:
+    """Load an `iter_<step>.pth` safely (weights_only); UserError when missing or not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, pickle of arbitrary objects, ...
+        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                        "it may be truncated: use an earlier iter_*.pth") from None
+    if not isinstance(obj, dict) or "state_dict" not in obj:
+        raise UserError(f"checkpoint {path} is not an llava_ft iter_*.pth (no 'state_dict' key)")
+    return obj
+
+
+def _steps(work_dir: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
+    if not work_dir.is_dir():
+        return []
+    found = []
+    for child in work_dir.iterdir():
+        m = pattern.match(child.name)
+        if m:
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def is_complete_trainer_checkpoint(folder: Path) -> bool:
+    """Trainer writes trainer_state.json last; our iter file is written before the folder is used."""
+    m = _CKPT_RE.match(folder.name)
+    return (folder.is_dir() and (folder / "trainer_state.json").is_file() and m is not None
+            and iter_path(folder.parent, int(m.group(1))).is_file())
+
+
+def find_resume_checkpoint(work_dir: PathLike) -> Optional[str]:
+    """Newest complete `checkpoint-<step>/` in `work_dir`, or None; warns about incomplete ones skipped."""
+    for step, folder in reversed(_steps(Path(work_dir), _CKPT_RE)):
+        if is_complete_trainer_checkpoint(folder):
+            return str(folder)
+        warnings.warn(f"ignoring incomplete checkpoint {folder} (interrupted while saving); "
+                      "resuming from an earlier one", stacklevel=2)
+    return None
+
+
+def resolve_resume(resume: Optional[str], work_dir: PathLike) -> Optional[str]:
+    """`--resume auto|PATH` -> a Trainer checkpoint folder (or None = start fresh).
+
+    PATH may be a `checkpoint-<step>/` folder or an `iter_<step>.pth` whose folder sits beside it.
+    """
+    if not resume:
+        return None
+    if resume == "auto":
+        found = find_resume_checkpoint(work_dir)
+        if found is None:
+            print(f"[llava_ft] --resume auto: no complete checkpoint in {work_dir}; starting from step 0", flush=True)
+        return found
+    path = Path(resume)
+    m = _ITER_RE.match(path.name)
+    if m:
+        path = path.parent / f"checkpoint-{m.group(1)}"
+    if not path.is_dir():
+        raise UserError(f"--resume {resume}: no such checkpoint folder ({path}); use --resume auto or a "
+                        "checkpoint-<step>/ folder in the work dir")
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"--resume {resume}: {path} is incomplete (no trainer_state.json; the save was "
+                        "interrupted); pick an earlier checkpoint or use --resume auto")
+    return str(path)
+
+
+def rotate_checkpoints(work_dir: PathLike, limit: int, keep: Optional[int] = None) -> list[str]:
+    """Keep the newest `limit` iter_<step>.pth files (and their checkpoint-<step>/ folders); return removed.
+
+    `keep` (e.g. the step just saved) is never removed. `limit <= 0` keeps everything.
+    Temp files of an interrupted save (`.iter_*.tmp`) are removed too.
+    """
+    work_dir = Path(work_dir)
+    removed: list[str] = []
+    for stale in work_dir.glob(".iter_*.pth.*.tmp"):
+        _unlink_quiet(stale)
+    if limit <= 0:
+        return removed
+    steps = sorted({s for s, _ in _steps(work_dir, _ITER_RE)} | {s for s, _ in _steps(work_dir, _CKPT_RE)})
+    old = [s for s in steps if s != keep]
+    excess = len(steps) - limit
+    for step in old[:max(excess, 0)]:
+        for target in (iter_path(work_dir, step), work_dir / f"checkpoint-{step}"):
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+                removed.append(str(target))
+            elif target.exists():
+                _unlink_quiet(target)
+                removed.append(str(target))
+    return removed
