@@ -1,0 +1,275 @@
+"""FastAPI app: an OpenAI-compatible chat API and a web chat page over one `ChatModel`.
+
+    from llava_ft.inference import load_chat_model
+    from serve.app import create_app
+    app = create_app(load_chat_model("./merged"), "merged", api_key="sk-local", image_dir="./images")
+    uvicorn.run(app, host="127.0.0.1", port=8000)       # or: llava_ft serve ./merged
+
+Routes: `POST /v1/chat/completions` (OpenAI schema, `stream: true` -> server-sent events ending in
+`data: [DONE]`), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /` (the chat page, files in
+`serve/static/`). Every error is an OpenAI-style body `{"error": {message, type, param, code}}`:
+400 malformed JSON/schema or undecodable image, 401 missing/wrong key, 403 image path outside the image dir
+or remote image while disabled, 404 unknown model, 413 body/image/pixel count over the limits, 503 queue full
+(with Retry-After). Generation runs in one thread (`serve.worker`); a request waits in a bounded line and
+gives its place up when the client disconnects.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.errors import ApiError, error_body
+from serve.images import ImageLoader
+from serve.schema import parse_request, settings_kwargs, to_chat_inputs
+from serve.worker import GenerationWorker, Job
+
+log = logging.getLogger("llava_ft.serve")
+
+STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # base64 inflates images by 4/3: room for a 20 MiB image
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # ~6300 x 6300; a bigger header is treated as a decompression bomb
+DEFAULT_MAX_IMAGES = 8
+POLL_S = 0.5  # how often a waiting request checks whether its client is still there
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Closes the body generator however the send ends (client gone -> OSError), so its `finally`
+    cancels the generation job at once instead of whenever the generator is garbage-collected."""
+
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _error_response(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            declared = int(length)
+        except ValueError:
+            raise ApiError(400, "invalid Content-Length header")
+        if declared > limit:
+            raise ApiError(413, f"request body is {declared} bytes; the limit is {limit} bytes",
+                           code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():  # counted as it arrives: a chunked upload cannot exceed it either
+        body.extend(chunk)
+        if len(body) > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    return bytes(body)
+
+
+def _chunk(cid: str, created: int, model: str, delta: dict, finish_reason=None, usage=None) -> str:
+    obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+    if usage is not None:
+        obj["usage"] = usage
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(chat_model, model_name: str, api_key: Optional[str] = None, max_queue: int = 16,
+               image_dir: Optional[str] = None, allow_remote_images: bool = False,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_images: int = DEFAULT_MAX_IMAGES) -> FastAPI:
+    """Build the app around a loaded `ChatModel` (see docs/architecture.md, Inference)."""
+    from llava_ft.inference import GenerationSettings
+
+    worker = GenerationWorker(chat_model, max_queue=max_queue)
+    loader = ImageLoader(image_dir=image_dir, allow_remote=allow_remote_images,
+                         max_bytes=min(max_image_bytes, max_body_bytes), max_pixels=max_image_pixels)
+    created_at = int(time.time())
+    supports_images = bool(getattr(chat_model, "supports_images", False))
+    context_length = getattr(chat_model, "context_length", None)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        worker.start()
+        yield
+        await run_in_threadpool(worker.stop)
+
+    app = FastAPI(title="llava_ft serve", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.worker = worker
+    app.state.model_name = model_name
+
+    # ---- errors: every failure answers in OpenAI's shape ---------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, err: ApiError):
+        return _error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, err: StarletteHTTPException):
+        return JSONResponse(error_body(err.status_code, str(err.detail)), status_code=err.status_code,
+                            headers=getattr(err, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, err: RequestValidationError):
+        return JSONResponse(error_body(400, f"invalid request: {err.errors()[:1]}"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request, err: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body(500, f"internal error: {type(err).__name__}", code="internal_error"),
+                            status_code=500)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        # constant-time compare: the key must not leak through response timing
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": created_at, "owned_by": "llava_ft"}
+
+    # ---- routes ----------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        ok = worker.alive
+        body = {"status": "ok" if ok else "generation thread stopped", "model": model_name,
+                "supports_images": supports_images, "auth_required": api_key is not None,
+                "context_length": context_length, "queue": worker.stats()}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request):
+        check_key(request)
+        if model_id != model_name:
+            raise ApiError(404, f"model '{model_id}' not found; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_key(request)
+        req = parse_request(await _read_body(request, max_body_bytes))
+        if req.model != model_name:
+            raise ApiError(404, f"model '{req.model}' not found; this server serves '{model_name}'",
+                           param="model", code="model_not_found")
+        messages, urls = to_chat_inputs(req)
+        if urls and not supports_images:
+            raise ApiError(400, f"model '{model_name}' is a text model and does not accept images",
+                           param="messages", code="images_not_supported")
+        if len(urls) > max_images:
+            raise ApiError(400, f"{len(urls)} images in one request; the limit is {max_images}",
+                           param="messages")
+        images = []
+        for url in urls:
+            data = await loader.load_bytes(url)
+            images.append(await run_in_threadpool(loader.decode, data))  # decoding is CPU work: off the loop
+        try:
+            settings = GenerationSettings(**settings_kwargs(req, context_length))
+        except (TypeError, ValueError) as err:
+            raise ApiError(400, f"invalid generation settings: {err}")
+        job = Job(messages, images, settings, loop=asyncio.get_running_loop())
+        worker.submit(job)  # ApiError 503 when the line is full
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _ClosingStreamingResponse(
+                _sse(job, request, cid, created, include_usage), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _collect(job, request, cid, created)
+
+    async def _next_event(job: Job, request: Request):
+        """The job's next event; None when the client has gone away (the job is then cancelled)."""
+        while True:
+            try:
+                return await asyncio.wait_for(job.events.get(), timeout=POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    worker.cancel(job)
+                    return None
+
+    async def _collect(job: Job, request: Request, cid: str, created: int):
+        parts: list[str] = []
+        finished = False
+        try:
+            while True:
+                event = await _next_event(job, request)
+                if event is None:
+                    return Response(status_code=499)  # nobody reads it; closes the connection cleanly
+                kind, payload = event
+                if kind == "delta":
+                    parts.append(payload)
+                elif kind == "error":
+                    finished = True
+                    return _error_response(payload)
+                else:
+                    finished = True
+                    return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                                         "finish_reason": payload.finish_reason, "logprobs": None}],
+                            "usage": payload.as_dict()}
+        finally:
+            if not finished:
+                worker.cancel(job)
+
+    async def _sse(job: Job, request: Request, cid: str, created: int, include_usage: bool):
+        finished = False
+        try:
+            yield _chunk(cid, created, model_name, {"role": "assistant", "content": ""})
+            while True:
+                event = await _next_event(job, request)
+                if event is None:
+                    return
+                kind, payload = event
+                if kind == "delta":
+                    yield _chunk(cid, created, model_name, {"content": payload})
+                    continue
+                finished = True
+                if kind == "error":
+                    yield f"data: {json.dumps(payload.body())}\n\n"
+                else:
+                    usage = payload.as_dict()
+                    yield _chunk(cid, created, model_name, {}, payload.finish_reason, usage=usage)
+                    if include_usage:  # OpenAI's form: a last chunk with no choices and the usage
+                        yield ("data: " + json.dumps({"id": cid, "object": "chat.completion.chunk",
+                                                      "created": created, "model": model_name,
+                                                      "choices": [], "usage": usage}) + "\n\n")
+                yield "data: [DONE]\n\n"
+                return
+        finally:
+            if not finished:
+                worker.cancel(job)
+
+    # ---- the web page ----------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,185 @@
+"""One generation thread in front of one model, fed by a bounded waiting line.
+
+`serve.app` creates one `GenerationWorker(chat_model, max_queue)` per app. Each request becomes a `Job`;
+`submit(job)` puts it in line or raises ApiError 503 (with Retry-After) when `max_queue` jobs already wait.
+The thread runs jobs one at a time (one model, no batching: generation on one model is not thread-safe)
+and sends events back to the request's event loop:
+    ("delta", str)   a piece of the answer
+    ("done", Usage)  finished; token counts and finish_reason
+    ("error", ApiError)
+`cancel(job)` (client went away) takes a waiting job out of line at once, so its slot is free for the next
+client, and stops a running job at its next token.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from serve.errors import ApiError
+
+log = logging.getLogger("llava_ft.serve")
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # stop | length | cancelled
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+@dataclass(eq=False)
+class Job:
+    messages: list
+    images: list
+    settings: Any
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, kind: str, payload: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the request's loop is gone (server shutting down): nobody to tell
+            self.cancelled.set()
+
+
+class GenerationWorker:
+    def __init__(self, chat_model, max_queue: int = 16):
+        self.model = chat_model
+        self.max_queue = max(0, int(max_queue))
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: Optional[Job] = None
+        self._stopping = False
+        self._avg_job_s = 2.0  # running mean of job time, for Retry-After
+        self.completed = 0
+        self._thread = threading.Thread(target=self._loop, name="llava_ft-serve-generation", daemon=True)
+
+    # --- request side ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            for job in self._waiting:
+                job.cancelled.set()
+            self._waiting.clear()
+            if self._running is not None:
+                self._running.cancelled.set()
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {"waiting": len(self._waiting), "max_queue": self.max_queue,
+                    "busy": self._running is not None, "completed": self.completed}
+
+    def retry_after_s(self) -> int:
+        with self._cv:
+            ahead = len(self._waiting) + (self._running is not None)
+        return max(1, math.ceil(self._avg_job_s * ahead))
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            # Full when max_queue jobs wait behind a running one; an idle worker always takes one job.
+            if len(self._waiting) >= self.max_queue and (self._running is not None or self._waiting):
+                full = True
+            else:
+                full = False
+                self._waiting.append(job)
+                self._cv.notify()
+        if full:
+            raise ApiError(503, f"the server is busy ({self.max_queue} requests waiting); retry later",
+                           code="queue_full", headers={"Retry-After": str(self.retry_after_s())})
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled.set()
+        with self._cv:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                pass  # already running or done; the running loop sees `cancelled` at its next token
+
+    # --- generation thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                job = self._waiting.popleft()
+                self._running = job
+            started = time.monotonic()
+            try:
+                self._run(job)
+            except BaseException as err:  # noqa: BLE001 - the thread must survive anything a request causes
+                log.exception("generation failed")
+                job.emit("error", _model_error(err))
+            finally:
+                with self._cv:
+                    self._running = None
+                    self.completed += 1
+                self._avg_job_s = 0.8 * self._avg_job_s + 0.2 * (time.monotonic() - started)
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        stream = self.model.stream_chat(job.messages, images=job.images, settings=job.settings)
+        result = None
+        try:
+            while True:
+                if job.cancelled.is_set():
+                    break
+                try:
+                    delta = next(stream)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                if delta:
+                    job.emit("delta", delta)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # stops generation of an abandoned stream
+        if job.cancelled.is_set():
+            return
+        job.emit("done", self._usage(stream, result))
+
+    def _usage(self, stream, result) -> Usage:
+        info = result if result is not None and hasattr(result, "prompt_tokens") else getattr(stream, "result", None)
+        if info is None:
+            info = getattr(self.model, "last_result", None)
+        if info is None or not hasattr(info, "prompt_tokens"):
+            raise RuntimeError("the chat model's stream_chat reported no token counts")
+        return Usage(int(info.prompt_tokens), int(info.completion_tokens),
+                     "length" if getattr(info, "finish_reason", "stop") == "length" else "stop")
+
+
+def _model_error(err: BaseException) -> ApiError:
+    """Errors from the model: the user's fault (bad input for this model) -> 400, anything else -> 500."""
+    if isinstance(err, ApiError):
+        return err
+    from llava_ft.errors import UserError
+
+    if isinstance(err, (UserError, ValueError)):
+        return ApiError(400, f"the model rejected the request: {err}", code="invalid_request")
+    return ApiError(500, f"generation failed: {type(err).__name__}: {err}", code="generation_failed")
