@@ -1,0 +1,110 @@
+"""What kind of trained artifact a path is, read from the files we (or transformers/PEFT) saved.
+
+    art = detect_artifact("work_dirs/run")     # Artifact(kind="iter_pth", path=".../iter_500.pth")
+    art.kind in ARTIFACT_KINDS
+
+Never guessed from folder names (LLaVA #1021): an `iter_N.pth` file (or a work dir whose `last_checkpoint`
+names one), a folder with `config.json` `model_type: llava` (llava-hf export), a folder with `projector/`
+(XTuner layout from `convert pth_to_hf`), a folder with `adapter_config.json` (PEFT adapter), or a folder
+with `config.json` (a plain/merged Hugging Face causal LM).
+
+Every folder `llava_ft convert` writes also holds `llava_ft.json` (`write_meta` / `read_meta`): the prompt
+template, system prompt, image padding and the resolved training config, so inference renders prompts and
+images exactly as training did without the user repeating them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from llava_ft.errors import UserError
+
+META_NAME = "llava_ft.json"
+ARTIFACT_KINDS = ("iter_pth", "llava_hf", "xtuner_llava", "peft_adapter", "hf_model")
+_ITER_RE = re.compile(r"^iter_(\d+)\.pth$")
+
+
+@dataclass
+class Artifact:
+    kind: str  # one of ARTIFACT_KINDS
+    path: str  # the file (iter_pth) or folder
+
+
+def write_json_atomic(path, obj) -> None:
+    """Write JSON to `path` through a temp file + os.replace (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_meta(folder, meta: dict) -> None:
+    write_json_atomic(Path(folder) / META_NAME, meta)
+
+
+def read_meta(folder) -> dict:
+    """The `llava_ft.json` of an exported folder, or {} for folders we did not write."""
+    path = Path(folder) / META_NAME
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err}); re-run `llava_ft convert` to rewrite it") from None
+
+
+def newest_iter_file(work_dir) -> Optional[Path]:
+    """The checkpoint named by `last_checkpoint`, else the `iter_N.pth` with the largest N, else None."""
+    work = Path(work_dir)
+    marker = work / "last_checkpoint"
+    if marker.is_file():
+        name = marker.read_text(encoding="utf-8").strip()
+        candidate = Path(name) if os.path.isabs(name) else work / name
+        if candidate.is_file():
+            return candidate
+    steps = [(int(m.group(1)), p) for p in work.iterdir() if (m := _ITER_RE.match(p.name)) and p.is_file()]
+    return max(steps)[1] if steps else None
+
+
+def _model_type(folder: Path) -> Optional[str]:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    except json.JSONDecodeError as err:
+        raise UserError(f"{cfg}: not valid JSON ({err})") from None
+
+
+def detect_artifact(path) -> Artifact:
+    """Classify `path` (see module docstring); UserError saying what was expected when it is none of them."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p}: no such file or folder. Give a work dir, an iter_N.pth file, a folder written by "
+                        "`llava_ft convert`, or a Hugging Face model folder")
+    if p.is_file():
+        if p.suffix == ".pth":
+            return Artifact("iter_pth", str(p))
+        raise UserError(f"{p}: a file, but not an iter_N.pth checkpoint; give the checkpoint or a model folder")
+    if (p / "projector").is_dir():
+        return Artifact("xtuner_llava", str(p))
+    model_type = _model_type(p)
+    if model_type == "llava":
+        return Artifact("llava_hf", str(p))
+    if (p / "adapter_config.json").is_file():
+        return Artifact("peft_adapter", str(p))
+    if model_type is not None:
+        return Artifact("hf_model", str(p))
+    newest = newest_iter_file(p)
+    if newest is not None:
+        return Artifact("iter_pth", str(newest))
+    raise UserError(f"{p}: not a model folder (no config.json, adapter_config.json or projector/) and no "
+                    "iter_N.pth checkpoint inside. Point at a work dir, a checkpoint or a converted folder")

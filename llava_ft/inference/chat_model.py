@@ -1,0 +1,400 @@
+"""ChatModel: prompt rendering, image handling and (streaming or batched) generation over any loaded model.
+
+Built by `llava_ft.inference.load_chat_model`; used by `llava_ft chat`, `llava_ft eval` and `serve/`:
+
+    cm = load_chat_model("out/merged", prompt_template="qwen_chat")
+    for delta in cm.stream_chat([{"role": "user", "content": "Hi"}]):      # text deltas as generated
+        print(delta, end="", flush=True)
+    res = cm.chat(messages, images=["cat.jpg"], settings=GenerationSettings(max_new_tokens=64))
+    results = cm.generate_batch([(messages, images), ...], settings)       # left-padded batches (eval)
+
+Prompts are token ids built by `llava_ft.data.encode.encode_prompt`, the same code that builds training
+samples, so BOS/EOS/SEP and `<image>` placeholders land where training put them. Two backends run the
+ids: `LlavaFtModel` (text models, XTuner-layout and iter_N.pth runs: one IMAGE_TOKEN_INDEX per image,
+features spliced in) and transformers' `LlavaForConditionalGeneration` (llava-hf exports: each placeholder
+expanded to N copies of the image token, as LlavaProcessor does). Template stop words end a turn and are
+never shown: streamed text is held back while it could still be the start of a stop word.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from llava_ft import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava_ft.errors import UserError
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling settings; temperature 0 = greedy. `stop` adds stop strings to the template's."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    stop: tuple = ()
+
+
+@dataclass
+class ChatResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop word) | "length" (max_new_tokens reached)
+
+
+@dataclass
+class _Prompt:
+    ids: list  # token ids; IMAGE_TOKEN_INDEX once per image
+    pixel_values: Optional[torch.Tensor]  # [n_images, 3, H, W] or None
+    length: int  # positions the model sees (image placeholders expanded)
+
+
+class _Cancel:
+    """StoppingCriteria-compatible flag: set from the consumer thread to stop generation at the next step."""
+
+    def __init__(self):
+        self.flag = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop word (not yet safe to show)."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                best = max(best, k)
+                break
+    return best
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the earliest stop word, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class ChatStream:
+    """Iterator of text deltas; after exhaustion `.result` holds the ChatResult. `close()` stops early."""
+
+    def __init__(self, run: Callable[["ChatStream"], Iterator[str]]):
+        self.result: Optional[ChatResult] = None
+        self._cancel = _Cancel()
+        self._iter = run(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._iter)
+
+    def close(self) -> None:
+        self._cancel.flag.set()
+        self._iter.close()
+
+
+class ChatModel:
+    """A loaded model plus everything needed to prompt it the way it was trained (see module docstring)."""
+
+    def __init__(self, model, tokenizer, template, system: Optional[str] = None, image_processor=None,
+                 image_mean: Optional[tuple] = None, pad_image_to_square: bool = False,
+                 num_image_tokens: int = 0, hf_llava: bool = False, source: str = "", device=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template  # a templates.Template, or "hf" (tokenizer's chat template)
+        self.system = system
+        self.image_processor = image_processor  # callable PIL -> tensor[3,H,W]
+        self.image_mean = image_mean
+        self.pad_image_to_square = pad_image_to_square
+        self.num_image_tokens = num_image_tokens
+        self.hf_llava = hf_llava
+        self.source = source
+        self.device = device if device is not None else _model_device(model)
+        self._lock = threading.Lock()  # one generation at a time per model (the server may call from threads)
+
+    # ---- properties the CLI and server rely on -------------------------------------------------
+    @property
+    def supports_images(self) -> bool:
+        return self.image_processor is not None
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        n = getattr(cfg, "max_position_embeddings", None)
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        # Tokenizers without a limit report a huge sentinel (1e30); only a real, smaller limit counts.
+        if limit and limit < 10**7 and (n is None or limit < n):
+            n = limit
+        return int(n or 2048)
+
+    @property
+    def stop_words(self) -> tuple:
+        return tuple(getattr(self.template, "stop_words", ()) or ())
+
+    # ---- prompt building -----------------------------------------------------------------------
+    def load_image(self, image):
+        """A PIL RGB image from a path, URL or PIL image (padded to square when training did so)."""
+        from llava_ft.inference.images import open_image, pad_to_square
+
+        img = open_image(image)
+        if self.pad_image_to_square:
+            img = pad_to_square(img, self.image_mean or (0, 0, 0))
+        return img
+
+    def encode(self, messages: list, images: Sequence = ()) -> _Prompt:
+        """Token ids (+ pixel values) for a conversation, ending where the next answer starts."""
+        from llava_ft.data.encode import encode_prompt
+
+        images = list(images or ())
+        if images and not self.supports_images:
+            raise UserError(f"{self.source or 'this model'} is a text-only model; it cannot take images")
+        _check_messages(messages)
+        ids = encode_prompt(messages, self.tokenizer, self.template, system=self.system, images=images)
+        n_markers = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
+        if n_markers != len(images):
+            raise UserError(f"the messages hold {n_markers} '{IMAGE_TOKEN}' marker(s) but {len(images)} image(s) "
+                            "were given; use one marker per image (or none: images then go first)")
+        pixel_values = None
+        if images:
+            pixel_values = torch.stack([self.image_processor(self.load_image(im)) for im in images])
+        length = len(ids) + len(images) * max(self.num_image_tokens - 1, 0)
+        return _Prompt(ids, pixel_values, length)
+
+    def fit_history(self, messages: list, images: Sequence = (), max_new_tokens: int = 0):
+        """Drop the oldest user/assistant turns (and their images) until prompt + answer fit the context.
+
+        Returns (messages, images, n_dropped_turns). The system message and the last user turn are kept;
+        when even that does not fit, UserError says how long it is.
+        """
+        images = list(images or ())
+        msgs = [dict(m) for m in messages]
+        dropped = 0
+        while True:
+            prompt = self.encode(msgs, images)
+            if prompt.length + max_new_tokens <= self.context_length:
+                return msgs, images, dropped
+            first = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
+            nxt = next((i for i, m in enumerate(msgs) if i > (first or 0) and m["role"] == "user"), None)
+            if first is None or nxt is None:
+                raise UserError(f"the prompt is {prompt.length} tokens and the answer may take {max_new_tokens}, "
+                                f"more than the model's context of {self.context_length}; shorten the message "
+                                "or lower max_new_tokens")
+            gone = msgs[first:nxt]
+            # Images belong to markers in order; drop the ones the removed turns carried.
+            n_img = _images_in(gone, msgs, images)
+            images = images[n_img:]
+            del msgs[first:nxt]
+            dropped += 1
+
+    # ---- generation ----------------------------------------------------------------------------
+    def _gen_kwargs(self, settings: GenerationSettings) -> dict:
+        tok = self.tokenizer
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        gen_cfg = getattr(self.model, "generation_config", None)
+        model_eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+        for e in ([model_eos] if isinstance(model_eos, int) else (model_eos or [])):
+            if e not in eos:
+                eos.append(e)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
+        kw = dict(max_new_tokens=int(settings.max_new_tokens), eos_token_id=eos or None, pad_token_id=pad,
+                  repetition_penalty=float(settings.repetition_penalty))
+        if settings.temperature and settings.temperature > 0:
+            kw.update(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p),
+                      top_k=int(settings.top_k))
+        else:
+            kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        stops = self.stop_words + tuple(settings.stop or ())
+        if stops:
+            # Checked inside generate, so no token is spent after a stop word appears.
+            kw.update(stop_strings=list(stops), tokenizer=tok)
+        return kw
+
+    def _to_model_inputs(self, prompts: list) -> dict:
+        """Left-pad a batch of prompts into input_ids / attention_mask (+ pixel_values) on the model device."""
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        rows = []
+        for p in prompts:
+            ids = p.ids
+            if self.hf_llava:
+                # transformers' Llava wants N image tokens per image (what LlavaProcessor writes).
+                image_id = self.model.config.image_token_id
+                ids = [t for x in ids for t in ([image_id] * self.num_image_tokens if x == IMAGE_TOKEN_INDEX else [x])]
+            rows.append(ids)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        out = {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
+        pv = [p.pixel_values for p in prompts if p.pixel_values is not None]
+        if pv:
+            out["pixel_values"] = torch.cat(pv).to(self.device)
+        return out
+
+    def _generate(self, inputs: dict, **kw) -> torch.Tensor:
+        """New tokens only, [batch, new_len], for either backend."""
+        if self.hf_llava:
+            pv = inputs.get("pixel_values")
+            if pv is not None:
+                pv = pv.to(self.model.dtype)
+            out = self.model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                      pixel_values=pv, **kw)
+            return out[:, inputs["input_ids"].shape[1]:]
+        return self.model.generate(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"), **kw)
+
+    def _check_fits(self, prompt: _Prompt, settings: GenerationSettings) -> None:
+        if prompt.length >= self.context_length:
+            raise UserError(f"the prompt is {prompt.length} tokens, more than the model's context of "
+                            f"{self.context_length}; drop earlier turns (chat does this itself) or shorten it")
+
+    def stream_chat(self, messages: list, images: Sequence = (),
+                    settings: Optional[GenerationSettings] = None) -> ChatStream:
+        """Generate an answer; iterate for text deltas as tokens arrive. `.result` is set at the end."""
+        from transformers import TextIteratorStreamer
+
+        settings = settings or GenerationSettings()
+        prompt = self.encode(messages, images)
+        self._check_fits(prompt, settings)
+        inputs = self._to_model_inputs([prompt])
+        stops = self.stop_words + tuple(settings.stop or ())
+
+        def run(stream: ChatStream) -> Iterator[str]:
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            box: dict = {}
+            kw = self._gen_kwargs(settings)
+            kw["stopping_criteria"] = _stopping_list(stream._cancel)
+
+            def work():
+                try:
+                    with self._lock:
+                        if settings.seed is not None:
+                            torch.manual_seed(int(settings.seed))
+                        box["new"] = self._generate(inputs, streamer=streamer, **kw)
+                except BaseException as err:  # re-raised in the consumer thread
+                    box["error"] = err
+                    streamer.end()
+
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            text, sent, stopped = "", 0, False
+            try:
+                for delta in streamer:
+                    if stopped:
+                        continue  # drain the queue until generation notices the cancel flag
+                    text += delta
+                    cut, found = cut_at_stop(text, stops)
+                    if found:
+                        stopped = True
+                        stream._cancel.flag.set()
+                        if len(cut) > sent:
+                            yield cut[sent:]
+                        sent = len(cut)
+                        continue
+                    safe = len(text) - _holdback(text, stops)
+                    if safe > sent:
+                        yield text[sent:safe]
+                        sent = safe
+            finally:
+                # Also reached when the caller stops iterating early (close(), Ctrl-C): stop generating.
+                stream._cancel.flag.set()
+                thread.join()
+            if "error" in box:
+                raise box["error"]
+            new = box["new"][0].tolist()
+            final = self._decode_answer(new, stops)
+            if len(final) > sent and final.startswith(text[:sent]):
+                yield final[sent:]
+            stream.result = ChatResult(final, prompt.length, len(new),
+                                       self._finish_reason(new, final, stops, settings))
+
+        return ChatStream(run)
+
+    def chat(self, messages: list, images: Sequence = (), settings: Optional[GenerationSettings] = None) -> ChatResult:
+        """Generate a whole answer (no streaming)."""
+        return self.generate_batch([(messages, images)], settings)[0]
+
+    def generate_batch(self, conversations: Sequence, settings: Optional[GenerationSettings] = None,
+                       batch_size: int = 8) -> list:
+        """Answer many (messages, images) pairs in left-padded batches; one ChatResult per pair, in order."""
+        settings = settings or GenerationSettings()
+        stops = self.stop_words + tuple(settings.stop or ())
+        results: list = []
+        prompts = [self.encode(m, im) for m, im in conversations]
+        for p in prompts:
+            self._check_fits(p, settings)
+        kw = self._gen_kwargs(settings)
+        for start in range(0, len(prompts), max(1, batch_size)):
+            chunk = prompts[start:start + batch_size]
+            inputs = self._to_model_inputs(chunk)
+            with self._lock:
+                if settings.seed is not None:
+                    torch.manual_seed(int(settings.seed))
+                new = self._generate(inputs, **kw)
+            for p, row in zip(chunk, new.tolist()):
+                row = _strip_after_eos(row, kw["eos_token_id"] or [], kw["pad_token_id"])
+                text = self._decode_answer(row, stops)
+                results.append(ChatResult(text, p.length, len(row),
+                                          self._finish_reason(row, text, stops, settings)))
+        return results
+
+    def _decode_answer(self, ids: list, stops: Sequence[str]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return cut_at_stop(text, stops)[0]
+
+    def _finish_reason(self, ids: list, text: str, stops, settings: GenerationSettings) -> str:
+        eos = self.tokenizer.eos_token_id
+        full = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if (ids and ids[-1] == eos) or cut_at_stop(full, stops)[1] or len(ids) < settings.max_new_tokens:
+            return "stop"
+        return "length"
+
+
+def _stopping_list(cancel: _Cancel):
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList([cancel])
+
+
+def _strip_after_eos(row: list, eos: list, pad: int) -> list:
+    """A batch row's new tokens up to and including its first EOS (later positions are padding)."""
+    for i, t in enumerate(row):
+        if t in eos:
+            return row[:i + 1]
+    return row
+
+
+def _images_in(gone: list, msgs: list, images: list) -> int:
+    """Images carried by the dropped messages: their markers, or all of them when markers are implicit."""
+    markers_total = sum(m["content"].count(IMAGE_TOKEN) for m in msgs if m["role"] == "user")
+    if markers_total == 0:
+        return len(images)  # implicit: all images sit in the first user turn, which is being dropped
+    return sum(m["content"].count(IMAGE_TOKEN) for m in gone if m["role"] == "user")
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise UserError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise UserError(f"message {i} must be {{'role': system|user|assistant, 'content': str}}, got {m!r}")
+    if messages[-1]["role"] != "user":
+        raise UserError("the last message must be from the user (the model answers it)")
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return model.get_input_embeddings().weight.device
+    except AttributeError:
+        return next(model.parameters()).device
