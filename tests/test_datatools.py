@@ -300,3 +300,25 @@ def test_script_and_demo_command(tmp_path, demo_data):
     info = json.loads((tmp_path / "ws" / "workspace.json").read_text())
     assert Path(info["paths"]["llm"], "config.json").is_file()
     assert Path(info["paths"]["finetune"]).is_file()
+
+
+def test_check_and_stats_from_a_config(tmp_path, demo_data, tiny_llama, tiny_clip, capsys):
+    import yaml
+
+    cfg = {
+        "model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "freeze_llm": True},
+        "data": {"sources": [{"path": demo_data["finetune"], "image_folder": demo_data["image_folder"]}],
+                 "template": "vicuna", "max_length": 256},
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    report = tmp_path / "r.json"
+    assert cli_main(["data", "check", str(path), "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["lengths_checked"] is True
+    # the tiny CLIP (32 px, patch 8) gives 16 tokens per image; a max_length below that flags every sample
+    assert cli_main(["data", "check", str(path), "data.max_length=16", "--report", str(report)]) == 1
+    counts = json.loads(report.read_text())["counts"]
+    assert counts == {"too_long": len(_records(demo_data["finetune"]))}
+    capsys.readouterr()
+    assert cli_main(["data", "stats", str(path), "--plot", str(tmp_path / "s.png")]) == 0
+    assert "16 tokens each" in capsys.readouterr().out
