@@ -1,0 +1,153 @@
+"""Image loading for LLaVA data: any file mode -> RGB, pad-to-square, and a fast pre-training check.
+
+    img = load_image(path, sample_id="42")            # PIL RGB; BadImageError (a UserError) names id + path
+    img = expand2square(img, ve.image_mean)           # pad with the processor's mean colour (LLaVA-1.5)
+    problems = verify_images(dataset, num_threads=16) # [ImageProblem(sample_id, path, reason)], no full decode
+
+Mode conversion: palette / grey / CMYK / YCbCr -> RGB via PIL; images with transparency are composited on
+white (a bare `.convert("RGB")` would expose whatever colour hides under transparent pixels, often black);
+16/32-bit integer and float greyscale ("I;16", "I", "F") are rescaled to 8 bit instead of being clipped
+to white. EXIF orientation is applied, so phone photos are upright as their viewers show them.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from llava_ft.errors import UserError
+
+WHITE = (255, 255, 255)
+
+
+class BadImageError(UserError):
+    """An image file that is missing, truncated or not decodable; the message names sample id and path."""
+
+    def __init__(self, sample_id, path, reason: str):
+        self.sample_id, self.path, self.reason = sample_id, path, reason
+        super().__init__(f"sample {sample_id}: image {path}: {reason}. Fix or remove the file, or set "
+                         "data.skip_bad_samples=true to skip such samples (they are counted)")
+
+
+def _high_bit_to_8bit(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode.startswith("I;16"):
+        arr = arr / 257.0  # full 16-bit range -> 0..255
+    else:
+        top = float(arr.max()) if arr.size else 0.0
+        if top > 255.0:  # 32-bit ints / floats: stretch to the image's own range
+            low = float(arr.min())
+            arr = (arr - low) * (255.0 / max(top - low, 1e-12))
+        elif img.mode == "F" and top <= 1.0:
+            arr = arr * 255.0  # float images in [0, 1]
+    return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))  # 2-D uint8 -> "L"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert an opened image of any mode to RGB (see module docstring for the rules)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return _high_bit_to_8bit(img).convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGB", img.size, WHITE)
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def load_image(path: str, sample_id="?") -> Image.Image:
+    """Open, fully decode and convert to RGB; any failure is a BadImageError naming sample and path."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file must fail here, not later inside the processor
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except FileNotFoundError:
+        raise BadImageError(sample_id, path, "file not found (check data.sources.*.image_folder)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadImageError(sample_id, path, f"cannot decode ({type(err).__name__}: {err})") from None
+
+
+def expand2square(img: Image.Image, background=(0, 0, 0)) -> Image.Image:
+    """Pad the shorter side, centring the image (LLaVA-1.5 `pad` aspect ratio); background is 0-255 RGB."""
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    out = Image.new(img.mode, (side, side), tuple(int(c) for c in background))
+    out.paste(img, ((side - width) // 2, (side - height) // 2))
+    return out
+
+
+@dataclass(frozen=True)
+class ImageProblem:
+    sample_id: str
+    path: str
+    reason: str
+    other_samples: int = 0  # how many more samples use the same file
+
+    def __str__(self) -> str:
+        more = f" (and {self.other_samples} more samples using it)" if self.other_samples else ""
+        return f"sample {self.sample_id}: image {self.path}: {self.reason}{more}"
+
+
+def check_image_file(path: str) -> Optional[str]:
+    """Reason the file is unusable, or None. Header + structure check (PIL verify), no full decode.
+
+    `verify()` walks a PNG's chunks (catching truncation) but not a JPEG's entropy data, so a JPEG
+    that does not end in its EOI marker (FFD9) is decoded fully to confirm.
+    """
+    try:
+        if not os.path.isfile(path):
+            return "file not found (check data.sources.*.image_folder)"
+        with Image.open(path) as img:
+            fmt = img.format
+            img.verify()
+        if fmt == "JPEG":
+            with open(path, "rb") as fh:
+                fh.seek(max(os.path.getsize(path) - 64, 0))
+                tail = fh.read().rstrip(b"\x00")
+            if not tail.endswith(b"\xff\xd9"):
+                with Image.open(path) as img:
+                    img.load()
+    except Exception as err:  # PIL raises many types for broken files
+        return f"cannot decode ({type(err).__name__}: {err})"
+    return None
+
+
+def _rows(rows) -> Iterable[dict]:
+    # A datasets.Dataset: read only the two columns needed instead of decoding input_ids too.
+    if hasattr(rows, "select_columns") and hasattr(rows, "column_names"):
+        return rows.select_columns([c for c in ("id", "images") if c in rows.column_names])
+    return rows
+
+
+def verify_images(rows, num_threads: int = 16, progress: bool = False) -> list[ImageProblem]:
+    """Check every image of `rows` (dicts or a datasets.Dataset with `id` and `images`) before training.
+
+    Each distinct path is checked once, in a thread pool (PIL releases the GIL while reading files).
+    Returns the problems (empty list = all good), one per bad file, naming the first sample using it.
+    """
+    users: dict[str, list] = {}
+    for row in _rows(rows):
+        for path in row.get("images") or []:
+            users.setdefault(path, []).append(row.get("id", "?"))
+    paths: Sequence[str] = list(users)
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        results = pool.map(check_image_file, paths)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(paths), desc="checking images", unit="img")
+        reasons = list(results)
+    return [ImageProblem(str(users[p][0]), p, reason, len(users[p]) - 1)
+            for p, reason in zip(paths, reasons) if reason is not None]
