@@ -231,12 +231,13 @@ def test_check_finds_each_defect(defective, tiny_tokenizer):
     errors = {(p.kind, p.id if p.id is not None else p.line) for p in report.problems if p.severity == "error"}
     assert errors == {
         ("invalid_json", 2), ("malformed", "malformed"), ("empty_conversation", "empty"),
-        ("roles_out_of_order", "order"), ("image_count_mismatch", "mismatch"), ("duplicate_id", "ok"),
+        ("roles_out_of_order", "order"), ("image_count_mismatch", "mismatch"),
         ("missing_image", "missing"), ("unreadable_image", "unreadable"), ("truncated_image", "truncated"),
         ("too_long", "long"),
     }
-    dup = next(p for p in report.problems if p.kind == "duplicate_id")
-    assert dup.line == 7 and "line 1" in dup.message
+    dup = [p for p in report.problems if p.kind == "duplicate_id"]
+    assert len(dup) == 1 and dup[0].id == "ok" and dup[0].severity == "warning"
+    assert dup[0].line == 7 and "line 1" in dup[0].message
     assert report.records == 10  # every parseable line was looked at
 
 
@@ -249,7 +250,7 @@ def test_check_cli_exit_codes_and_report(defective, tiny_tokenizer, demo_data, t
     assert rc == 1
     assert "truncated_image" in out and "bad.jsonl:2" in out
     report = json.loads(report_path.read_text())
-    assert report["errors"] == 10 and report["counts"]["missing_image"] == 1
+    assert report["errors"] == 9 and report["counts"]["missing_image"] == 1
     # the demo data is clean; default report goes next to the data
     clean = tmp_path / "clean.json"
     shutil.copy(demo_data["finetune"], clean)

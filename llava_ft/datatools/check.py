@@ -7,7 +7,7 @@ Problem kinds (severity error unless noted):
   roles_out_of_order  turns not (system?) user, assistant, user, assistant, ...
   image_count_mismatch  `<image>` markers in the text != images of the record
                       (images with no marker at all: warning, they are put at the start of the first turn)
-  duplicate_id        an id seen before (the message names the first line)
+  duplicate_id        (warning) an id seen before (the message names the first line)
   missing_image / unreadable_image / truncated_image
   too_long            longer than max_length after image expansion (error for image samples, which are
                       dropped; warning for text-only ones, which are cut). Needs a tokenizer.
@@ -161,7 +161,8 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
             rid = str(raw_id) if raw_id not in (None, "") else None
             if rid is not None:
                 if rid in seen:
-                    report.problems.append(Problem("duplicate_id", "error",
+                    # a warning: training does not need unique ids, and `data repeat` output repeats them
+                    report.problems.append(Problem("duplicate_id", "warning",
                                                    f"id {rid!r} already used on line {seen[rid]}",
                                                    src.path, it.raw.line, rid))
                 else:
