@@ -323,3 +323,15 @@ def test_check_and_stats_from_a_config(tmp_path, demo_data, tiny_llama, tiny_cli
     capsys.readouterr()
     assert cli_main(["data", "stats", str(path), "--plot", str(tmp_path / "s.png")]) == 0
     assert "16 tokens each" in capsys.readouterr().out
+
+
+def test_image_check_kinds_for_jpeg(tmp_path, demo_data):
+    from llava_ft.datatools.check import check_image_file
+
+    img = Image.open(Path(demo_data["image_folder"]) / "eval" / "eval_00000.png").convert("RGB")
+    img.save(tmp_path / "ok.jpg", quality=90)
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    assert check_image_file(str(tmp_path / "ok.jpg")) is None
+    assert check_image_file(str(tmp_path / "cut.jpg"))[0] == "truncated_image"
+    assert check_image_file(str(tmp_path / "none.jpg"))[0] == "missing_image"

@@ -58,8 +58,12 @@ class CheckReport:
 
 
 def check_image_file(path: str) -> Optional[tuple[str, str]]:
-    """(kind, message) for a missing, truncated or unreadable image; None when it is fine."""
-    from PIL import Image
+    """(kind, message) for a missing, truncated or unreadable image; None when it is fine.
+
+    A cheap look at the file's last bytes tells truncation apart from other damage; readability is
+    llava_ft.data.images.check_image_file (PIL verify, the check training runs).
+    """
+    from llava_ft.data.images import check_image_file as unreadable_reason
 
     if not os.path.isfile(path):
         return "missing_image", f"image not found: {path}"
@@ -73,14 +77,10 @@ def check_image_file(path: str) -> Optional[tuple[str, str]]:
         return "unreadable_image", f"cannot read {path}: {err}"
     if head.startswith(b"\x89PNG") and not tail.endswith(_PNG_END):
         return "truncated_image", f"PNG ends before its IEND chunk (file cut short?): {path}"
-    if head.startswith(b"\xff\xd8") and b"\xff\xd9" not in tail.rstrip(b"\x00")[-16:]:
+    if head.startswith(b"\xff\xd8") and not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
         return "truncated_image", f"JPEG has no end-of-image marker (file cut short?): {path}"
-    try:
-        with Image.open(path) as img:
-            img.verify()
-    except Exception as err:  # PIL raises many types (UnidentifiedImageError, SyntaxError, OSError, ...)
-        return "unreadable_image", f"PIL cannot read {path}: {type(err).__name__}: {err}"
-    return None
+    reason = unreadable_reason(path)
+    return None if reason is None else ("unreadable_image", f"{path}: {reason}")
 
 
 def _conversation_problems(record: dict) -> list[tuple[str, str, str]]:
