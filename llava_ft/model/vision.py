@@ -4,6 +4,7 @@
     feats = ve(pixel_values)                      # [n_images, ve.num_image_tokens, ve.hidden_size]
     pixel = ve.preprocess(pil_rgb_image)          # [3, H, W] with the tower's own preprocessing
     ve.image_mean                                  # 0-255 RGB tuple, the pad-to-square colour
+    ve.image_shape                                 # (3, H, W) of preprocess output
     ve = apply_vision_lora(ve, cfg.model.visual_encoder_lora)   # LoRA on the tower's Linear layers
 
 Which kind a tower is comes from what was saved, never from its name (LLaVA #1021): a local folder's
@@ -54,6 +55,15 @@ class VisualEncoder(nn.Module):
         # HF image processor (saved beside exports) or open_clip transform; not an nn.Module.
         self.processor = processor
         self._preprocess_fn = preprocess_fn
+
+    @property
+    def image_shape(self) -> tuple:
+        """(3, H, W) of `preprocess` output (the collator's dummy image for text-only batches)."""
+        if getattr(self, "_image_shape", None) is None:
+            from PIL import Image
+
+            self._image_shape = tuple(self.preprocess(Image.new("RGB", (64, 64))).shape)
+        return self._image_shape
 
     def preprocess(self, image) -> torch.Tensor:
         """A PIL RGB image -> float tensor [3, H, W] (resize/crop/normalise as the tower was trained)."""

@@ -1,0 +1,99 @@
+"""Torch Dataset over a prepared LLaVA dataset: token columns from Arrow, images decoded lazily.
+
+    ds = LlavaDataset(prepared.dataset, preprocess=ve.preprocess, image_mean=ve.image_mean,
+                      pad_to_square=cfg.data.pad_image_to_square, skip_bad_samples=cfg.data.skip_bad_samples)
+    item = ds[i]   # {"id", "input_ids", "labels", "length", "modality_length",
+                   #  "pixel_values": float tensor [n_images, 3, H, W] or None when the sample has no image}
+    ds.num_bad_images  # images found unreadable during training (summed over DataLoader workers)
+
+Images are opened in `__getitem__`, i.e. inside DataLoader worker processes, never all up front. Each
+sample must have exactly one image per IMAGE_TOKEN_INDEX in its input_ids (else UserError naming the
+sample id). A truncated or corrupt image met during training:
+  * skip_bad_samples=true: logged with sample id and path, counted, and the sample replaced by the next
+    sample (in index order) whose images all load -- the run goes on;
+  * skip_bad_samples=false: BadImageError naming sample id and path. `images.verify_images` (which the
+    engine runs before training in that mode) normally finds such files before step 1.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from llava_ft import IMAGE_TOKEN_INDEX
+from llava_ft.data.images import BadImageError, expand2square, load_image
+from llava_ft.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Give up replacing after this many bad samples in a row (the data set is then mostly broken).
+MAX_REPLACEMENTS = 50
+
+
+class LlavaDataset(Dataset):
+    def __init__(self, hf_dataset, preprocess: Callable, image_mean=(0, 0, 0), pad_to_square: bool = False,
+                 skip_bad_samples: bool = False):
+        self.data = hf_dataset
+        self.preprocess = preprocess
+        self.image_mean = tuple(int(c) for c in image_mean)
+        self.pad_to_square = pad_to_square
+        self.skip_bad_samples = skip_bad_samples
+        # Shared with forked DataLoader workers, so the main process sees their count.
+        self._bad = multiprocessing.Value("i", 0)
+        self._known_bad: set = set()  # per process; avoids re-reading a file known to be broken
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def num_bad_images(self) -> int:
+        return int(self._bad.value)
+
+    @property
+    def modality_lengths(self) -> list:
+        return list(self.data["modality_length"])
+
+    def load_pixels(self, row: dict) -> Optional[torch.Tensor]:
+        """[n_images, 3, H, W] for the row's images (in placeholder order), or None without images."""
+        paths = list(row.get("images") or [])
+        n_placeholders = sum(1 for t in row["input_ids"] if t == IMAGE_TOKEN_INDEX)
+        if n_placeholders != len(paths):
+            raise UserError(f"sample {row.get('id')}: {n_placeholders} <image> placeholders in the text but "
+                            f"{len(paths)} images; give one image per <image>")
+        if not paths:
+            return None
+        tensors = []
+        for path in paths:
+            img = load_image(path, row.get("id", "?"))
+            if self.pad_to_square:
+                img = expand2square(img, self.image_mean)
+            tensors.append(self.preprocess(img))
+        return torch.stack(tensors)
+
+    def _item(self, index: int) -> dict:
+        row = self.data[index]
+        item = {k: row[k] for k in ("id", "input_ids", "labels", "length", "modality_length") if k in row}
+        item["pixel_values"] = self.load_pixels(row)
+        return item
+
+    def __getitem__(self, index: int) -> dict:
+        if not self.skip_bad_samples:
+            return self._item(index)
+        n = len(self.data)
+        for attempt in range(min(MAX_REPLACEMENTS, n)):
+            candidate = (index + attempt) % n
+            if candidate in self._known_bad:
+                continue
+            try:
+                return self._item(candidate)
+            except BadImageError as err:
+                self._known_bad.add(candidate)
+                with self._bad.get_lock():
+                    self._bad.value += 1
+                log.warning("skipping bad image (%d so far): %s; using sample %d instead of %d",
+                            self._bad.value, err, (candidate + 1) % n, index)
+        raise UserError(f"{MAX_REPLACEMENTS} consecutive samples from index {index} have unreadable images; "
+                        "check data.sources.*.image_folder and run `llava_ft data check`")

@@ -1,0 +1,47 @@
+"""Multimodal collator: pads token columns (like TextCollator) and stacks every image of the batch.
+
+    collator = MultimodalCollator(tokenizer, image_shape=ve.image_shape)   # (3, H, W) of the tower
+    batch = collator([ds[0], ds[1]])
+    # {"input_ids", "attention_mask", "labels": [B, T], "pixel_values": [n_images, 3, H, W]}
+
+`pixel_values` holds the images in the order their IMAGE_TOKEN_INDEX placeholders appear, row by row,
+which is the order `LlavaFtModel` splices them in. A batch without any image gets ONE dummy (zero)
+image: the model adds its features x 0, so the vision tower and projector run on every rank and ZeRO-3
+cannot hang waiting for a rank that skipped them (DeepSpeed #7170). Padding is on the right.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from llava_ft import IMAGE_TOKEN_INDEX
+from llava_ft.data.collate import TextCollator
+from llava_ft.errors import UserError
+
+
+class MultimodalCollator:
+    def __init__(self, tokenizer=None, image_shape=(3, 336, 336), pad_token_id: Optional[int] = None,
+                 pad_to_multiple_of: Optional[int] = None):
+        self.text = TextCollator(tokenizer, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+        self.image_shape = tuple(int(v) for v in image_shape)
+
+    def __call__(self, features: list) -> dict:
+        if any("position_ids" in f for f in features):
+            raise UserError("packed samples cannot carry images; set data.pack_to_max_length=false for LLaVA runs")
+        batch = self.text([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        images = []
+        for f in features:
+            pixels = f.get("pixel_values")
+            n_placeholders = sum(1 for t in f["input_ids"] if t == IMAGE_TOKEN_INDEX)
+            n_images = 0 if pixels is None else int(pixels.shape[0])
+            if n_images != n_placeholders:
+                raise UserError(f"sample {f.get('id', '?')}: {n_placeholders} <image> placeholders but "
+                                f"{n_images} images")
+            if n_images:
+                images.append(pixels)
+        if images:
+            batch["pixel_values"] = torch.cat(images).float()
+        else:
+            batch["pixel_values"] = torch.zeros((1, *self.image_shape), dtype=torch.float32)
+        return batch
