@@ -168,15 +168,15 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
                 else:
                     seen[rid] = it.raw.line
             if "messages" not in it.record:
-                if not it.record["text"].strip():
-                    report.problems.append(Problem("empty_conversation", "error", "empty text", src.path,
-                                                   it.raw.line, rid))
+                found = [] if it.record["text"].strip() else [("empty_conversation", "error", "empty text")]
             else:
-                for kind, severity, message in _conversation_problems(it.record):
-                    report.problems.append(Problem(kind, severity, message, src.path, it.raw.line, rid))
+                found = _conversation_problems(it.record)
+            for kind, severity, message in found:
+                report.problems.append(Problem(kind, severity, message, src.path, it.raw.line, rid))
             for image in it.record.get("images") or []:
                 image_refs.setdefault(image, []).append((it.raw.line, rid))
-            if tokenizer is not None:
+            # a record already in error is not encoded: its drop would only repeat that error
+            if tokenizer is not None and not any(severity == "error" for _, severity, _ in found):
                 pending.append(it)
                 if len(pending) >= _ENCODE_BATCH:
                     flush()
