@@ -65,7 +65,11 @@ class LlavaFtModel(nn.Module):
 
     @property
     def hf_device_map(self):
-        return getattr(self.llm, "hf_device_map", None)
+        # Absent (AttributeError), not None, when the LLM has none: accelerate calls len() on any it finds.
+        device_map = getattr(self.llm, "hf_device_map", None)
+        if device_map is None:
+            raise AttributeError("hf_device_map")
+        return device_map
 
     @property
     def quantization_method(self):

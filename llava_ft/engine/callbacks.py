@@ -1,0 +1,191 @@
+"""Trainer callbacks that write the work dir's human-facing files (rank 0 only).
+
+    JsonlLogCallback(work_dir)        -> train_log.jsonl: {step, loss, lr, grad_norm, tokens_per_s, elapsed}
+    LossPlotCallback(work_dir)        -> loss.png, redrawn at every save and at the end (matplotlib Agg)
+    EvalChatCallback(work_dir, cfg, tokenizer) -> eval_outputs_iter_<step>.txt: the recipe's
+                                         evaluation.prompts answered every evaluation.every_n_steps and at the end
+
+The progress bar with ETA is transformers' own `ProgressCallback` (tqdm, already rank-0 only).
+On resume, `train_log.jsonl` keeps only the lines up to the resumed step, so the file reads as one
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from transformers import TrainerCallback
+
+from llava_ft.engine.checkpoint import atomic_write_text
+from llava_ft.errors import UserError
+
+LOG_NAME = "train_log.jsonl"
+PLOT_NAME = "loss.png"
+
+
+def read_train_log(work_dir) -> list[dict]:
+    path = Path(work_dir) / LOG_NAME
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash mid-write: skip it
+                continue
+    return rows
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append one JSON line per logged step; the trainer adds tokens_per_s and elapsed to the logs."""
+
+    def __init__(self, work_dir):
+        self.path = Path(work_dir) / LOG_NAME
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        # Fresh run: start an empty log. Resume at step k: drop what the interrupted run logged after k.
+        kept = [r for r in read_train_log(self.path.parent) if r.get("step", 0) <= state.global_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept) if state.global_step else "")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
+               "grad_norm": logs.get("grad_norm"), "tokens_per_s": logs.get("tokens_per_s"),
+               "elapsed": logs.get("elapsed"), "epoch": logs.get("epoch")}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def plot_loss(work_dir) -> Optional[Path]:
+    """Draw loss (and lr) against step from train_log.jsonl into loss.png; None when nothing is logged."""
+    rows = read_train_log(work_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training nodes
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if any(r.get("lr") is not None for r in rows):
+        ax2 = ax.twinx()
+        ax2.plot(steps, [r.get("lr") or 0.0 for r in rows], color="tab:orange", alpha=0.6, label="lr")
+        ax2.set_ylabel("learning rate")
+    ax.set_title(Path(work_dir).resolve().name)
+    fig.tight_layout()
+    out = Path(work_dir) / PLOT_NAME
+    tmp = out.with_name(f".{PLOT_NAME}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+class LossPlotCallback(TrainerCallback):
+    def __init__(self, work_dir):
+        self.work_dir = work_dir
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_loss(self.work_dir)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_loss(self.work_dir)
+
+
+class EvalChatCallback(TrainerCallback):
+    """Answer `evaluation.prompts` (with `evaluation.images` for LLaVA) and write them to a text file.
+
+    Generation runs on every rank when distributed (ZeRO-3 shards need all ranks in the forward), and
+    only rank 0 writes the file.
+    """
+
+    def __init__(self, work_dir, cfg, tokenizer):
+        self.work_dir = Path(work_dir)
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.done_steps: set = set()
+
+    def _images(self, model, index: int) -> list:
+        images = self.cfg.evaluation.images
+        if not images or getattr(model, "visual_encoder", None) is None:
+            return []
+        from PIL import Image
+
+        path = images[index] if len(images) > 1 else images[0]
+        try:
+            with Image.open(path) as im:
+                pil = im.convert("RGB")
+        except OSError as err:
+            raise UserError(f"evaluation.images: cannot open {path}: {err}") from None
+        if self.cfg.data.pad_image_to_square:
+            from llava_ft.data.images import expand2square  # data engineer's module (contract)
+
+            pil = expand2square(pil, tuple(int(c) for c in model.visual_encoder.image_mean))
+        return [pil]
+
+    def answers(self, model) -> list[tuple[str, str]]:
+        from llava_ft.data.encode import encode_prompt
+
+        tpl = self.cfg.data.template
+        out = []
+        was_training = model.training
+        model.eval()
+        try:
+            for i, prompt in enumerate(self.cfg.evaluation.prompts):
+                images = self._images(model, i)
+                ids = encode_prompt([{"role": "user", "content": prompt}], self.tokenizer, tpl,
+                                    system=self.cfg.data.system, images=images)
+                kwargs = {}
+                if images:
+                    ve = model.visual_encoder
+                    kwargs["pixel_values"] = torch.stack([ve.preprocess(im) for im in images])
+                input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
+                with torch.no_grad():
+                    new = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                         max_new_tokens=self.cfg.evaluation.max_new_tokens,
+                                         pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+                text = self.tokenizer.decode(new[0], skip_special_tokens=True)
+                out.append((prompt, text))
+        finally:
+            model.train(was_training)
+        return out
+
+    def write(self, model, step: int, is_main: bool) -> Optional[Path]:
+        if not self.cfg.evaluation.prompts or step in self.done_steps:
+            return None
+        self.done_steps.add(step)
+        pairs = self.answers(model)
+        if not is_main:
+            return None
+        images = self.cfg.evaluation.images
+        blocks = []
+        for i, (prompt, answer) in enumerate(pairs):
+            head = f"### prompt {i + 1}"
+            if images:
+                head += f" (image: {images[i] if len(images) > 1 else images[0]})"
+            blocks.append(f"{head}\n{prompt}\n### answer\n{answer}\n")
+        path = self.work_dir / f"eval_outputs_iter_{step}.txt"
+        atomic_write_text(path, f"step {step}\n\n" + "\n".join(blocks))
+        return path
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.cfg.evaluation.every_n_steps == 0:
+            self.write(model, state.global_step, state.is_world_process_zero)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.write(model, state.global_step, state.is_world_process_zero)

@@ -1,0 +1,185 @@
+"""run_training: one call from a validated Config to a finished work dir.
+
+    from llava_ft.config import load_config
+    from llava_ft.engine.run import run_training
+    result = run_training(load_config("configs/demo/tiny_text_qlora.yaml"), work_dir="work_dirs/x")
+    result.last_checkpoint   # work_dirs/x/iter_<step>.pth
+
+Order matters for the user: the config is checked and saved, the resume point and DeepSpeed config are
+resolved, the dataset is encoded and its counts printed (training refuses to start on an empty dataset)
+and only then does training start. `command` ('train' | 'pretrain' | 'finetune') adds the phase checks
+of `llava_ft pretrain` / `llava_ft finetune`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from llava_ft.config import CONFIG_ROOT, Config, save_config
+from llava_ft.engine import checkpoint as ckpt
+from llava_ft.errors import UserError
+
+
+@dataclass
+class TrainResult:
+    work_dir: str
+    global_step: int
+    train_loss: Optional[float]
+    last_checkpoint: Optional[str]  # newest iter_<step>.pth
+    data_stats: dict = field(default_factory=dict)
+    log_history: list = field(default_factory=list)
+
+
+def default_work_dir(cfg: Config) -> str:
+    return os.path.join("work_dirs", cfg.name or "run")
+
+
+def check_phase(cfg: Config, command: str) -> None:
+    """`pretrain`: LLaVA with only the projector training; `finetune`: LLaVA (a visual encoder is set)."""
+    if command not in ("pretrain", "finetune"):
+        return
+    if not cfg.is_llava:
+        raise UserError(f"`llava_ft {command}` is for LLaVA configs but model.visual_encoder is not set; "
+                        "use `llava_ft train` for text-only runs or set model.visual_encoder")
+    if command == "pretrain":
+        m = cfg.model
+        wrong = [k for k, bad in (("model.freeze_llm=true", not m.freeze_llm),
+                                  ("model.llm_lora.enabled=false", m.llm_lora.enabled),
+                                  ("model.freeze_visual_encoder=true", not m.freeze_visual_encoder),
+                                  ("model.visual_encoder_lora.enabled=false", m.visual_encoder_lora.enabled)) if bad]
+        if wrong:
+            raise UserError("`llava_ft pretrain` trains only the projector, but this config trains more; set "
+                            + " ".join(wrong) + " (or use `llava_ft finetune`)")
+
+
+def resolve_deepspeed(name_or_path: Optional[str]) -> Optional[str]:
+    """A DeepSpeed JSON path, or a name under configs/deepspeed/ (`zero2` -> configs/deepspeed/zero2.json)."""
+    if not name_or_path:
+        return None
+    path = Path(name_or_path)
+    if path.is_file():
+        return str(path)
+    builtin = CONFIG_ROOT / "deepspeed" / f"{path.stem}.json"
+    if builtin.is_file() and path.parent == Path("."):
+        return str(builtin)
+    names = sorted(p.stem for p in (CONFIG_ROOT / "deepspeed").glob("*.json"))
+    raise UserError(f"--deepspeed {name_or_path}: no such file and no built-in DeepSpeed config of that name; "
+                    f"built-in: {', '.join(names)}")
+
+
+def _training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
+    import torch
+    from transformers import TrainingArguments
+
+    from llava_ft.model.llm import resolve_dtype
+
+    t = cfg.train
+    dtype = resolve_dtype(cfg.model.dtype)
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=work_dir,
+        per_device_train_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps (transformers 5)
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        max_grad_norm=t.max_grad_norm,
+        optim="adamw_torch",
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=None,  # our trainer rotates iter_*.pth and checkpoint-*/ together
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=on_gpu and dtype == torch.bfloat16,
+        fp16=on_gpu and dtype == torch.float16,
+        report_to="none",
+        remove_unused_columns=False,  # the collators need `images`, the sampler `modality_length`
+        dataloader_num_workers=t.dataloader_num_workers,
+        deepspeed=deepspeed,
+        disable_tqdm=False,
+        use_cpu=not on_gpu,
+    )
+
+
+def _print_data_stats(stats: dict) -> None:
+    dropped = stats.get("dropped") or {}
+    line = (f"[llava_ft] data: {stats.get('records', '?')} records -> {stats.get('samples', '?')} samples, "
+            f"{stats.get('tokens', '?')} tokens; dropped {stats.get('dropped_total', 0)}")
+    if dropped:
+        line += " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(dropped.items())) + ")"
+    if stats.get("packing"):
+        line += f"; packed: {json.dumps(stats['packing'])}"
+    if stats.get("cache_hit"):
+        line += f"; from cache {stats.get('cache_path')}"
+    print(line, flush=True)
+
+
+def build_train_data(cfg: Config, model, tokenizer):
+    """-> (train dataset, collator, stats): text runs use TextCollator, LLaVA runs the multimodal pair."""
+    from llava_ft.data.dataset import prepare_dataset
+
+    num_image_tokens = model.visual_encoder.num_image_tokens if cfg.is_llava else 0
+    prepared = prepare_dataset(cfg.data, tokenizer, num_image_tokens=num_image_tokens, seed=cfg.train.seed)
+    if len(prepared.dataset) == 0:
+        raise UserError("no training samples left after encoding; see the dropped counts above")
+    if cfg.is_llava:
+        from llava_ft.data.llava_dataset import LlavaDataset
+        from llava_ft.data.mm_collate import MultimodalCollator
+
+        dataset = LlavaDataset(prepared.dataset, model.visual_encoder, cfg.data)
+        collator = MultimodalCollator(tokenizer)
+        return dataset, collator, prepared.stats
+    from llava_ft.data.collate import TextCollator
+
+    return prepared.dataset, TextCollator(tokenizer), prepared.stats
+
+
+def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[str] = None,
+                 deepspeed: Optional[str] = None, command: str = "train") -> TrainResult:
+    """Train per `cfg` into `work_dir` (default work_dirs/<cfg.name>); see the module docstring."""
+    from transformers import set_seed
+
+    from llava_ft.engine.callbacks import EvalChatCallback, JsonlLogCallback, LossPlotCallback
+    from llava_ft.engine.trainer import LlavaFtTrainer
+    from llava_ft.model.builder import build_model, trainable_summary
+
+    check_phase(cfg, command)
+    work_dir = str(work_dir or default_work_dir(cfg))
+    ds_config = resolve_deepspeed(deepspeed)
+    resume_from = ckpt.resolve_resume(resume, work_dir)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        os.makedirs(work_dir, exist_ok=True)
+        save_config(cfg, os.path.join(work_dir, "config.yaml"))
+    set_seed(cfg.train.seed)  # LoRA / projector init depends on it
+    model, tokenizer = build_model(cfg, for_training=True)
+    if is_main:
+        print(f"[llava_ft] {cfg.resolved_phase}: {trainable_summary(model)}", flush=True)
+    dataset, collator, stats = build_train_data(cfg, model, tokenizer)
+    if is_main:
+        _print_data_stats(stats)
+    args = _training_arguments(cfg, work_dir, ds_config)
+    callbacks = [JsonlLogCallback(work_dir), LossPlotCallback(work_dir), EvalChatCallback(work_dir, cfg, tokenizer)]
+    trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                             callbacks=callbacks, llava_cfg=cfg, work_dir=work_dir)
+    if resume_from and is_main:
+        print(f"[llava_ft] resuming from {resume_from}", flush=True)
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    last = Path(work_dir) / "last_checkpoint"
+    return TrainResult(
+        work_dir=work_dir,
+        global_step=trainer.state.global_step,
+        train_loss=output.training_loss,
+        last_checkpoint=last.read_text().strip() if last.is_file() else None,
+        data_stats=stats,
+        log_history=list(trainer.state.log_history),
+    )

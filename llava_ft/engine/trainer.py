@@ -1,0 +1,137 @@
+"""LlavaFtTrainer: transformers.Trainer with what our runs need and Trainer does not do by itself.
+
+- sampler: `llava_ft.data.sampler.LengthGroupedSampler` over `modality_length` when
+  `train.group_by_length` (image and text-only samples grouped apart, deterministic per seed + epoch);
+- optimizer: AdamW with one param group per (module, decay) so `train.projector_lr` and
+  `train.visual_encoder_lr` apply to the projector / vision tower (Trainer's scheduler scales each group);
+- checkpoints: `iter_<step>.pth` with only the trainable weights (docs/architecture.md), written before
+  Trainer's `checkpoint-<step>/` (optimizer, scheduler, RNG, trainer_state.json). The folder holds no
+  model weights: resume loads them back from the iter file. Both are rotated with `save_total_limit`;
+- logs: `tokens_per_s` and `elapsed` added to every logged step.
+
+Built by `llava_ft.engine.run.run_training`; not meant to be constructed by users directly.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from llava_ft import __version__
+from llava_ft.config import config_to_dict
+from llava_ft.engine import checkpoint as ckpt
+
+
+class LlavaFtTrainer(Trainer):
+    def __init__(self, *args, llava_cfg=None, work_dir=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.llava_cfg = llava_cfg
+        self.work_dir = Path(work_dir or self.args.output_dir)
+        self._tokens_since_log = 0
+        self._last_log_time = None
+        self._start_time = None
+
+    # ---- data order -------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        tc = self.llava_cfg.train
+        if tc.group_by_length and "modality_length" in getattr(dataset, "column_names", ()):
+            from llava_ft.data.sampler import LengthGroupedSampler
+
+            return LengthGroupedSampler(
+                list(dataset["modality_length"]), batch_size=self.args.per_device_train_batch_size,
+                world_size=self.args.world_size, grad_accum=self.args.gradient_accumulation_steps,
+                seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    # ---- optimizer ----------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        tc = self.llava_cfg.train
+        lrs = {"llm": tc.learning_rate, "projector": tc.projector_lr or tc.learning_rate,
+               "visual_encoder": tc.visual_encoder_lr or tc.learning_rate}
+        groups: dict = {}
+        for name, param in opt_model.named_parameters():
+            if not param.requires_grad:
+                continue
+            module = name.split(".", 1)[0] if name.split(".", 1)[0] in lrs else "llm"
+            wd = self.args.weight_decay if name in decay else 0.0
+            group = groups.setdefault((module, wd), {"params": [], "weight_decay": wd, "lr": lrs[module],
+                                                     "name": f"{module}{'' if wd else '_no_decay'}"})
+            group["params"].append(param)
+        if not groups:
+            from llava_ft.errors import UserError
+
+            raise UserError("no trainable parameters: every weight is frozen. Enable model.llm_lora, set "
+                            "model.freeze_llm=false, or (LLaVA) keep the projector trainable")
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- logging --------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        mask = inputs.get("attention_mask")
+        self._tokens_since_log += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs:
+            now = time.time()
+            if self._start_time is None:
+                self._start_time = self._last_log_time = now
+            span = max(now - self._last_log_time, 1e-9)
+            # Tokens are counted per process; multiply by world size for the run's throughput.
+            logs["tokens_per_s"] = round(self._tokens_since_log * self.args.world_size / span, 2)
+            logs["elapsed"] = round(now - self._train_start, 3)
+            self._tokens_since_log = 0
+            self._last_log_time = now
+        super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        self._train_start = self._last_log_time = self._start_time = time.time()
+        return super().train(*args, **kwargs)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict:
+        """Trainable weights by name; gathers ZeRO-3 shards (every rank must call this)."""
+        model = self.accelerator.unwrap_model(self.model)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for _, p in named):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                return {n: p.detach().cpu().clone() for n, p in named}
+        return {n: p.detach().cpu().clone() for n, p in named}
+
+    def _save(self, output_dir=None, state_dict=None):
+        # Model weights live in iter_<step>.pth (trainable only); writing the whole (possibly 4-bit) model
+        # into every checkpoint folder would cost disk and time for nothing.
+        if output_dir and self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+
+    def _save_checkpoint(self, model, trial):
+        step = self.state.global_step
+        sd = self.trainable_state_dict()
+        if self.args.should_save:
+            meta = {"step": step, "phase": self.llava_cfg.resolved_phase, "llava_ft_version": __version__,
+                    "config": config_to_dict(self.llava_cfg)}
+            ckpt.save_iter_checkpoint(self.work_dir, step, sd, meta)
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            ckpt.rotate_checkpoints(self.work_dir, self.llava_cfg.train.save_total_limit, keep=step)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        m = re.search(r"checkpoint-(\d+)$", str(resume_from_checkpoint).rstrip("/"))
+        path = ckpt.iter_path(Path(resume_from_checkpoint).parent, int(m.group(1)))
+        state = ckpt.load_iter_checkpoint(path)["state_dict"]
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        target.load_trainable_state_dict(state, source=str(path))

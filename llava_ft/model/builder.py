@@ -1,0 +1,74 @@
+"""build_model(cfg): the one place that turns a Config's `model` section into a trainable LlavaFtModel.
+
+    model, tokenizer = build_model(cfg)                 # training: freezing / LoRA applied per config
+    model, tokenizer = build_model(cfg, for_training=False)
+
+Text runs: LlavaFtModel(llm) with LoRA (`model.llm_lora.enabled`), a frozen LLM (`model.freeze_llm`) or
+full training. LLaVA runs (`model.visual_encoder` set): LlavaFtModel(llm, visual_encoder, projector);
+the vision tower is frozen unless `freeze_visual_encoder: false` or `visual_encoder_lora.enabled`;
+the projector always trains; `model.pretrained_pth` (a pretrain run's iter_N.pth) is loaded by name.
+"""
+from __future__ import annotations
+
+import torch
+
+from llava_ft.errors import UserError
+from llava_ft.model.llm import apply_lora, load_llm, resolve_dtype
+
+
+def _freeze(module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def build_model(cfg, for_training: bool = True):
+    """-> (LlavaFtModel, tokenizer) per `cfg.model` (see module docstring)."""
+    from llava_ft.model.llava import LlavaFtModel
+
+    m = cfg.model
+    llm, tokenizer = load_llm(m, for_training=for_training)
+    if m.llm_lora.enabled:
+        llm = apply_lora(llm, m.llm_lora)
+    elif m.freeze_llm or not for_training:
+        _freeze(llm)
+    visual_encoder = projector = None
+    if cfg.is_llava:
+        from llava_ft.model.projector import Projector
+        from llava_ft.model.vision import apply_vision_lora, load_visual_encoder
+
+        dtype = resolve_dtype(m.dtype)
+        visual_encoder = load_visual_encoder(m, dtype=dtype)
+        if m.freeze_visual_encoder or m.visual_encoder_lora.enabled or not for_training:
+            _freeze(visual_encoder)
+        if m.visual_encoder_lora.enabled:
+            visual_encoder = apply_vision_lora(visual_encoder, m.visual_encoder_lora)
+        llm_hidden = llm.config.get_text_config().hidden_size
+        projector = Projector(visual_encoder.hidden_size, llm_hidden, m.projector_depth).to(dtype)
+        if not for_training:
+            _freeze(projector)
+    model = LlavaFtModel(llm, visual_encoder, projector)
+    if m.pretrained_pth:
+        from llava_ft.engine.checkpoint import load_iter_checkpoint
+
+        state = load_iter_checkpoint(m.pretrained_pth)["state_dict"]
+        # strict=False: a pretrain checkpoint holds the projector only; LoRA weights start fresh.
+        model.load_trainable_state_dict(state, strict=False, source=f"model.pretrained_pth {m.pretrained_pth}")
+    if for_training and not any(p.requires_grad for p in model.parameters()):
+        raise UserError("no trainable parameters: every weight is frozen. Enable model.llm_lora.enabled, set "
+                        "model.freeze_llm=false, or add a visual encoder (its projector trains)")
+    return model, tokenizer
+
+
+def trainable_summary(model) -> str:
+    """'trainable 16,384 / 155,968 params (10.50%): llm 16,384, projector 0' for the start-of-run print."""
+    total = trainable = 0
+    per_module: dict = {}
+    for name, p in model.named_parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # bnb 4-bit packs two values a byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+            head = name.split(".", 1)[0]
+            per_module[head] = per_module.get(head, 0) + n
+    parts = ", ".join(f"{k} {v:,}" for k, v in per_module.items())
+    return f"trainable {trainable:,} / {total:,} params ({100.0 * trainable / max(total, 1):.2f}%): {parts}"
