@@ -182,3 +182,21 @@ def test_generate_with_image_matches_manual_greedy(llava):
     new2 = llava.generate(ids2, attention_mask=mask2, pixel_values=pixel.repeat(2, 1, 1, 1), max_new_tokens=3,
                           do_sample=False, pad_token_id=0)
     assert new2[0, 0] == new[0, 0]
+
+
+def test_llava_recipes_load_and_match_xtuner_numbers():
+    from llava_ft.config import CONFIG_ROOT, load_config
+
+    recipes = sorted((CONFIG_ROOT / "llava").glob("*.yaml"))
+    assert len(recipes) >= 14
+    for path in recipes:
+        assert path.read_text().splitlines()[1].strip().startswith("#   llava_ft ")  # command on top
+        cfg = load_config(str(path))
+        assert cfg.is_llava and cfg.train.warmup_ratio == 0.03 and cfg.train.save_steps == 500
+        if cfg.resolved_phase == "pretrain":
+            assert cfg.train.learning_rate == 1e-3 and cfg.train.per_device_batch_size * 8 == 256
+        else:
+            assert cfg.resolved_phase == "finetune" and cfg.train.learning_rate == 2e-4
+            assert (cfg.model.llm_lora.r, cfg.model.llm_lora.alpha) == (512, 256)
+            assert (cfg.model.visual_encoder_lora.r, cfg.model.visual_encoder_lora.alpha) == (64, 16)
+            assert cfg.data.pad_image_to_square and cfg.model.pretrained_pth

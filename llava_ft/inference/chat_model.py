@@ -317,6 +317,7 @@ class ChatModel:
                 yield final[sent:]
             stream.result = ChatResult(final, prompt.length, len(new),
                                        self._finish_reason(new, final, stops, settings))
+            return stream.result  # also the StopIteration value, for callers that drive next() themselves
 
         return ChatStream(run)
 

@@ -15,6 +15,7 @@ checkpoint's config), else the tokenizer's own chat template (`hf`); with none o
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Optional
@@ -158,31 +159,32 @@ def _vision_chat_model(model, tok, meta: dict, cfg_data, prompt_template, system
                      num_image_tokens=ve.num_image_tokens, source=source)
 
 
-def load_iter_checkpoint(path: str):
-    """(state_dict, meta, Config) of an iter_N.pth file, with a UserError when it is not one of ours."""
+def load_iter_checkpoint(path: str, need_config: bool = True):
+    """(state_dict, meta, Config or None) of an iter_N.pth file; UserError when it is not one of ours."""
     from llava_ft.config import config_from_dict
+    from llava_ft.engine.checkpoint import load_iter_checkpoint as _load
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, pickle from another tool, ...
-        raise UserError(f"{path}: cannot be read as a llava_ft checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt.get("meta", {}):
-        raise UserError(f"{path}: not a llava_ft iter_N.pth (expected keys state_dict and meta.config); "
-                        "DeepSpeed folders and other tools' files are not supported here")
+    ckpt = _load(path)
+    if "config" not in (ckpt.get("meta") or {}):
+        if not need_config:
+            return ckpt["state_dict"], ckpt.get("meta") or {}, None
+        raise UserError(f"{path}: has no meta.config (the run's config); pass the run's CONFIG explicitly "
+                        "(llava_ft convert pth_to_hf CONFIG PTH OUT)")
     cfg = config_from_dict(ckpt["meta"]["config"], where=f"{path} (meta.config)")
     return ckpt["state_dict"], ckpt["meta"], cfg
 
 
 def build_from_checkpoint(path: str, quantization: Optional[str] = None, dtype: Optional[str] = None,
-                          device_map=None):
+                          device_map=None, cfg=None):
     """Rebuild the run's LlavaFtModel from an iter_N.pth and load its trained weights -> (model, tok, cfg).
 
-    `quantization` / `dtype` override the run's (e.g. load a QLoRA run's LLM in fp32 for export).
+    `cfg` replaces the config saved in the checkpoint; `quantization` / `dtype` override the run's (e.g. load a QLoRA run's LLM in fp32 for export).
     The run's `pretrained_pth` is not re-read: the checkpoint already holds every trained weight.
     """
     from llava_ft.model.builder import build_model
 
-    state_dict, meta, cfg = load_iter_checkpoint(path)
+    state_dict, meta, saved_cfg = load_iter_checkpoint(path, need_config=cfg is None)
+    cfg = copy.deepcopy(cfg if cfg is not None else saved_cfg)  # `cfg`: e.g. the CONFIG given to pth_to_hf
     cfg.model.pretrained_pth = None
     if quantization is not None:
         cfg.model.quantization = quantization
@@ -190,12 +192,16 @@ def build_from_checkpoint(path: str, quantization: Optional[str] = None, dtype: 
         cfg.model.dtype = dtype
     if cfg.model.quantization != "none" and not cfg.model.llm_lora.enabled and not cfg.model.freeze_llm:
         cfg.model.freeze_llm = True
-    kwargs = {"device_map": device_map} if device_map is not None else {}
-    try:
-        model, tok = build_model(cfg, for_training=False, **kwargs)
-    except TypeError:  # builder without a device_map parameter
-        model, tok = build_model(cfg, for_training=False)
-    model.load_trainable_state_dict(state_dict, strict=False, source=str(path))
+    model, tok = build_model(cfg, for_training=False)
+    # for_training=False freezes everything but LoRA, so strict=True checks every LoRA weight is present;
+    # the projector (frozen here) is checked by hand: a LLaVA checkpoint without it is not a usable run.
+    model.load_trainable_state_dict(state_dict, strict=True, source=str(path))
+    if model.projector is not None:
+        missing = [f"projector.{k}" for k in model.projector.state_dict() if f"projector.{k}" not in state_dict]
+        if missing:
+            raise UserError(f"{path}: no projector weights ({', '.join(missing[:4])}); is it from this LLaVA run?")
+    if device_map is not None and cfg.model.quantization == "none":
+        model.to(next(iter(device_map.values())))
     model.eval()
     return model, tok, cfg
 
