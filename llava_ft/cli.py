@@ -73,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"llava_ft {name}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Output piped into `head` and the reader went away: not an error worth a traceback.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
     except KeyboardInterrupt:
         print(f"\nllava_ft {name}: interrupted; the last saved checkpoint (if any) is intact.", file=sys.stderr)
         return 130
