@@ -142,6 +142,9 @@ def test_dummy_image_runs_vision_path_with_zero_effect(llava):
     # The projector is in the graph (gradient exists, all zero): every rank reduces the same params.
     grads = [p.grad for p in llava.projector.parameters()]
     assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+    # A dummy of the wrong size (collator built without image_shape) is replaced, not a crash.
+    out = llava(input_ids=ids, labels=labels, pixel_values=torch.zeros(1, 3, 336, 336))
+    assert torch.allclose(out.loss, ref.loss, atol=1e-6)
 
 
 def test_frozen_tower_stays_projector_learns(llava):

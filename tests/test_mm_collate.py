@@ -118,9 +118,10 @@ def test_demo_data_end_to_end_into_the_model(tmp_path, demo_data, tiny_llama, ti
     ve = load_visual_encoder(ModelConfig(llm="unused", visual_encoder=tiny_clip))
     cfg = DataConfig(sources=[DataSource(path=demo_data["finetune"], image_folder=demo_data["image_folder"]),
                               DataSource(path=demo_data["text"], format="text")],
-                     template="default", max_length=256, cache_dir=str(tmp_path / "cache"))
+                     template="default", max_length=256, cache_dir=str(tmp_path / "cache"),
+                     pad_image_to_square=True)
     prepared = prepare_dataset(cfg, tok, num_image_tokens=ve.num_image_tokens)
-    ds = LlavaDataset(prepared.dataset, ve.preprocess, ve.image_mean, pad_to_square=True)
+    ds = LlavaDataset(prepared.dataset, ve, cfg)
     sampler = LengthGroupedSampler(ds.modality_lengths, batch_size=4, seed=0)
     loader = DataLoader(ds, batch_size=4, sampler=sampler, collate_fn=MultimodalCollator(tok, ve.image_shape))
     llm = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -136,3 +137,13 @@ def test_demo_data_end_to_end_into_the_model(tmp_path, demo_data, tiny_llama, ti
         if step >= 6 and seen_image and seen_text:
             break
     assert seen_image and seen_text
+
+
+def test_engine_style_construction_and_columns(tmp_path, tiny_clip):
+    from llava_ft.model.vision import load_visual_encoder
+
+    ve = load_visual_encoder(ModelConfig(llm="unused", visual_encoder=tiny_clip))
+    ds = LlavaDataset(_rows(tmp_path), ve, DataConfig(pad_image_to_square=True, skip_bad_samples=True))
+    assert ds.pad_to_square and ds.skip_bad_samples and ds.image_mean == ve.image_mean
+    assert "modality_length" in ds.column_names and ds["modality_length"] == [5, -3, 2]
+    assert ds[0]["pixel_values"].shape == (2, *ve.image_shape)

@@ -1,10 +1,10 @@
 """Torch Dataset over a prepared LLaVA dataset: token columns from Arrow, images decoded lazily.
 
-    ds = LlavaDataset(prepared.dataset, preprocess=ve.preprocess, image_mean=ve.image_mean,
-                      pad_to_square=cfg.data.pad_image_to_square, skip_bad_samples=cfg.data.skip_bad_samples)
+    ds = LlavaDataset(prepared.dataset, ve, cfg.data)   # ve: VisualEncoder (preprocess, image_mean)
     item = ds[i]   # {"id", "input_ids", "labels", "length", "modality_length",
                    #  "pixel_values": float tensor [n_images, 3, H, W] or None when the sample has no image}
     ds.num_bad_images  # images found unreadable during training (summed over DataLoader workers)
+    ds["modality_length"], ds.column_names   # columns of the prepared dataset (for the sampler)
 
 Images are opened in `__getitem__`, i.e. inside DataLoader worker processes, never all up front. Each
 sample must have exactly one image per IMAGE_TOKEN_INDEX in its input_ids (else UserError naming the
@@ -34,16 +34,31 @@ MAX_REPLACEMENTS = 50
 
 
 class LlavaDataset(Dataset):
-    def __init__(self, hf_dataset, preprocess: Callable, image_mean=(0, 0, 0), pad_to_square: bool = False,
-                 skip_bad_samples: bool = False):
+    """`LlavaDataset(hf_dataset, visual_encoder, data_cfg)` (what the engine calls), or with explicit
+    keywords `preprocess=`, `image_mean=`, `pad_to_square=`, `skip_bad_samples=` (they win over the
+    visual encoder / data config values)."""
+
+    def __init__(self, hf_dataset, visual_encoder=None, data_cfg=None, *, preprocess: Optional[Callable] = None,
+                 image_mean=None, pad_to_square: Optional[bool] = None, skip_bad_samples: Optional[bool] = None):
         self.data = hf_dataset
-        self.preprocess = preprocess
+        self.preprocess = preprocess or getattr(visual_encoder, "preprocess", None)
+        if self.preprocess is None:
+            raise ValueError("LlavaDataset needs a visual_encoder or a preprocess function")
+        if image_mean is None:
+            image_mean = getattr(visual_encoder, "image_mean", (0, 0, 0))
         self.image_mean = tuple(int(c) for c in image_mean)
-        self.pad_to_square = pad_to_square
-        self.skip_bad_samples = skip_bad_samples
+        self.pad_to_square = bool(pad_to_square if pad_to_square is not None
+                                  else getattr(data_cfg, "pad_image_to_square", False))
+        self.skip_bad_samples = bool(skip_bad_samples if skip_bad_samples is not None
+                                     else getattr(data_cfg, "skip_bad_samples", False))
         # Shared with forked DataLoader workers, so the main process sees their count.
         self._bad = multiprocessing.Value("i", 0)
         self._known_bad: set = set()  # per process; avoids re-reading a file known to be broken
+
+    @property
+    def column_names(self) -> list:
+        """The prepared dataset's columns (lets samplers look for `modality_length` as on a HF dataset)."""
+        return list(self.data.column_names)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -79,7 +94,9 @@ class LlavaDataset(Dataset):
         item["pixel_values"] = self.load_pixels(row)
         return item
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            return self.data[index]  # a whole column, as `datasets.Dataset["modality_length"]`
         if not self.skip_bad_samples:
             return self._item(index)
         n = len(self.data)

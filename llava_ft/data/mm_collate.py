@@ -21,10 +21,12 @@ from llava_ft.errors import UserError
 
 
 class MultimodalCollator:
-    def __init__(self, tokenizer=None, image_shape=(3, 336, 336), pad_token_id: Optional[int] = None,
+    def __init__(self, tokenizer=None, image_shape=None, pad_token_id: Optional[int] = None,
                  pad_to_multiple_of: Optional[int] = None):
         self.text = TextCollator(tokenizer, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
-        self.image_shape = tuple(int(v) for v in image_shape)
+        # Without image_shape the dummy is 3x336x336; LlavaFtModel swaps a wrongly sized dummy for one
+        # of its tower's size, so this only costs a little memory -- pass `ve.image_shape` anyway.
+        self.image_shape = tuple(int(v) for v in (image_shape or (3, 336, 336)))
 
     def __call__(self, features: list) -> dict:
         if any("position_ids" in f for f in features):

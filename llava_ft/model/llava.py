@@ -184,6 +184,10 @@ class LlavaFtModel(nn.Module):
                 raise UserError(f"input_ids hold {n_placeholders} <image> placeholders but no pixel_values were given")
             features = None
         else:
+            shape = getattr(self.visual_encoder, "image_shape", None)
+            if n_placeholders == 0 and shape and tuple(pixel_values.shape[1:]) != tuple(shape):
+                # A dummy image made without knowing the tower's input size: use one of the right size.
+                pixel_values = pixel_values.new_zeros((1, *shape))
             features = self.encode_images(pixel_values).to(text_embeds.dtype)
             if n_placeholders == 0:
                 # Dummy image of a text-only batch: keep the vision path in the graph with zero effect.
