@@ -472,3 +472,47 @@ def test_load_16_clients_30s(text_model):
         assert health["status"] == "ok"
         after = post(url, {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}, key=None)
         assert after.status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_serve_subprocess(tiny_llama, tmp_path):
+    """`llava_ft serve MODEL --api-key K` starts, binds to 127.0.0.1, answers the openai client, stops on SIGINT."""
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "llava_ft", "serve", tiny_llama, "--port", str(port),
+                             "--api-key", "sk-cli", "--model-name", "cli-model", "--device", "cpu",
+                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None  # stop waiting if it died
+        assert _wait_for(up, 180) and proc.poll() is None, open(tmp_path / "serve.log").read()
+        resp = client(url, "sk-cli").chat.completions.create(model="cli-model", max_tokens=4,
+                                                             messages=[{"role": "user", "content": "hi"}])
+        assert resp.usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "nope").models.list()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        log.seek(0)
+        out = log.read()
+    assert f"http://127.0.0.1:{port}/" in out
+
+
+def test_cli_serve_rejects_missing_image_dir(tiny_llama, tmp_path):
+    from llava_ft.cli import main
+
+    assert main(["serve", tiny_llama, "--image-dir", str(tmp_path / "nope")]) == 2
