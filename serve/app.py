@@ -197,9 +197,20 @@ def create_app(chat_model, model_name: str, api_key: Optional[str] = None, max_q
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if req.stream:
+            # Wait for the first event before answering, so a request the model rejects (prompt longer
+            # than the context, ...) still gets its 4xx status instead of a 200 stream holding an error.
+            try:
+                first = await _next_event(job, request)
+            except BaseException:
+                worker.cancel(job)
+                raise
+            if first is None:
+                return Response(status_code=499)
+            if first[0] == "error":
+                return _error_response(first[1])
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _ClosingStreamingResponse(
-                _sse(job, request, cid, created, include_usage), media_type="text/event-stream",
+                _sse(job, first, request, cid, created, include_usage), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _collect(job, request, cid, created)
 
@@ -237,15 +248,18 @@ def create_app(chat_model, model_name: str, api_key: Optional[str] = None, max_q
             if not finished:
                 worker.cancel(job)
 
-    async def _sse(job: Job, request: Request, cid: str, created: int, include_usage: bool):
+    async def _sse(job: Job, first: tuple, request: Request, cid: str, created: int, include_usage: bool):
         finished = False
         try:
             yield _chunk(cid, created, model_name, {"role": "assistant", "content": ""})
+            event = first
             while True:
-                event = await _next_event(job, request)
+                if event is None:
+                    event = await _next_event(job, request)
                 if event is None:
                     return
                 kind, payload = event
+                event = None
                 if kind == "delta":
                     yield _chunk(cid, created, model_name, {"content": payload})
                     continue

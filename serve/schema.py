@@ -94,6 +94,8 @@ def parse_request(raw: bytes) -> ChatRequest:
         obj: Any = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ApiError(400, f"request body is not valid JSON: {err}", code="invalid_json")
+    except RecursionError:  # e.g. 50,000 nested brackets: valid-looking, but no request needs it
+        raise ApiError(400, "request body is nested too deeply", code="invalid_json")
     if not isinstance(obj, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     try:
@@ -113,6 +115,12 @@ def to_chat_inputs(req: ChatRequest) -> tuple[list[dict], list[str]]:
         # A literal "<image>" typed by a client would claim an image that was never sent (the model would
         # then fail on a marker/image count mismatch); only real image parts produce markers.
         texts = [p.text.replace(IMAGE_TOKEN, "") for p in parts if isinstance(p, TextPart)]
+        for text in texts:
+            try:
+                text.encode("utf-8")  # JSON may carry lone surrogates ("\ud800"); tokenizers cannot take them
+            except UnicodeEncodeError:
+                raise ApiError(400, f"messages[{i}]: text is not valid Unicode (lone surrogate)",
+                               param=f"messages.{i}.content")
         images = [p.url for p in parts if isinstance(p, ImagePart)]
         if images and role != "user":
             raise ApiError(400, f"messages[{i}]: images are only accepted in user messages",

@@ -33,9 +33,10 @@ from serve.app import create_app  # noqa: E402
 from serve.testing import serve_in_thread  # noqa: E402
 
 KEY = "sk-test-key"
-# A prompt the tiny random Llama answers greedily without ever emitting EOS (checked where relied on), so a
-# request with a large max_tokens keeps the generation thread busy until it is cancelled.
-LONG_PROMPT = "Describe the shape in one word."
+# A prompt the tiny random Llama answers greedily without emitting EOS (checked for 1000 tokens in
+# `endless_model`; it ran 12000 when measured), so a request with a huge max_tokens keeps the generation
+# thread busy until it is cancelled.
+LONG_PROMPT = "Count to ten."
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,9 +336,23 @@ def test_unknown_model_is_404(text_server):
     {"model": "tiny-text", "messages": [{"role": "user", "content": "hi"}], "n": 3},
     {"model": "tiny-text", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
     {"model": "tiny-text", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+    {"model": "tiny-text", "messages": [{"role": "system", "content": "only a system message"}]},
+    {"model": "tiny-text", "messages": [{"role": "tool", "content": "42"}]},
+    {"model": "tiny-text", "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+    b'{"model": "tiny-text", "messages": [{"role": "user", "content": "\\ud800 lone surrogate"}]}',
+    b"[" * 50_000,
 ])
 def test_malformed_requests_are_400(text_server, body):
     assert_error(post(text_server, body, key=None), 400)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_longer_than_context_is_400(text_server, text_model, stream):
+    words = "circle square triangle " * (text_model.context_length // 2)
+    with pytest.raises(openai.BadRequestError) as info:
+        client(text_server).chat.completions.create(model="tiny-text", stream=stream, max_tokens=4,
+                                                    messages=[{"role": "user", "content": words}])
+    assert "context" in str(info.value)
 
 
 def test_openai_client_raises_bad_request(text_server):
@@ -403,15 +418,18 @@ def test_server_survives_all_of_it(text_server, vision_server):
 # the queue: bounded, 503 + Retry-After when full, disconnects free their slot
 
 
-def _open_stream(url: str, max_tokens: int = 1500):
-    """Start a long streaming request on a raw socket; returns it once the status line is back."""
+def _open_stream(url: str, max_tokens: int = 100_000, wait_head: bool = True):
+    """Start a long streaming request on a raw socket; returns (socket, status head or "" if not waited).
+
+    A streaming answer's status line comes with its first token, so a request still waiting in line
+    has none yet: callers watch /health for those instead."""
     host, port = url.replace("http://", "").split(":")
     body = json.dumps({"model": "q", "messages": [{"role": "user", "content": LONG_PROMPT}],
                        "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
     sock = socket.create_connection((host, int(port)), timeout=60)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    head = sock.recv(4096).decode(errors="replace")
+    head = sock.recv(4096).decode(errors="replace") if wait_head else ""
     return sock, head
 
 
@@ -424,18 +442,33 @@ def _wait_for(predicate, timeout_s: float = 60.0) -> bool:
     return False
 
 
-def test_full_queue_is_503_and_disconnects_free_slots(text_model):
-    # The long prompt really runs to max_tokens (no early EOS), so the first request holds the worker.
-    probe = text_model.chat([{"role": "user", "content": LONG_PROMPT}],
-                            settings=GenerationSettings(max_new_tokens=40, temperature=0))
-    assert probe.finish_reason == "length"
-    with serve_in_thread(create_app(text_model, "q", max_queue=1)) as url:
+@pytest.fixture(scope="module")
+def endless_model(tiny_llama, tmp_path_factory):
+    """tiny_llama with a context of 1M positions: with max_tokens 100000 and a prompt it never ends with EOS,
+    a request holds the generation thread until its client goes away (the queue test needs that)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("endless") / "llm"
+    shutil.copytree(tiny_llama, folder)
+    for name, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
+        cfg = json.loads((folder / name).read_text())
+        cfg[key] = 1 << 20
+        (folder / name).write_text(json.dumps(cfg))
+    model = load_chat_model(str(folder), device="cpu")
+    assert model.context_length == 1 << 20
+    probe = model.chat([{"role": "user", "content": LONG_PROMPT}],
+                       settings=GenerationSettings(max_new_tokens=1000, temperature=0))
+    assert probe.finish_reason == "length", "the probe prompt now ends with EOS; pick another LONG_PROMPT"
+    return model
+
+
+def test_full_queue_is_503_and_disconnects_free_slots(endless_model):
+    with serve_in_thread(create_app(endless_model, "q", max_queue=1)) as url:
         stats = lambda: httpx.get(url + "/health").json()["queue"]  # noqa: E731
         running, head = _open_stream(url)
         assert head.startswith("HTTP/1.1 200"), head
         assert _wait_for(lambda: stats()["busy"])
-        waiting, head = _open_stream(url)
-        assert head.startswith("HTTP/1.1 200"), head
+        waiting, _ = _open_stream(url, wait_head=False)
         assert _wait_for(lambda: stats()["waiting"] == 1)
 
         full = post(url, {"model": "q", "messages": [{"role": "user", "content": "hi"}]}, key=None)
@@ -444,8 +477,7 @@ def test_full_queue_is_503_and_disconnects_free_slots(text_model):
 
         waiting.close()  # the waiting client leaves: its place frees up without any generation
         assert _wait_for(lambda: stats()["waiting"] == 0), stats()
-        third, head = _open_stream(url)
-        assert head.startswith("HTTP/1.1 200"), head
+        third, _ = _open_stream(url, wait_head=False)  # accepted into the freed place, not 503
         assert _wait_for(lambda: stats()["waiting"] == 1)
 
         third.close()
