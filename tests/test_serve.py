@@ -418,14 +418,14 @@ def test_server_survives_all_of_it(text_server, vision_server):
 # the queue: bounded, 503 + Retry-After when full, disconnects free their slot
 
 
-def _open_stream(url: str, max_tokens: int = 100_000, wait_head: bool = True):
+def _open_stream(url: str, max_tokens: int = 100_000, wait_head: bool = True, stream: bool = True):
     """Start a long streaming request on a raw socket; returns (socket, status head or "" if not waited).
 
     A streaming answer's status line comes with its first token, so a request still waiting in line
     has none yet: callers watch /health for those instead."""
     host, port = url.replace("http://", "").split(":")
     body = json.dumps({"model": "q", "messages": [{"role": "user", "content": LONG_PROMPT}],
-                       "max_tokens": max_tokens, "temperature": 0, "stream": True}).encode()
+                       "max_tokens": max_tokens, "temperature": 0, "stream": stream}).encode()
     sock = socket.create_connection((host, int(port)), timeout=60)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -468,7 +468,7 @@ def test_full_queue_is_503_and_disconnects_free_slots(endless_model):
         running, head = _open_stream(url)
         assert head.startswith("HTTP/1.1 200"), head
         assert _wait_for(lambda: stats()["busy"])
-        waiting, _ = _open_stream(url, wait_head=False)
+        waiting, _ = _open_stream(url, wait_head=False, stream=False)  # a non-streaming request waits too
         assert _wait_for(lambda: stats()["waiting"] == 1)
 
         full = post(url, {"model": "q", "messages": [{"role": "user", "content": "hi"}]}, key=None)
