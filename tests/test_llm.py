@@ -1,0 +1,58 @@
+"""LLM loading: auto dtype/attention on CPU, 4-bit NF4 double-quant layers, LoRA on every linear but lm_head,
+and one-sentence UserErrors for missing model paths."""
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from llava_ft.config import LoraSettings, ModelConfig
+from llava_ft.errors import UserError
+from llava_ft.model.llm import apply_lora, load_llm, resolve_attn_implementation, resolve_dtype
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choices")
+def test_auto_choices_on_cpu(tiny_llama, capsys):
+    assert resolve_dtype("auto") == torch.float32
+    assert resolve_attn_implementation("auto")[0] == "sdpa"
+    model, tok = load_llm(ModelConfig(llm=tiny_llama))
+    line = capsys.readouterr().out
+    assert "dtype float32" in line and "attention sdpa" in line and "no CUDA GPU" in line
+    assert model.dtype == torch.float32 and model.config._attn_implementation == "sdpa"
+    assert tok.pad_token is not None
+
+
+def test_qlora_4bit_nf4_and_lora_targets(tiny_qwen2):
+    m = ModelConfig(llm=tiny_qwen2, quantization="4bit", llm_lora=LoraSettings(enabled=True, r=4, alpha=8))
+    model, _ = load_llm(m)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, bnb.nn.Linear4bit)
+    assert q_proj.weight.quant_type == "nf4" and q_proj.weight.quant_state.nested  # double quantization
+    peft_model = apply_lora(model, m.llm_lora)
+    targets = set(peft_model.peft_config["default"].target_modules)
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert not any("lm_head" in n for n in trainable)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    out = peft_model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
+def test_8bit_loads(tiny_llama):
+    model, _ = load_llm(ModelConfig(llm=tiny_llama, quantization="8bit", freeze_llm=True), for_training=False)
+    assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "./missing_model", "~/nothing/here/at/all"])
+def test_missing_model_path_is_one_sentence(path):
+    with pytest.raises(UserError) as err:
+        load_llm(ModelConfig(llm=path))
+    msg = str(err.value)
+    assert "does not exist" in msg and path in msg and "\n" not in msg
+
+
+def test_folder_without_config_json(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        load_llm(ModelConfig(llm=str(tmp_path)))
