@@ -1,0 +1,148 @@
+"""`llava_ft chat`: talk to a trained model in the terminal (text, or images for LLaVA models).
+
+    llava_ft chat ./merged --prompt-template qwen_chat
+    llava_ft chat BASE --adapter ./hf
+    llava_ft chat LLM --visual-encoder VE --llava ./xtuner_out --image cat.jpg
+    llava_ft chat ./llava_hf --prompt "Describe the image." --image cat.jpg      # answer and exit
+
+Interactive commands: `/image PATH|URL` attaches an image to the next message (several per conversation),
+`/reset` starts over, `/exit` (or Ctrl-D / Ctrl-C) leaves. Answers stream as they are generated; the
+template's stop words end a turn; when the conversation outgrows the context window the oldest turns are
+dropped with a notice. A missing or unreadable image is a one-line error and the session goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llava_ft import IMAGE_TOKEN
+from llava_ft.errors import UserError
+
+HELP = "commands: /image PATH|URL (attach to next message), /reset, /exit (or Ctrl-D)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="work dir / iter_N.pth / converted folder / llava-hf folder / HF model (the "
+                                      "LLM when --llava is given)")
+    parser.add_argument("--adapter", help="PEFT adapter folder to apply to MODEL")
+    parser.add_argument("--llava", help="XTuner-layout folder from `convert pth_to_hf` (projector/, adapters)")
+    parser.add_argument("--visual-encoder", help="vision tower for --llava (default: the one the run used)")
+    parser.add_argument("--image", action="append", default=[], help="image for the first message (repeatable)")
+    parser.add_argument("--prompt-template", help="template name (default: the one the run trained with)")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--bits", type=int, choices=(4, 8), help="load the LLM quantized")
+    parser.add_argument("--torch-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--top-p", type=float, default=0.75)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-streamer", action="store_true", help="print each answer when complete")
+    parser.add_argument("--prompt", action="append", default=[], help="answer this and exit (repeatable: a "
+                                                                       "multi-turn conversation)")
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+class Session:
+    """One conversation: history, images waiting for the next message, and how to answer."""
+
+    def __init__(self, chat_model, settings, system, stream: bool, out=sys.stdout):
+        self.cm, self.settings, self.system, self.stream, self.out = chat_model, settings, system, stream, out
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list = [{"role": "system", "content": self.system}] if self.system else []
+        self.images: list = []
+        self.pending: list = []
+
+    def attach(self, source: str) -> None:
+        if not self.cm.supports_images:
+            raise UserError(f"{self.cm.source or 'this model'} is text-only; it cannot take images")
+        self.cm.load_image(source)  # fail now, with the path, rather than at the next answer
+        self.pending.append(source)
+
+    def ask(self, text: str) -> str:
+        content = "".join(IMAGE_TOKEN + "\n" for _ in self.pending) + text
+        messages = self.messages + [{"role": "user", "content": content}]
+        images = self.images + self.pending
+        messages, images, dropped = self.cm.fit_history(messages, images, self.settings.max_new_tokens)
+        if dropped:
+            print(f"[dropped the {dropped} oldest turn(s) to fit the {self.cm.context_length}-token context]",
+                  file=self.out, flush=True)
+        if self.stream:
+            parts = []
+            stream = self.cm.stream_chat(messages, images, self.settings)
+            try:
+                for delta in stream:
+                    parts.append(delta)
+                    print(delta, end="", file=self.out, flush=True)
+            finally:
+                stream.close()
+            answer = "".join(parts)
+            print(file=self.out, flush=True)
+        else:
+            answer = self.cm.chat(messages, images, self.settings).text
+            print(answer, file=self.out, flush=True)
+        self.messages = messages + [{"role": "assistant", "content": answer}]
+        self.images, self.pending = images, []
+        return answer
+
+
+def run(args: argparse.Namespace) -> int:
+    _quiet_transformers()
+    from llava_ft.inference import GenerationSettings, load_chat_model
+
+    cm = load_chat_model(args.model, adapter=args.adapter, llava=args.llava, visual_encoder=args.visual_encoder,
+                         bits=args.bits, torch_dtype=args.torch_dtype, prompt_template=args.prompt_template,
+                         device=args.device, system=args.system)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                  seed=args.seed)
+    session = Session(cm, settings, None, stream=not args.no_streamer)
+    for image in args.image:
+        session.attach(image)  # a bad --image is fatal: nothing was asked yet
+    if args.prompt:
+        for prompt in args.prompt:
+            session.ask(prompt)
+        return 0
+    kind = "text + images" if cm.supports_images else "text"
+    print(f"llava_ft chat: {cm.source} ({kind}, context {cm.context_length} tokens). {HELP}", flush=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print(flush=True)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            if text in ("/exit", "/quit"):
+                return 0
+            if text == "/reset":
+                session.reset()
+                print("[conversation reset]", flush=True)
+            elif text.startswith("/image"):
+                path = text[len("/image"):].strip()
+                if not path:
+                    print("usage: /image PATH|URL", flush=True)
+                    continue
+                session.attach(path)
+                print(f"[image attached to your next message: {path}]", flush=True)
+            elif text.startswith("/") and " " not in text:
+                print(f"unknown command {text}; {HELP}", flush=True)
+            else:
+                session.ask(line)
+        except UserError as err:
+            print(f"error: {err}", flush=True)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", flush=True)
+            return 0
