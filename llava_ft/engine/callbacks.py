@@ -107,6 +107,23 @@ class LossPlotCallback(TrainerCallback):
             plot_loss(self.work_dir)
 
 
+def _keep_4bit_training_layout(model) -> None:
+    """Stop bitsandbytes (CPU, AVX512-BF16) from repacking 4-bit weights for inference in eval mode.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weight into a CPU inference layout on the first eval-mode
+    forward and never unpacks it when training resumes; the next training step then fails with "a view
+    of a leaf Variable that requires grad is being used in an in-place operation". Mid-training
+    generation therefore keeps the training layout (slightly slower generation, correct training).
+    """
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # no bitsandbytes: nothing is 4-bit
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
 class EvalChatCallback(TrainerCallback):
     """Answer `evaluation.prompts` (with `evaluation.images` for LLaVA) and write them to a text file.
 
@@ -143,6 +160,7 @@ class EvalChatCallback(TrainerCallback):
 
         tpl = self.cfg.data.template
         out = []
+        _keep_4bit_training_layout(model)
         was_training = model.training
         model.eval()
         try:

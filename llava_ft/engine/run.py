@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from llava_ft.config import CONFIG_ROOT, Config, save_config
 from llava_ft.engine import checkpoint as ckpt
@@ -31,6 +31,7 @@ class TrainResult:
     last_checkpoint: Optional[str]  # newest iter_<step>.pth
     data_stats: dict = field(default_factory=dict)
     log_history: list = field(default_factory=list)
+    model: Any = field(default=None, repr=False)  # the trained LlavaFtModel (in memory, for library users)
 
 
 def default_work_dir(cfg: Config) -> str:
@@ -182,4 +183,5 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
         last_checkpoint=last.read_text().strip() if last.is_file() else None,
         data_stats=stats,
         log_history=list(trainer.state.log_history),
+        model=trainer.accelerator.unwrap_model(trainer.model),
     )
