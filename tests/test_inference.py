@@ -1,0 +1,120 @@
+"""ChatModel behaviour users and the server rely on: streaming equals the whole answer, batches equal single
+prompts, stop words end the answer and never show, history is trimmed to the context, bad input is a UserError."""
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+
+from llava_ft.demo.assets import draw_shape
+from llava_ft.errors import UserError
+from llava_ft.inference import GenerationSettings, detect_artifact, load_chat_model
+from llava_ft.inference.testing import write_random_checkpoint
+
+GREEDY = GenerationSettings(max_new_tokens=12, temperature=0.0)
+Q = [{"role": "user", "content": "What shape is it?"}]
+
+
+@pytest.fixture(scope="module")
+def text_model(tiny_llama):
+    return load_chat_model(tiny_llama, prompt_template="chatml")
+
+
+@pytest.fixture(scope="module")
+def llava_pth(tmp_path_factory, tiny_llama, tiny_clip):
+    raw = {"model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "freeze_llm": True,
+                     "llm_lora": {"enabled": True, "r": 4, "alpha": 8}},
+           "data": {"template": "vicuna", "sources": [{"path": "unused.json"}], "pad_image_to_square": True}}
+    return write_random_checkpoint(tmp_path_factory.mktemp("llava_run"), raw)
+
+
+def test_stream_equals_chat_and_reports_usage(text_model):
+    stream = text_model.stream_chat(Q, settings=GREEDY)
+    parts = list(stream)
+    whole = text_model.chat(Q, settings=GREEDY)
+    assert len(parts) > 1 and "".join(parts) == whole.text
+    assert stream.result.text == whole.text
+    assert stream.result.completion_tokens == whole.completion_tokens == 12
+    assert whole.finish_reason == "length" and whole.prompt_tokens == len(text_model.encode(Q).ids)
+
+
+def test_batch_with_left_padding_equals_single_prompts(text_model):
+    convs = [(Q, []), ([{"role": "user", "content": "Tell me about yourself, please, in detail."}], []),
+             ([{"role": "user", "content": "Hi"}], [])]
+    batched = text_model.generate_batch(convs, GREEDY, batch_size=3)
+    assert [r.text for r in batched] == [text_model.chat(m, settings=GREEDY).text for m, _ in convs]
+
+
+def test_stop_word_ends_answer_and_is_never_streamed(text_model):
+    full = text_model.chat(Q, settings=GREEDY).text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    settings = GenerationSettings(max_new_tokens=12, temperature=0.0, stop=(stop,))
+    expected = full[:full.index(stop)]
+    stream = text_model.stream_chat(Q, settings=settings)
+    assert "".join(stream) == expected == stream.result.text
+    assert stream.result.finish_reason == "stop"
+    assert text_model.chat(Q, settings=settings).text == expected
+
+
+def test_sampling_is_reproducible_with_a_seed(text_model):
+    s = GenerationSettings(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    assert text_model.chat(Q, settings=s).text == text_model.chat(Q, settings=s).text
+
+
+def test_history_is_trimmed_to_the_context(text_model):
+    long = [{"role": "system", "content": "Be brief."}]
+    for i in range(60):
+        long += [{"role": "user", "content": f"question {i} about a red circle and a blue square"},
+                 {"role": "assistant", "content": "A red circle next to a blue square, as always."}]
+    long.append({"role": "user", "content": "last question"})
+    msgs, images, dropped = text_model.fit_history(long, [], max_new_tokens=1600)
+    assert dropped > 0 and msgs[0]["role"] == "system" and msgs[-1]["content"] == "last question"
+    assert text_model.encode(msgs).length + 1600 <= text_model.context_length
+    with pytest.raises(UserError, match="context"):
+        text_model.fit_history([{"role": "user", "content": "x " * 3000}], [], 10)
+
+
+def test_text_model_refuses_images_and_bad_messages(text_model, tmp_path):
+    assert not text_model.supports_images
+    with pytest.raises(UserError, match="text-only"):
+        text_model.chat(Q, images=[str(tmp_path / "a.png")])
+    with pytest.raises(UserError, match="last message"):
+        text_model.chat([{"role": "assistant", "content": "hi"}])
+
+
+def test_llava_checkpoint_chat_with_images(llava_pth, tmp_path):
+    cm = load_chat_model(llava_pth)
+    assert cm.supports_images and cm.template.name == "vicuna" and cm.pad_image_to_square
+    img = tmp_path / "wide.png"
+    draw_shape("blue", "square", random.Random(1), 48).resize((64, 32)).save(img)
+    one = cm.chat([{"role": "user", "content": "Describe."}], [str(img)], GREEDY)
+    assert one.prompt_tokens == len(cm.encode([{"role": "user", "content": "Describe."}], [str(img)]).ids) \
+        + cm.num_image_tokens - 1
+    # two images in one conversation, markers explicit
+    two = [{"role": "user", "content": "<image>\nFirst."}, {"role": "assistant", "content": "Ok."},
+           {"role": "user", "content": "<image>\nAnd this?"}]
+    assert cm.chat(two, [str(img), str(img)], GREEDY).completion_tokens > 0
+    with pytest.raises(UserError, match="marker"):
+        cm.chat(two, [str(img)], GREEDY)
+    with pytest.raises(UserError, match="no such file"):
+        cm.chat(Q, [str(tmp_path / "missing.png")], GREEDY)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(UserError, match="bad.png"):
+        cm.chat(Q, [str(bad)], GREEDY)
+
+
+def test_artifact_kind_comes_from_saved_files(tmp_path, tiny_llama, llava_pth):
+    renamed = tmp_path / "llava-13b-clip-lora"  # a misleading name changes nothing
+    shutil.copytree(tiny_llama, renamed)
+    assert detect_artifact(renamed).kind == "hf_model"
+    assert detect_artifact(llava_pth).kind == "iter_pth"
+    from pathlib import Path
+
+    assert detect_artifact(Path(llava_pth).parent).path == llava_pth  # work dir -> newest checkpoint
+    with pytest.raises(UserError, match="no such file"):
+        detect_artifact(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a model folder"):
+        detect_artifact(tmp_path / "empty")
