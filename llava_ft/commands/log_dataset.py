@@ -19,6 +19,9 @@ SHOW = ("text", "masked_text", "input_ids", "labels", "all")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML recipe path or built-in recipe name")
+    # `CONFIG --work-dir D a.b=1` puts overrides after options; plain parse_args would reject them as
+    # unrecognized (a positional nargs="*" is consumed once), so this parser parses intermixed args.
+    parser.parse_args = parser.parse_intermixed_args
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train")
     parser.add_argument("--show", choices=SHOW, default="all", help="what to print per sample (default: all)")
     parser.add_argument("-n", type=int, default=3, help="how many samples (default 3; 0 = all)")

@@ -8,10 +8,15 @@ launchers every process runs this same command.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML recipe path or built-in recipe name")
+    # `CONFIG --work-dir D a.b=1` puts overrides after options; plain parse_args would reject them as
+    # unrecognized (a positional nargs="*" is consumed once), so this parser parses intermixed args.
+    parser.parse_args = parser.parse_intermixed_args
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override config values, e.g. train.max_steps=100 model.llm=/models/qwen")
     parser.add_argument("--work-dir", default=None, help="output folder (default: work_dirs/<config name>)")
@@ -20,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="continue a run: 'auto' = newest complete checkpoint in the work dir, or a "
                              "checkpoint-<step>/ folder or iter_<step>.pth")
+    parser.add_argument("--launcher", default="none", choices=("none", "pytorch", "slurm"),
+                        help="none: NPROC_PER_NODE>1 starts that many processes via torchrun (NNODES, NODE_RANK, "
+                             "ADDR, PORT for several nodes); pytorch: started by torchrun/deepspeed; slurm: under srun")
     # torchrun/deepspeed launchers may pass --local_rank / --local-rank; the env var carries the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -28,10 +36,28 @@ def run(args: argparse.Namespace) -> int:
     from llava_ft.config import load_config
 
     cfg = load_config(args.config, overrides=args.overrides)  # all config errors surface before torch loads
+    from llava_ft.engine import launch
+
+    # After the config check (a typo fails once, not N times); may replace this process by torchrun.
+    launch.setup_launcher(args.launcher, _own_argv(args))
     from llava_ft.engine.run import run_training
 
     result = run_training(cfg, work_dir=args.work_dir, resume=args.resume, deepspeed=args.deepspeed,
                           command=getattr(args, "command", "train"))
-    print(f"[llava_ft] done: {result.global_step} steps, work dir {result.work_dir}, "
-          f"last checkpoint {result.last_checkpoint}", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[llava_ft] done: {result.global_step} steps, work dir {result.work_dir}, "
+              f"last checkpoint {result.last_checkpoint}", flush=True)
     return 0
+
+
+def _own_argv(args: argparse.Namespace) -> list[str]:
+    """This command's arguments as typed (sys.argv) so torchrun's workers parse exactly the same line."""
+    argv = sys.argv[1:]
+    if argv and argv[0] == args.command:
+        return argv
+    # Called as a library (cli.main([...])): rebuild from the parsed namespace.
+    out = [args.command, args.config, *args.overrides]
+    for flag, value in (("--work-dir", args.work_dir), ("--deepspeed", args.deepspeed), ("--resume", args.resume)):
+        if value is not None:
+            out += [flag, value]
+    return out
