@@ -1,0 +1,114 @@
+"""Shared helpers of the benchmark suite (benchmarks/run.py): figures, machine facts, peak memory, medians.
+
+Every section returns a dict built with `section(...)` holding `figures`, each made by `figure(...)`:
+a name, a numeric value (or None), a unit, the method that produced it (one sentence a reader can
+check), and optionally the target and whether it was met. `run.py` turns these into the Markdown/JSON
+report; nothing here times anything by itself.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_DIR = os.path.join(ROOT, "benchmarks")
+for _p in (ROOT, BENCH_DIR):  # sections import llava_ft (repo root) and the sibling bench_*.py modules
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+
+def figure(name: str, value: Optional[float], unit: str, method: str, target: Optional[str] = None,
+           met: Optional[bool] = None) -> dict:
+    """One reported number. `value` None means "not measured" (the report prints n/a)."""
+    if value is not None:
+        value = float(value)
+    return {"name": name, "value": value, "unit": unit, "method": method, "target": target, "met": met}
+
+
+def section(name: str, title: str, figures: list, notes: Optional[list] = None, status: str = "ok",
+            error: Optional[str] = None) -> dict:
+    return {"name": name, "title": title, "status": status, "figures": figures, "notes": list(notes or []),
+            "error": error}
+
+
+def median(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # a broken torch install must not stop the CPU sections
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def current_rss_mb() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def load_average() -> Optional[list]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info() -> dict:
+    """What the figures depend on: CPU count, load (other users of a shared machine), versions, GPU."""
+    info: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1_5_15": load_average(),
+    }
+    try:
+        info["affinity_cpus"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        import psutil
+
+        info["ram_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    for mod in ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:
+            info[mod] = None
+    info["gpu"] = None
+    if has_gpu():
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
