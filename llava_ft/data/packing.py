@@ -11,6 +11,7 @@ The model must be called with `use_cache=False` during training (a cache disable
 """
 from __future__ import annotations
 
+import bisect
 import random
 from typing import Optional
 
@@ -22,12 +23,13 @@ from llava_ft.errors import UserError
 def plan_bins(lengths: list[int], max_length: int, seed: Optional[int] = 0) -> list[list[int]]:
     """Group sample indices into bins whose lengths sum to <= max_length (best-fit decreasing).
 
-    Bins are kept in buckets by remaining capacity, so finding the tightest bin that fits is a short
-    upward scan instead of a sorted-list insert (fast for 100k+ samples). `seed` shuffles the bin order
+    Bins are kept in buckets by remaining capacity; a sorted list of the (at most max_length+1) distinct
+    capacities finds the tightest bin that fits by bisection, so 100k+ samples pack in well under a second. `seed` shuffles the bin order
     (None keeps it).
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    by_room: list[list[int]] = [[] for _ in range(max_length + 1)]  # room -> bin ids with that room
+    by_room: dict[int, list[int]] = {}  # room -> ids of bins with exactly that much room left
+    rooms_sorted: list[int] = []  # distinct rooms that have at least one bin (<= max_length+1 values)
     bins: list[list[int]] = []
     rooms: list[int] = []
     for idx in order:
@@ -35,18 +37,24 @@ def plan_bins(lengths: list[int], max_length: int, seed: Optional[int] = 0) -> l
         if need > max_length:
             raise UserError(f"sample of length {need} is longer than data.max_length={max_length}; "
                             "it should have been truncated or dropped before packing")
-        chosen = -1
-        for room in range(need, max_length + 1):
-            if by_room[room]:
-                chosen = by_room[room].pop()
-                break
-        if chosen < 0:
+        k = bisect.bisect_left(rooms_sorted, need)  # tightest room that still fits
+        if k < len(rooms_sorted):
+            room = rooms_sorted[k]
+            chosen = by_room[room].pop()
+            if not by_room[room]:
+                del by_room[room]
+                rooms_sorted.pop(k)
+        else:
             chosen = len(bins)
             bins.append([])
             rooms.append(max_length)
         bins[chosen].append(idx)
         rooms[chosen] -= need
-        by_room[rooms[chosen]].append(chosen)
+        left = rooms[chosen]
+        if left not in by_room:
+            by_room[left] = []
+            bisect.insort(rooms_sorted, left)
+        by_room[left].append(chosen)
     if seed is not None:
         random.Random(seed).shuffle(bins)
     return bins
