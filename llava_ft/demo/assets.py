@@ -396,15 +396,24 @@ def build_demo_workspace(
     num_layers: int = 2,
     image_size: int = 32,
     force: bool = False,
+    data_sizes: Optional[dict] = None,
+    vision_hidden_size: int = 32,
 ) -> dict:
     """Data + tokenizer + tiny LLM + tiny vision tower in one folder; reused when already complete.
 
     `workspace.json` (written last) records the paths and the build settings; a folder whose marker is
-    missing (interrupted build) or whose settings differ is rebuilt.
+    missing (interrupted build) or whose settings differ is rebuilt. `data_sizes` passes n_pretrain /
+    n_finetune / n_eval / n_text / image_size on to `make_demo_data` (the demo's full run wants more data
+    than the fixtures); `vision_hidden_size` is the tiny tower's width.
     """
     out = Path(out_dir)
     settings = {"seed": seed, "arch": arch, "vision": vision, "hidden_size": hidden_size,
                 "num_layers": num_layers, "image_size": image_size}
+    # Only non-default extras enter the marker, so workspaces built before these options stay valid.
+    if data_sizes:
+        settings["data_sizes"] = dict(sorted(data_sizes.items()))
+    if vision_hidden_size != 32:
+        settings["vision_hidden_size"] = vision_hidden_size
     marker = out / _MARKER
     if marker.is_file() and not force:
         try:
@@ -416,12 +425,12 @@ def build_demo_workspace(
     if marker.exists():
         marker.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, str] = dict(make_demo_data(out / "data", seed=seed))
+    paths: dict[str, str] = dict(make_demo_data(out / "data", seed=seed, **(data_sizes or {})))
     paths["tokenizer"] = build_tokenizer(out / "tokenizer", texts=data_texts(paths))
     paths["llm"] = build_tiny_llm(out / "llm", paths["tokenizer"], arch=arch, hidden_size=hidden_size,
                                   num_layers=num_layers, seed=seed)
     builder = build_tiny_clip if vision == "clip" else build_tiny_siglip
-    paths["visual_encoder"] = builder(out / vision, image_size=image_size, seed=seed)
+    paths["visual_encoder"] = builder(out / vision, image_size=image_size, hidden_size=vision_hidden_size, seed=seed)
     paths["root"] = str(out)
     _write_json(marker, {"settings": settings, "paths": paths})
     return paths
