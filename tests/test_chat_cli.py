@@ -1,0 +1,89 @@
+"""`llava_ft chat` as a user drives it: a real pseudo-terminal session (pexpect) and the --prompt mode."""
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+from llava_ft.demo.assets import draw_shape
+from llava_ft.inference import GenerationSettings, load_chat_model
+from llava_ft.inference.testing import write_random_checkpoint
+
+
+@pytest.fixture(scope="module")
+def run_pth(tmp_path_factory, tiny_llama, tiny_clip):
+    raw = {"model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "freeze_llm": True},
+           "data": {"template": "chatml", "sources": [{"path": "unused.json"}]}}
+    return write_random_checkpoint(tmp_path_factory.mktemp("chat_run"), raw)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "red.png"
+    draw_shape("red", "circle", random.Random(0), 48).save(path)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_interactive_session_in_a_terminal(run_pth, image, tmp_path):
+    expected = load_chat_model(run_pth).chat([{"role": "user", "content": "<image>\nWhat is it?"}], [image],
+                                             GenerationSettings(max_new_tokens=6, temperature=0.0)).text
+    child = pexpect.spawn(sys.executable, ["-m", "llava_ft", "chat", run_pth, "--temperature", "0",
+                                           "--max-new-tokens", "6"], encoding="utf-8", timeout=120,
+                          dimensions=(40, 200))
+    try:
+        child.expect(r"text \+ images")
+        child.expect_exact(">>> ")
+        child.sendline(f"/image {tmp_path / 'missing.png'}")
+        child.expect("error: image .*missing.png: no such file")  # one line, the session goes on
+        child.expect_exact(">>> ")
+        child.sendline(f"/image {image}")
+        child.expect_exact("[image attached")
+        child.expect_exact(">>> ")
+        child.sendline("What is it?")
+        child.expect_exact(expected.strip()[:10])
+        child.expect_exact(">>> ")
+        child.sendline("/reset")
+        child.expect_exact("[conversation reset]")
+        child.expect_exact(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+@pytest.mark.slow
+def test_ctrl_d_leaves_cleanly(tiny_llama):
+    child = pexpect.spawn(sys.executable, ["-m", "llava_ft", "chat", tiny_llama, "--prompt-template", "chatml"],
+                          encoding="utf-8", timeout=120)
+    try:
+        child.expect_exact(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_prompt_mode_answers_each_prompt_and_exits(tiny_llama):
+    settings = GenerationSettings(max_new_tokens=5, temperature=0.0)
+    cm = load_chat_model(tiny_llama, prompt_template="chatml")
+    first = cm.chat([{"role": "user", "content": "Hi"}], settings=settings).text
+    second = cm.chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first},
+                      {"role": "user", "content": "More?"}], settings=settings).text
+    proc = subprocess.run([sys.executable, "-m", "llava_ft", "chat", tiny_llama, "--prompt-template", "chatml",
+                           "--temperature", "0", "--max-new-tokens", "5", "--prompt", "Hi", "--prompt", "More?",
+                           "--no-streamer"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == [first, second]
+
+
+def test_bad_model_path_is_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "llava_ft", "chat", str(tmp_path / "nope"), "--prompt", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no such file or folder" in proc.stderr and "Traceback" not in proc.stderr
