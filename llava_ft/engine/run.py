@@ -136,8 +136,17 @@ def build_train_data(cfg: Config, model, tokenizer):
         from llava_ft.data.llava_dataset import LlavaDataset
         from llava_ft.data.mm_collate import MultimodalCollator
 
+        if not cfg.data.skip_bad_samples:
+            from llava_ft.data.images import verify_images
+
+            # Find unreadable images before step 1 rather than hours into the run.
+            problems = verify_images(prepared.dataset)
+            if problems:
+                listed = "; ".join(str(p) for p in problems[:5])
+                raise UserError(f"{len(problems)} unreadable image(s): {listed}. Fix or remove them, or set "
+                                "data.skip_bad_samples=true to skip (and count) such samples")
         dataset = LlavaDataset(prepared.dataset, model.visual_encoder, cfg.data)
-        collator = MultimodalCollator(tokenizer)
+        collator = MultimodalCollator(tokenizer, image_shape=model.visual_encoder.image_shape)
         return dataset, collator, prepared.stats
     from llava_ft.data.collate import TextCollator
 
@@ -145,10 +154,12 @@ def build_train_data(cfg: Config, model, tokenizer):
 
 
 def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[str] = None,
-                 deepspeed: Optional[str] = None, command: str = "train") -> TrainResult:
+                 deepspeed: Optional[str] = None, command: str = "train",
+                 extra_callbacks: Optional[list] = None) -> TrainResult:
     """Train per `cfg` into `work_dir` (default work_dirs/<cfg.name>); see the module docstring."""
     from transformers import set_seed
 
+    from llava_ft.engine import distributed as dist
     from llava_ft.engine.callbacks import EvalChatCallback, JsonlLogCallback, LossPlotCallback
     from llava_ft.engine.trainer import LlavaFtTrainer
     from llava_ft.model.builder import build_model, trainable_summary
@@ -157,7 +168,13 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
     work_dir = str(work_dir or default_work_dir(cfg))
     ds_config = resolve_deepspeed(deepspeed)
     resume_from = ckpt.resolve_resume(resume, work_dir)
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    # The process group opens before model and data: the data barrier below needs it (distributed.py).
+    dist.init_distributed(use_deepspeed=ds_config is not None)
+    dist.check_deepspeed_config(ds_config, cfg)
+    if dist.zero_stage(ds_config) == 3:
+        # load_llm stores 4-bit weights in the compute dtype then, so ZeRO-3 can shard them (QLoRA + ZeRO-3).
+        os.environ["LLAVA_FT_ZERO_STAGE"] = "3"
+    is_main = dist.is_main_process()
     if is_main:
         os.makedirs(work_dir, exist_ok=True)
         save_config(cfg, os.path.join(work_dir, "config.yaml"))
@@ -165,11 +182,13 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
     model, tokenizer = build_model(cfg, for_training=True)
     if is_main:
         print(f"[llava_ft] {cfg.resolved_phase}: {trainable_summary(model)}", flush=True)
-    dataset, collator, stats = build_train_data(cfg, model, tokenizer)
+    with dist.main_process_first("tokenize"):  # rank 0 of each node encodes + caches; the others load the cache
+        dataset, collator, stats = build_train_data(cfg, model, tokenizer)
     if is_main:
         _print_data_stats(stats)
     args = _training_arguments(cfg, work_dir, ds_config)
     callbacks = [JsonlLogCallback(work_dir), LossPlotCallback(work_dir), EvalChatCallback(work_dir, cfg, tokenizer)]
+    callbacks += list(extra_callbacks or ())
     trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                              callbacks=callbacks, llava_cfg=cfg, work_dir=work_dir)
     if resume_from and is_main:
