@@ -1,0 +1,457 @@
+"""Training throughput: a llava_ft LLaVA finetune vs Hugging Face TRL's SFTTrainer on the same model and data.
+
+    python benchmarks/run.py --only train [--quick]      # via the suite (report + JSON)
+    python benchmarks/bench_train.py [--quick]           # this section alone, prints its dict as JSON
+
+What is compared (docs: benchmarks/results/*.md repeat this in each figure's method):
+- Model: a random-init Qwen2 LLM + CLIP vision tower + 2-layer projector, built once by llava_ft
+  (`build_model`), saved as an `iter_0.pth` (LoRA B = 0, so merged weights = base weights) and exported with
+  llava_ft's own converter (`export_llava_hf`) to a `LlavaForConditionalGeneration` folder that TRL loads:
+  both sides start from identical weights. Both train LoRA (same r/alpha/dropout, every LLM Linear but
+  lm_head) + the projector, vision tower frozen, same precision (fp32 on CPU, bf16 on GPU), no gradient
+  checkpointing, same per-device batch, gradient accumulation, learning rate and number of steps.
+- Data: LLaVA-mix-665K-like synthetic records: lengths drawn from bench_sampler's model (60 % image samples,
+  40 % text-only, lognormal text), scaled by `scale` (1/4 on the full run so a CPU can train on it:
+  image = 144 tokens instead of 576, cap 512 instead of 2048 -- padding ratios are scale-free), 1-3 turns,
+  qwen_chat layout. One epoch = exactly the run's steps x batch x accumulation samples, so both sides see
+  the same samples; the supervised-token totals over the epoch are reported to show they count the same.
+- llava_ft: `LlavaFtTrainer` exactly as `run_training` builds it (modality-aware length-grouped sampler);
+  TRL: `SFTTrainer` with its default random order and its VLM collator, `assistant_only_loss=True` with a
+  chat template equivalent to qwen_chat carrying `{% generation %}` markers.
+- Timing: every step's wall time from the end of the previous step (so data loading and collation count);
+  the first step is warm-up and not timed. Tokens are counted by wrapping each side's collator: real tokens
+  (image tokens included, padding not), supervised tokens (labels != -100), padded positions.
+- Runs alternate llava_ft, TRL, llava_ft, TRL..., each in a fresh process (peak RSS per run); medians.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import BENCH_DIR, ROOT, figure, has_gpu, median, peak_rss_mb, section
+
+IMAGE_SIZE_FULL, PATCH = 168, 14  # 12 x 12 = 144 image tokens (576 / 4)
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, vocab=None, vis_hidden=32, vis_layers=2,
+                    image_size=32, patch=8, scale=1 / 16, max_length=160, batch=2, accum=2, steps=3, repeats=1,
+                    lora_r=8, lora_alpha=16)
+    return dict(hidden=512, layers=8, heads=8, kv_heads=2, inter=1536, vocab=32000, vis_hidden=384, vis_layers=6,
+                image_size=IMAGE_SIZE_FULL, patch=PATCH, scale=1 / 4, max_length=512, batch=4, accum=4, steps=6,
+                repeats=2, lora_r=64, lora_alpha=16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# assets: model, data, llava-hf export
+
+_WORDS = ("the a red green blue yellow purple circle square triangle shape image picture grey background small "
+          "large left right top bottom colour what is in describe answer question there are two three one of "
+          "and on with it this that").split()
+
+# qwen_chat as llava_ft encodes it (BOS once, <image>\n at the turn start, answer + <|im_end|> supervised,
+# SEP "\n"), with {% generation %} markers so TRL's assistant_only_loss supervises the same spans.
+TRL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set ns = namespace(images='', text='') %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{% set ns.images = ns.images + '<image>\n' %}"
+    "{% elif part['type'] == 'text' %}{% set ns.text = ns.text + part['text'] %}{% endif %}{% endfor %}"
+    "{% set text = ns.images + ns.text %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '<|im_start|>user\n' + text + '<|im_end|>\n<|im_start|>assistant\n' }}"
+    "{% elif message['role'] == 'assistant' %}{% generation %}{{ text + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+def _text(tok, rng: random.Random, n_tokens: int) -> str:
+    """Words from the demo vocabulary cut to `n_tokens` tokens of `tok`."""
+    n_tokens = max(1, n_tokens)
+    text = " ".join(rng.choices(_WORDS, k=n_tokens))
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"][:n_tokens]
+    return text[: offsets[-1][1]].strip() or "a"
+
+
+def make_records(tok, n: int, scale: float, num_image_tokens: int, max_length: int, n_images: int, seed: int = 0):
+    """LLaVA-json records whose encoded lengths follow bench_sampler's LLaVA-mix model scaled by `scale`."""
+    from bench_sampler import synthetic_lengths
+
+    rng = random.Random(seed)
+    rows = []
+    for i, ml in enumerate(synthetic_lengths(n, seed=seed)):
+        has_image = ml > 0
+        text_len = (abs(ml) - 576) if has_image else abs(ml)
+        text_len = max(8, int(text_len * scale))
+        turns = rng.choice((1, 1, 2, 2, 3))
+        budget = max_length - (num_image_tokens if has_image else 0) - 12 * turns - 4
+        text_len = min(text_len, budget)
+        per_turn = max(4, text_len // turns - 10)  # ~10 template tokens per turn
+        conv = []
+        for t in range(turns):
+            q_len = max(2, per_turn // 5)
+            conv.append({"from": "human", "value": _text(tok, rng, q_len)})
+            conv.append({"from": "gpt", "value": _text(tok, rng, max(1, per_turn - q_len))})
+        row = {"id": f"s{i}", "conversations": conv}
+        if has_image:
+            conv[0]["value"] = "<image>\n" + conv[0]["value"]
+            row["image"] = f"img_{i % n_images:03d}.png"
+        rows.append(row)
+    return rows
+
+
+def _build_llm(out: str, tok_dir: str, s: dict) -> str:
+    """Random-init Qwen2 with a realistic vocabulary size (the demo tokenizer uses only its first rows)."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    ids = {k: tok.convert_tokens_to_ids(getattr(tok, k)) for k in ("bos_token", "eos_token", "pad_token")}
+    cfg = Qwen2Config(vocab_size=max(s["vocab"] or 0, len(tok) + 1), hidden_size=s["hidden"],
+                      intermediate_size=s["inter"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                      num_key_value_heads=s["kv_heads"], max_position_embeddings=2048, tie_word_embeddings=False,
+                      bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"], pad_token_id=ids["pad_token"])
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).to(torch.float32)
+    model.generation_config = GenerationConfig(**ids_as_gen(ids))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def ids_as_gen(ids: dict) -> dict:
+    return {"bos_token_id": ids["bos_token"], "eos_token_id": ids["eos_token"], "pad_token_id": ids["pad_token"]}
+
+
+def llava_ft_config(assets: dict, s: dict, work_dir: str):
+    from llava_ft.config import Config, DataConfig, DataSource, LoraSettings, ModelConfig, TrainConfig
+
+    return Config(
+        name="bench_train", phase="finetune",
+        model=ModelConfig(llm=assets["llm"], visual_encoder=assets["clip"], projector_depth=2,
+                          freeze_visual_encoder=True,
+                          llm_lora=LoraSettings(enabled=True, r=s["lora_r"], alpha=s["lora_alpha"], dropout=0.05)),
+        data=DataConfig(sources=[DataSource(path=assets["data"], format="llava", image_folder=assets["images"])],
+                        template="qwen_chat", max_length=s["max_length"], cache_dir=os.path.join(work_dir, "cache")),
+        train=TrainConfig(learning_rate=2e-4, per_device_batch_size=s["batch"],
+                          gradient_accumulation_steps=s["accum"], max_steps=s["steps"], warmup_ratio=0.03,
+                          save_steps=100_000, logging_steps=s["steps"], seed=42, group_by_length=True,
+                          dataloader_num_workers=0),
+    )
+
+
+def make_assets(work: str, quick: bool) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from llava_ft import __version__
+    from llava_ft.config import config_to_dict
+    from llava_ft.demo import assets as demo
+    from llava_ft.engine.checkpoint import save_iter_checkpoint
+    from llava_ft.model.builder import build_model
+
+    s = settings(quick)
+    out = {"settings": s}
+    out["tokenizer"] = demo.build_tokenizer(os.path.join(work, "tok"))
+    tok = AutoTokenizer.from_pretrained(out["tokenizer"])
+    out["llm"] = _build_llm(os.path.join(work, "llm"), out["tokenizer"], s)
+    out["clip"] = demo.build_tiny_clip(os.path.join(work, "clip"), image_size=s["image_size"], patch_size=s["patch"],
+                                       hidden_size=s["vis_hidden"], num_layers=s["vis_layers"])
+    num_image_tokens = (s["image_size"] // s["patch"]) ** 2
+    images = os.path.join(work, "images")
+    os.makedirs(images)
+    rng = random.Random(0)
+    n_images = 16 if quick else 64
+    colours = list(demo.COLOURS)
+    for i in range(n_images):  # photo-sized PNGs so decoding + resizing costs what it costs in real runs
+        demo.draw_shape(colours[i % len(colours)], demo.SHAPES[i % 3], rng, size=64 if quick else 384).save(
+            os.path.join(images, f"img_{i:03d}.png"))
+    n = s["steps"] * s["batch"] * s["accum"]
+    rows = make_records(tok, n, s["scale"], num_image_tokens, s["max_length"], n_images)
+    out["data"] = os.path.join(work, "data.json")
+    with open(out["data"], "w") as fh:
+        json.dump(rows, fh)
+    out["images"] = images
+    out["num_image_tokens"] = num_image_tokens
+    out["samples"] = n
+    # One init for both sides: llava_ft builds the model (seeded), its trainable weights go to iter_0.pth and
+    # the converter exports base + merged (zero) LoRA + projector as llava-hf.
+    cfg = llava_ft_config(out, s, work)
+    torch.manual_seed(42)
+    model, _ = build_model(cfg, for_training=True)
+    meta = {"step": 0, "phase": "finetune", "llava_ft_version": __version__, "config": config_to_dict(cfg)}
+    pth = save_iter_checkpoint(os.path.join(work, "init"), 0, model.trainable_state_dict(), meta)
+    out["init_pth"] = str(pth)
+    out["n_params"] = sum(p.numel() for p in model.parameters())
+    del model
+    from llava_ft.convert.pth_to_hf import export_llava_hf
+
+    out["hf"] = export_llava_hf(cfg, pth, os.path.join(work, "llava_hf"), fp32=True)
+    out["hf_how"] = "exported with llava_ft.convert.pth_to_hf.export_llava_hf (--format llava-hf)"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# measurement helpers shared by both sides
+
+
+class CountingCollator:
+    """Wraps a collator; records real / supervised / padded token counts of every batch it builds."""
+
+    def __init__(self, inner, num_image_tokens: int, expands_images: bool):
+        self.inner = inner
+        self.num_image_tokens = num_image_tokens
+        self.expands_images = expands_images  # llava_ft: one placeholder per image, expanded in the model
+        self.batches: list = []
+
+    def __call__(self, features):
+        from llava_ft import IMAGE_TOKEN_INDEX
+
+        batch = self.inner(features)
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        real_rows = mask.sum(dim=1)
+        if self.expands_images:
+            n_img = (ids == IMAGE_TOKEN_INDEX).sum(dim=1)
+            real_rows = real_rows + n_img * (self.num_image_tokens - 1)
+        padded = int(real_rows.max()) * ids.shape[0] if self.expands_images else ids.numel()
+        self.batches.append({"real": int(real_rows.sum()), "supervised": int((labels != -100).sum()),
+                             "padded": int(padded), "samples": int(ids.shape[0]), "t": time.perf_counter()})
+        return batch
+
+
+def make_timer_callback():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.ends: list = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def summarize(timer, counter: CountingCollator, framework: str) -> dict:
+    """Per-step attribution: a batch collated between end k-1 and end k belongs to step k."""
+    ends = [timer.begin] + timer.ends
+    steps = []
+    for k in range(1, len(ends)):
+        in_step = [b for b in counter.batches if ends[k - 1] <= b["t"] < ends[k]]
+        steps.append({"seconds": ends[k] - ends[k - 1], **{key: sum(b[key] for b in in_step)
+                                                          for key in ("real", "supervised", "padded", "samples")}})
+    timed = steps[1:] if len(steps) > 1 else steps  # step 1 is warm-up
+    secs = sum(s["seconds"] for s in timed)
+    tot = {key: sum(s[key] for s in timed) for key in ("real", "supervised", "padded", "samples")}
+    epoch = {key: sum(b[key] for b in counter.batches) for key in ("real", "supervised", "padded", "samples")}
+    out = {"framework": framework, "steps": len(steps), "timed_steps": len(timed), "timed_seconds": secs,
+           "tokens_per_s": tot["real"] / secs, "samples_per_s": tot["samples"] / secs,
+           "supervised_tokens_per_s": tot["supervised"] / secs, "padded_positions_per_s": tot["padded"] / secs,
+           "padding_waste": 1 - tot["real"] / max(tot["padded"], 1), "epoch_totals": epoch,
+           "step_seconds": [round(s["seconds"], 3) for s in steps], "peak_rss_mb": peak_rss_mb()}
+    if has_gpu():
+        import torch
+
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# the two sides (each runs in a fresh process: `bench_train.py --child llava_ft|trl --assets FILE --out FILE`)
+
+
+def run_llava_ft(assets: dict, work: str) -> dict:
+    from transformers import set_seed
+
+    from llava_ft.engine.run import _training_arguments, build_train_data
+    from llava_ft.engine.trainer import LlavaFtTrainer
+    from llava_ft.model.builder import build_model
+
+    s = assets["settings"]
+    cfg = llava_ft_config(assets, s, work)
+    cfg.model.pretrained_pth = assets["init_pth"]  # same projector/LoRA init as the exported model
+    set_seed(cfg.train.seed)
+    model, tok = build_model(cfg, for_training=True)
+    dataset, collator, _ = build_train_data(cfg, model, tok)
+    counter = CountingCollator(collator, assets["num_image_tokens"], expands_images=True)
+    timer = make_timer_callback()
+    # The engine's own pieces, as run_training composes them (plus our timer; no log/plot/eval callbacks,
+    # which only act every logging_steps/eval steps and would add nothing here).
+    args = _training_arguments(cfg, os.path.join(work, "run_llava_ft"), None)
+    args.disable_tqdm = True
+    trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, data_collator=counter,
+                             callbacks=[timer], llava_cfg=cfg, work_dir=os.path.join(work, "run_llava_ft"))
+    trainer.train()
+    return summarize(timer, counter, "llava_ft")
+
+
+def run_trl(assets: dict, work: str) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    s = assets["settings"]
+    gpu = has_gpu()
+    set_seed(42)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    model = LlavaForConditionalGeneration.from_pretrained(assets["hf"], dtype=dtype)
+    processor = AutoProcessor.from_pretrained(assets["hf"])
+    processor.chat_template = TRL_CHAT_TEMPLATE
+    processor.tokenizer.chat_template = TRL_CHAT_TEMPLATE
+    with open(assets["data"]) as fh:
+        rows = json.load(fh)
+    role = {"human": "user", "gpt": "assistant"}
+    records = []
+    for r in rows:
+        msgs = [{"role": role[t["from"]], "content": t["value"].replace("<image>\n", "")} for t in r["conversations"]]
+        records.append({"messages": msgs,
+                        "images": [os.path.join(assets["images"], r["image"])] if "image" in r else []})
+    ds = datasets.Dataset.from_list(records).cast_column("images", datasets.Sequence(datasets.Image()))
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    peft_config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.05, target_modules=targets,
+                             modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=os.path.join(work, "run_trl"), per_device_train_batch_size=s["batch"],
+        gradient_accumulation_steps=s["accum"], max_steps=s["steps"], learning_rate=2e-4, lr_scheduler_type="cosine",
+        warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", seed=42, data_seed=42,
+        gradient_checkpointing=False, bf16=gpu, fp16=False, max_length=None, assistant_only_loss=True,
+        report_to="none", save_strategy="no", logging_steps=s["steps"], dataloader_num_workers=0,
+        use_cpu=not gpu, disable_tqdm=True,
+    )
+    timer = make_timer_callback()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=processor,
+                         peft_config=peft_config, callbacks=[timer])
+    counter = CountingCollator(trainer.data_collator, assets["num_image_tokens"], expands_images=False)
+    trainer.data_collator = counter
+    trainer.train()
+    return summarize(timer, counter, "trl")
+
+
+def _child(which: str, assets_file: str, out: str) -> None:
+    with open(assets_file) as fh:
+        assets = json.load(fh)
+    work = tempfile.mkdtemp(prefix=f"bench_train_{which}_", dir=os.path.dirname(assets_file))
+    result = (run_llava_ft if which == "llava_ft" else run_trl)(assets, work)
+    with open(out, "w") as fh:
+        json.dump(result, fh)
+
+
+def _run_side(which: str, assets_file: str, timeout: float) -> dict:
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "bench_train.py"), "--child", which,
+                               "--assets", assets_file, "--out", out], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+        with open(out) as fh:
+            text = fh.read()
+        if proc.returncode != 0 or not text.strip():
+            raise RuntimeError(f"{which} run failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2500:]}")
+        return json.loads(text)
+    finally:
+        os.unlink(out)
+
+
+def section_train(quick: bool = False) -> dict:
+    s = settings(quick)
+    work = tempfile.mkdtemp(prefix="bench_train_")
+    try:
+        assets = make_assets(work, quick)
+        assets_file = os.path.join(work, "assets.json")
+        with open(assets_file, "w") as fh:
+            json.dump(assets, fh)
+        runs: dict = {"llava_ft": [], "trl": []}
+        for _ in range(s["repeats"]):
+            for which in ("llava_ft", "trl"):  # A B A B: drift of a shared machine hits both
+                runs[which].append(_run_side(which, assets_file, timeout=240 if quick else 900))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {w: {k: median([r[k] for r in rs]) for k in ("tokens_per_s", "samples_per_s", "supervised_tokens_per_s",
+                                                       "padding_waste", "peak_rss_mb")} for w, rs in runs.items()}
+    ratio = med["llava_ft"]["tokens_per_s"] / med["trl"]["tokens_per_s"]
+    dev = "GPU, bf16" if has_gpu() else "CPU, fp32"
+    timed = runs["llava_ft"][0]["timed_steps"]
+    common = (f"{dev}; batch {s['batch']} x accum {s['accum']}, {s['steps']} steps per run (first = warm-up, "
+              f"{timed} timed, wall time incl. data loading), median of {s['repeats']} alternating runs")
+    figs = []
+    for w, label in (("llava_ft", "llava_ft (length-grouped)"), ("trl", "TRL SFTTrainer (random)")):
+        figs += [
+            figure(f"{label}: tokens/s", med[w]["tokens_per_s"], "tokens/s",
+                   "real tokens (text + image features, no padding) / timed seconds; " + common),
+            figure(f"{label}: supervised tokens/s", med[w]["supervised_tokens_per_s"], "tokens/s",
+                   "tokens with a label (assistant answers + <|im_end|>) / timed seconds; " + common),
+            figure(f"{label}: samples/s", med[w]["samples_per_s"], "samples/s", common),
+            figure(f"{label}: padding in its batches", 100 * med[w]["padding_waste"], "%",
+                   "1 - real tokens / padded positions the model ran over, timed steps"),
+            figure(f"{label}: peak memory", med[w]["peak_rss_mb"] if not has_gpu()
+                   else median([r.get("peak_gpu_mb") for r in runs[w]]), "MiB",
+                   "peak RSS of the run's own process (ru_maxrss), model load included" if not has_gpu()
+                   else "torch.cuda.max_memory_allocated of the run's process"),
+        ]
+    figs.append(figure("llava_ft / TRL tokens/s", ratio, "x",
+                       "ratio of the medians above (same model weights, data, batch, precision, steps)",
+                       target=">= 1.5 x", met=ratio >= 1.5))
+    epoch_sup = {w: [r["epoch_totals"]["supervised"] for r in rs] for w, rs in runs.items()}
+    epoch_real = {w: [r["epoch_totals"]["real"] for r in rs] for w, rs in runs.items()}
+    notes = [
+        f"Model: random-init Qwen2 (hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads / {s['kv_heads']} KV, "
+        f"MLP {s['inter']}, vocab {s['vocab'] or 'demo'}) + CLIP ({s['vis_hidden']} wide, {s['vis_layers']} layers, "
+        f"{s['image_size']} px / patch {s['patch']} = {assets['num_image_tokens']} image tokens) + 2-layer projector: "
+        f"{assets['n_params'] / 1e6:.1f} M parameters ({assets['n_params'] * 4 / 2**20:.0f} MiB fp32). "
+        f"TRL's copy {assets['hf_how']}.",
+        f"LoRA r={s['lora_r']} alpha={s['lora_alpha']} dropout 0.05 on every LLM Linear but lm_head, projector trained, "
+        "tower frozen, on both sides.",
+        f"Data: {assets['samples']} LLaVA-mix-like samples (one epoch), lengths = bench_sampler's model scaled by "
+        f"{s['scale']:g}, cap {s['max_length']}; 1-3 turns; qwen_chat layout.",
+        f"Same work check, whole epoch: supervised tokens llava_ft {epoch_sup['llava_ft']} vs TRL {epoch_sup['trl']}; "
+        f"real tokens llava_ft {epoch_real['llava_ft']} vs TRL {epoch_real['trl']} (small differences come from "
+        "tokenizing the chat template as one string in TRL vs per segment in llava_ft/XTuner).",
+        "TRL also computes entropy and token accuracy of every batch for its logs (its default); llava_ft does not.",
+        "Per-run step seconds: " + "; ".join(f"{r['framework']} {r['step_seconds']}" for rs in zip(*runs.values())
+                                             for r in rs),
+    ]
+    return section("train", "Training throughput: llava_ft vs TRL SFTTrainer", figs, notes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: 7B-shaped LLaVA QLoRA
+
+
+def section_gpu(quick: bool = False) -> dict:
+    if not has_gpu():
+        return section("gpu", "GPU: 7B-shaped LLaVA QLoRA throughput and MFU", [], ["skipped: no GPU"],
+                       status="skipped")
+    from bench_memory import gpu_qlora_throughput
+
+    return gpu_qlora_throughput(quick)
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", choices=("llava_ft", "trl"))
+    ap.add_argument("--assets")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.child:
+        _child(args.child, args.assets, args.out)
+    else:
+        print(json.dumps(section_train(args.quick), indent=1))
+
+
+if __name__ == "__main__":
+    main()
