@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from llava_ft.config import DataConfig, DataSource
 from llava_ft.data.encode import encode_records
 from llava_ft.data.formats import iter_records, source_files
-from llava_ft.data.packing import pack_samples
+from llava_ft.data.packing import arrow_column, pack_samples
 from llava_ft.errors import UserError
 from llava_ft.templates import HF_TEMPLATE, get_template
 
@@ -120,7 +122,7 @@ def _encode_source(src: DataSource, tokenizer, template, data_cfg: DataConfig, n
         new_fingerprint=hashlib.sha256(f"{src.path}{len(raw)}".encode()).hexdigest()[:16],
         desc=f"tokenizing {os.path.basename(src.path)}",
     )
-    reasons = Counter(r for r in encoded["drop_reason"] if r)
+    reasons = Counter(r for r in arrow_column(encoded, "drop_reason").to_pylist() if r)
     if reasons:
         encoded = encoded.filter(lambda r: [x == "" for x in r], batched=True, input_columns=["drop_reason"],
                                  new_fingerprint=hashlib.sha256(f"f{src.path}{len(raw)}".encode()).hexdigest()[:16])
@@ -147,7 +149,7 @@ def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int) ->
         raise UserError(f"no training samples left after encoding: {n_records} record(s), all dropped "
                         f"({dict(dropped)}); check data.template, data.max_length and that records have answers")
     stats["samples"] = len(dataset)
-    stats["tokens"] = int(sum(dataset["length"]))
+    stats["tokens"] = int(pa.compute.sum(arrow_column(dataset, "length")).as_py())
     if data_cfg.pack_to_max_length:
         dataset, pstats = pack_samples(dataset, data_cfg.max_length, seed if data_cfg.shuffle_before_pack else None)
         stats["packing"] = pstats

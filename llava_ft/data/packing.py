@@ -16,6 +16,9 @@ import random
 from typing import Optional
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from llava_ft.errors import UserError
 
@@ -60,39 +63,45 @@ def plan_bins(lengths: list[int], max_length: int, seed: Optional[int] = 0) -> l
     return bins
 
 
-def _pack_rows(batch: dict, bins: list, lengths: list) -> dict:
-    out = {"id": [], "input_ids": [], "labels": [], "position_ids": [], "length": [], "modality_length": [],
-           "images": []}
-    for members in bins:
-        ids, labels, pos, images, names = [], [], [], [], []
-        for i in members:
-            ids += batch["input_ids"][i]
-            labels += batch["labels"][i]
-            pos += range(len(batch["input_ids"][i]))
-            images += batch["images"][i]
-            names.append(batch["id"][i])
-        total = sum(lengths[i] for i in members)
-        out["id"].append(",".join(names))
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["position_ids"].append(pos)
-        out["length"].append(total)
-        out["modality_length"].append(total if images else -total)
-        out["images"].append(images)
-    return out
+def arrow_column(dataset: datasets.Dataset, name: str) -> pa.ChunkedArray:
+    """One column as Arrow (datasets 5 iterates a Column row by row through the formatter: ~50 us a row)."""
+    return dataset.select_columns([name]).with_format("arrow")[:].column(name)
+
+
+def _pack_table(dataset: datasets.Dataset, bins: list, lengths: list) -> datasets.Dataset:
+    """Build the packed dataset with Arrow gathers (no per-token Python work: 100k samples in seconds)."""
+    order = [i for members in bins for i in members]
+    table = dataset.with_format("arrow")[:]  # pyarrow.Table over the (memory-mapped) rows
+    sample_tokens = np.asarray([lengths[i] for i in order], dtype=np.int64)
+    bin_sizes = np.asarray([len(m) for m in bins], dtype=np.int64)
+    bin_tokens = np.add.reduceat(sample_tokens, np.concatenate([[0], np.cumsum(bin_sizes)[:-1]])) if bins else sample_tokens
+    offsets = pa.array(np.concatenate([[0], np.cumsum(bin_tokens)]).astype(np.int32))
+    columns = {}
+    for name in ("input_ids", "labels"):
+        values = table.column(name).take(pa.array(order)).combine_chunks().flatten()
+        columns[name] = pa.ListArray.from_arrays(offsets, values)
+    starts = np.repeat(np.cumsum(sample_tokens) - sample_tokens, sample_tokens)
+    positions = (np.arange(int(sample_tokens.sum()), dtype=np.int64) - starts).astype(np.int32)
+    columns["position_ids"] = pa.ListArray.from_arrays(offsets, pa.array(positions))
+    ids = arrow_column(dataset, "id").to_pylist()
+    columns["id"] = pa.array([",".join(ids[i] for i in members) for members in bins])
+    columns["length"] = pa.array(bin_tokens.astype(np.int32))
+    columns["modality_length"] = pa.array((-bin_tokens).astype(np.int32))  # text-only: negative
+    columns["images"] = pa.array([[] for _ in bins], type=pa.list_(pa.string()))
+    names = ["id", "input_ids", "labels", "position_ids", "length", "modality_length", "images"]
+    return datasets.Dataset(pa.table({n: columns[n] for n in names}))
 
 
 def pack_samples(dataset: datasets.Dataset, max_length: int, seed: Optional[int] = 0) -> tuple:
     """Pack an encoded dataset; returns (packed dataset, {"blocks", "samples", "padding_ratio"})."""
     if "position_ids" in dataset.column_names:
         raise UserError("dataset is already packed")
-    if any(len(x) for x in dataset["images"]):
+    if pa.compute.max(pa.compute.list_value_length(arrow_column(dataset, "images"))).as_py():
         raise UserError("data.pack_to_max_length is supported for text-only runs (image features would break "
                         "per-sample positions); set data.pack_to_max_length=false for LLaVA data")
-    lengths = dataset["length"]
+    lengths = arrow_column(dataset, "length").to_pylist()
     bins = plan_bins(lengths, max_length, seed)
-    columns = dataset.select_columns(["id", "input_ids", "labels", "images"]).to_dict()
-    packed = datasets.Dataset.from_dict(_pack_rows(columns, bins, lengths))
+    packed = _pack_table(dataset, bins, lengths)
     used = sum(lengths)
     padding = 1.0 - used / (len(bins) * max_length) if bins else 0.0
     return packed, {"blocks": len(bins), "samples": len(lengths), "padding_ratio": round(padding, 5)}
