@@ -34,13 +34,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import ROOT, load_average, machine_info, section  # noqa: E402
 
-# name -> (module, function, title, timeout full s, timeout quick s)
+# name -> (module, function, title, timeout full s, timeout quick s); generous: the CPUs may be shared
 SECTIONS = {
-    "train": ("bench_train", "section_train", "Training throughput: llava_ft vs TRL SFTTrainer", 2400, 300),
-    "padding": ("bench_sections", "section_padding", "Padding waste on a LLaVA-mix-665K-like length mix", 300, 60),
-    "data_prep": ("bench_sections", "section_data_prep", "Data preparation (prepare_dataset)", 1800, 120),
-    "qlora": ("bench_memory", "section_qlora", "QLoRA memory: 4-bit vs full precision", 1800, 240),
-    "generation": ("bench_sections", "section_generation", "Generation: chat and server", 900, 180),
+    "train": ("bench_train", "section_train", "Training throughput: llava_ft vs TRL SFTTrainer", 3600, 900),
+    "padding": ("bench_sections", "section_padding", "Padding waste on a LLaVA-mix-665K-like length mix", 600, 300),
+    "data_prep": ("bench_sections", "section_data_prep", "Data preparation (prepare_dataset)", 2400, 600),
+    "qlora": ("bench_memory", "section_qlora", "QLoRA memory: 4-bit vs full precision", 2400, 900),
+    "generation": ("bench_sections", "section_generation", "Generation: chat and server", 1200, 600),
     "gpu": ("bench_train", "section_gpu", "GPU: 7B-shaped LLaVA QLoRA throughput and MFU", 3000, 600),
 }
 

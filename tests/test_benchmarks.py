@@ -1,0 +1,85 @@
+"""The benchmark suite (benchmarks/run.py) produces a well-formed report; figures themselves are not checked.
+
+The quick subset run here (padding, data_prep, gpu) takes ~1 min on 2 shared cores, hence `slow`; the
+train/qlora/generation sections are exercised by `python benchmarks/run.py --quick` (a few minutes).
+Never asserts on timings: only on the report's structure (sections, methods, numeric fields, targets).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "benchmarks", "run.py")
+
+
+def _import_run():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import run  # noqa: PLC0415  (benchmarks/ is not a package)
+
+    return run
+
+
+def _check_figure(fig: dict) -> None:
+    assert set(fig) >= {"name", "value", "unit", "method", "target", "met"}
+    assert fig["name"] and fig["unit"] and len(fig["method"]) > 10
+    assert isinstance(fig["value"], float) and math.isfinite(fig["value"]), fig
+    if fig["target"] is not None:
+        assert isinstance(fig["met"], bool), fig
+
+
+@pytest.mark.slow
+def test_quick_subset_writes_markdown_and_json(tmp_path):
+    proc = subprocess.run([sys.executable, RUN, "--quick", "--only", "padding,data_prep,gpu",
+                           "--results-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jsons = list(tmp_path.glob("*-quick.json"))
+    mds = list(tmp_path.glob("*-quick.md"))
+    assert len(jsons) == 1 and len(mds) == 1
+    report = json.loads(jsons[0].read_text())
+    assert report["quick"] is True
+    assert report["machine"]["cpu_count"] >= 1 and "load_average_1_5_15" in report["machine"]
+    by_name = {s["name"]: s for s in report["sections"]}
+    assert list(by_name) == ["padding", "data_prep", "gpu"]
+    for name in ("padding", "data_prep"):
+        sec = by_name[name]
+        assert sec["status"] == "ok", sec.get("error")
+        assert sec["figures"] and sec["notes"]
+        for fig in sec["figures"]:
+            _check_figure(fig)
+    names = {f["name"] for f in by_name["padding"]["figures"]}
+    assert {"random batching", "packed"} <= names and any(n.startswith("length-grouped") for n in names)
+    assert any(f["name"].endswith("cached start") and f["target"] for f in by_name["data_prep"]["figures"])
+    gpu = by_name["gpu"]
+    if gpu["status"] == "skipped":
+        assert gpu["notes"] == ["skipped: no GPU"]
+    md = mds[0].read_text()
+    for heading in ("## padding", "## data_prep", "## gpu", "| figure | value | unit | target | method |"):
+        assert heading in md
+    assert "random batching" in proc.stdout  # the printed table
+
+
+def test_failing_section_is_a_row_not_a_crash(tmp_path, monkeypatch):
+    run = _import_run()
+    monkeypatch.setitem(run.SECTIONS, "broken", ("common", "no_such_function", "Broken on purpose", 60, 60))
+    out = tmp_path / "broken.json"
+    run.run_child("broken", quick=True, out=str(out))
+    result = json.loads(out.read_text())
+    assert result["status"] == "failed" and "no_such_function" in result["error"]
+    report = {"quick": True, "machine": {"time": "t", "cpu_count": 2, "gpu": None, "load_average_1_5_15": [0, 0, 0],
+                                         "python": "3", "torch": "x", "transformers": "x", "peft": "x", "trl": "x",
+                                         "bitsandbytes": "x"},
+              "load_average_after": [0, 0, 0], "command": "c", "seconds": 1.0, "sections": [dict(result, seconds=0.1)]}
+    md = run.to_markdown(report)
+    assert "Status: **failed**" in md and "no_such_function" in md
+
+
+def test_unknown_section_is_rejected():
+    proc = subprocess.run([sys.executable, RUN, "--only", "nope"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "unknown section" in proc.stderr
