@@ -16,12 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
-from common import BENCH_DIR, ROOT, current_rss_mb, figure, has_gpu, peak_rss_mb, section
+from common import current_rss_mb, figure, has_gpu, peak_rss_mb, run_json_child, section
 
 
 def model_shape(quick: bool) -> dict:
@@ -115,19 +113,8 @@ def _child(kind: str, model_dir: str, out: str, seq: int) -> None:
 
 
 def _run_child(kind: str, model_dir: str, seq: int, timeout: float) -> dict:
-    fd, out = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "bench_memory.py"), "--child", kind,
-                               "--model", model_dir, "--out", out, "--seq", str(seq)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
-        with open(out) as fh:
-            text = fh.read()
-        if proc.returncode != 0 or not text.strip():
-            raise RuntimeError(f"{kind} run failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2500:]}")
-        return json.loads(text)
-    finally:
-        os.unlink(out)
+    return run_json_child("bench_memory.py", ["--child", kind, "--model", model_dir, "--seq", str(seq)], timeout,
+                          f"{kind} run")
 
 
 def section_qlora(quick: bool = False) -> dict:

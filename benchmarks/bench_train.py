@@ -29,12 +29,10 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
-from common import BENCH_DIR, ROOT, figure, has_gpu, median, peak_rss_mb, section
+from common import figure, has_gpu, median, peak_rss_mb, run_json_child, section
 
 IMAGE_SIZE_FULL, PATCH = 168, 14  # 12 x 12 = 144 image tokens (576 / 4)
 
@@ -349,19 +347,7 @@ def _child(which: str, assets_file: str, out: str) -> None:
 
 
 def _run_side(which: str, assets_file: str, timeout: float) -> dict:
-    fd, out = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "bench_train.py"), "--child", which,
-                               "--assets", assets_file, "--out", out], cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout)
-        with open(out) as fh:
-            text = fh.read()
-        if proc.returncode != 0 or not text.strip():
-            raise RuntimeError(f"{which} run failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2500:]}")
-        return json.loads(text)
-    finally:
-        os.unlink(out)
+    return run_json_child("bench_train.py", ["--child", which, "--assets", assets_file], timeout, f"{which} run")
 
 
 def section_train(quick: bool = False) -> dict:

@@ -112,3 +112,23 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def run_json_child(script: str, args: list, timeout: float, label: str) -> dict:
+    """Run `python benchmarks/<script> *args --out FILE` in a fresh process (own peak memory); its JSON."""
+    import json
+    import subprocess
+    import tempfile
+
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(BENCH_DIR, script), *args, "--out", out], cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+        with open(out) as fh:
+            text = fh.read()
+        if proc.returncode != 0 or not text.strip():
+            raise RuntimeError(f"{label} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2500:]}")
+        return json.loads(text)
+    finally:
+        os.unlink(out)
