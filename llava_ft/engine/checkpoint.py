@@ -148,6 +148,46 @@ def resolve_resume(resume: Optional[str], work_dir: PathLike) -> Optional[str]:
     return str(path)
 
 
+def is_trainer_checkpoint_dir(path: PathLike) -> bool:
+    return Path(path).is_dir() and _CKPT_RE.match(Path(path).resolve().name) is not None
+
+
+def iter_from_trainer_checkpoint(folder: PathLike, out_dir: Optional[PathLike] = None) -> str:
+    """An `iter_<step>.pth` for a `checkpoint-<step>/` folder (what `convert pth_to_hf` is given).
+
+    The iter file beside the folder when it exists (every run writes one). Otherwise (copied folder,
+    deleted iter file) the trainable weights are gathered from the DeepSpeed ZeRO shards with
+    deepspeed's zero_to_fp32 and written as `iter_<step>.pth` under `out_dir` (default: a temp dir):
+    the same keys as the iter file a single process writes (names from the shards' `param_shapes`,
+    which list exactly the parameters the optimizer trained).
+    """
+    folder = Path(folder).resolve()
+    m = _CKPT_RE.match(folder.name)
+    if not folder.is_dir() or m is None:
+        raise UserError(f"{folder} is not a checkpoint-<step>/ folder")
+    step = int(m.group(1))
+    beside = iter_path(folder.parent, step)
+    if beside.is_file():
+        return str(beside)
+    shards = sorted(folder.glob("global_step*/*model_states.pt"))
+    if not shards:
+        raise UserError(f"{folder}: no {beside.name} beside it and no DeepSpeed shards (global_step*/) inside; "
+                        "pass the iter_<step>.pth file instead")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    full = get_fp32_state_dict_from_zero_checkpoint(str(folder))
+    states = torch.load(shards[0], map_location="cpu", weights_only=False)  # our own checkpoint, not user input
+    trainable = set().union(*[set(group) for group in states.get("param_shapes") or []])
+    meta = {"step": step, "source": str(folder)}
+    saved_cfg = folder.parent / "config.yaml"
+    if saved_cfg.is_file():  # run_training saves the resolved config in the work dir
+        import yaml
+
+        meta["config"] = yaml.safe_load(saved_cfg.read_text())
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="llava_ft_zero_"))
+    return str(save_iter_checkpoint(out, step, {k: v for k, v in full.items() if k in trainable}, meta))
+
+
 def rotate_checkpoints(work_dir: PathLike, limit: int, keep: Optional[int] = None) -> list[str]:
     """Keep the newest `limit` iter_<step>.pth files (and their checkpoint-<step>/ folders); return removed.
 

@@ -70,8 +70,13 @@ def _quantization_config(quantization: str, compute_dtype: torch.dtype):
 
     if quantization == "4bit":
         # QLoRA (Dettmers et al.): NF4 storage, double-quantized constants, matmuls in the compute dtype.
+        extra = {}
+        if os.environ.get("LLAVA_FT_ZERO_STAGE") == "3":
+            # ZeRO-3 shards parameters of float dtypes: packing the 4-bit values into the compute dtype
+            # (same bytes as uint8) lets it shard them like every other weight (set by run_training).
+            extra["bnb_4bit_quant_storage"] = compute_dtype
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, **extra)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -108,7 +113,7 @@ def load_llm(model_cfg: Any, device_map: Optional[Any] = None, for_training: boo
     if quant is not None and device_map is None:
         # bitsandbytes quantizes while placing weights: give it the device explicitly.
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-    if verbose:
+    if verbose and int(os.environ.get("RANK", "0")) == 0:  # one line per job, not one per process
         print(f"[llava_ft] LLM {model_cfg.llm}: dtype {str(dtype).replace('torch.', '')}, "
               f"quantization {model_cfg.quantization}, attention {attn} ({why})", flush=True)
     kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=True)
