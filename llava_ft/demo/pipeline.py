@@ -49,16 +49,16 @@ class DemoSettings:
     llm_hidden_size: int = 64
     llm_layers: int = 2
     image_size: int = 32
-    n_pretrain: int = 60
-    n_finetune: int = 60
-    n_eval: int = 15
-    n_text: int = 60
+    n_pretrain: int = 200
+    n_finetune: int = 200
+    n_eval: int = 60
+    n_text: int = 200
     # steps per training stage and batch sizes
-    text_steps: int = 60
+    text_steps: int = 150
     text_batch: int = 4
-    pretrain_steps: int = 60
+    pretrain_steps: int = 100
     pretrain_batch: int = 8
-    finetune_steps: int = 80
+    finetune_steps: int = 300
     finetune_batch: int = 8
     eval_batch: int = 16
 
@@ -193,6 +193,38 @@ def _recipe(name: str, ws: Path, paths: dict, llm: str, steps: int, batch: int) 
     return cfg
 
 
+def write_chat_text(paths: dict, template: str, out) -> str:
+    """The demo's LLaVA conversations rendered with `template` as raw text (images left out) -> {"text"} jsonl.
+
+    Why: the tiny LLM starts from random weights, and in the QLoRA stages its lm_head stays frozen, so a
+    token the LLM never learned to predict (the template's markers, the answer words) stays out of reach
+    of the LoRA adapter. Incremental pretraining on these transcripts teaches the words and the chat format;
+    which colour an image shows can only come from the image (the text holds every colour equally often).
+    """
+    from transformers import AutoTokenizer
+
+    from llava_ft import IMAGE_TOKEN
+    from llava_ft.config import DataSource
+    from llava_ft.data.encode import encode_records
+    from llava_ft.data.formats import iter_records
+
+    tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    records = []
+    for key in ("pretrain", "finetune"):
+        for rec in iter_records(DataSource(path=paths[key], format="llava", image_folder=paths["image_folder"])):
+            msgs = [dict(m, content=m["content"].replace(IMAGE_TOKEN, "").strip()) for m in rec["messages"]]
+            records.append({"id": rec["id"], "messages": msgs, "images": []})
+    rows = []
+    for res in encode_records(records, tok, template, max_length=100_000):
+        if res.sample is not None:
+            rows.append({"text": tok.decode(res.sample["input_ids"], skip_special_tokens=True)})
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, out)
+    return str(out)
+
+
 def _train(cfg: Config, work_dir: Path, command: str) -> tuple[str, dict]:
     from llava_ft.engine.run import run_training
 
@@ -289,6 +321,8 @@ def run_demo(workspace="demo_workspace", fast: bool = False, force: bool = False
         from llava_ft.convert import pth_to_hf
 
         cfg = _recipe("tiny_incremental_pretrain", ws, paths, paths["llm"], s.text_steps, s.text_batch)
+        chat_text = write_chat_text(paths, cfg.data.template, Path(paths["text"]).with_name("chat_text.jsonl"))
+        cfg.data.sources.append(dataclasses.replace(cfg.data.sources[0], path=chat_text))
         pth, info = _train(cfg, text_dir, "train")
         pth_to_hf(cfg, pth, llm_pretrained)  # full training -> a full HF model + tokenizer
         return _loss_text(info), [pth, llm_pretrained], info
