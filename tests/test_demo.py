@@ -62,3 +62,20 @@ def test_demo_workspace_that_is_a_file_is_a_user_error(tmp_path, capsys):
     assert main(["demo", "--workspace", str(target), "--fast"]) == 2
     err = capsys.readouterr().err
     assert str(target) in err and "not a folder" in err
+
+
+def test_demo_recipes_load_and_start_with_their_command():
+    from llava_ft.config import CONFIG_ROOT, load_config
+
+    recipes = sorted((CONFIG_ROOT / "demo").glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"tiny_text_sft_qlora", "tiny_incremental_pretrain", "tiny_llava_pretrain",
+                                         "tiny_llava_finetune_qlora"}
+    phases = {}
+    for path in recipes:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# llava_ft ") and str(path.relative_to(CONFIG_ROOT.parent)) in first, path
+        phases[path.stem] = load_config(str(path)).resolved_phase
+    assert phases["tiny_text_sft_qlora"] == "sft"
+    assert phases["tiny_incremental_pretrain"] == "incremental_pretrain"
+    assert phases["tiny_llava_pretrain"] == "pretrain"
+    assert phases["tiny_llava_finetune_qlora"] == "finetune"

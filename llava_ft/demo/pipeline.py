@@ -263,6 +263,8 @@ def score(chat_model, items: list, batch_size: int) -> dict:
         rows = [p for p in report.predictions if p["question"] == question]
         out[f"{label}_n"] = len(rows)
         out[f"{label}_accuracy"] = sum(p["exact_match"] for p in rows) / len(rows) if rows else None
+        # "mentions": the right word anywhere in the answer (a caption-style answer before finetuning)
+        out[f"{label}_mentions"] = sum(p["contains"] for p in rows) / len(rows) if rows else None
     return out
 
 
@@ -270,8 +272,8 @@ def _acc_text(d: dict) -> str:
     def pct(x):
         return "n/a" if x is None else f"{x:.0%}"
 
-    return (f"colour accuracy {pct(d['colour_accuracy'])} ({d['colour_n']} questions, chance 20%), "
-            f"shape {pct(d['shape_accuracy'])} ({d['shape_n']})")
+    return (f"colour accuracy {pct(d['colour_accuracy'])} ({d['colour_n']} questions, chance 20%; "
+            f"{pct(d['colour_mentions'])} mention the colour), shape {pct(d['shape_accuracy'])} ({d['shape_n']})")
 
 
 def _eval_stage(model_path: str, paths: dict, settings: DemoSettings, ws: Path, name: str):
