@@ -45,7 +45,7 @@ class LlavaFtTrainer(Trainer):
             return LengthGroupedSampler(
                 list(dataset["modality_length"]), batch_size=self.args.per_device_train_batch_size,
                 world_size=self.args.world_size, grad_accum=self.args.gradient_accumulation_steps,
-                seed=self.args.seed)
+                seed=self.args.seed, mega_multiplier=tc.length_group_multiplier)
         return super()._get_train_sampler(train_dataset)
 
     # ---- optimizer ----------------------------------------------------------------------------------
