@@ -46,6 +46,8 @@ def _build_top_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The `deepspeed` launcher puts --local_rank=N before the subcommand; LOCAL_RANK in the env says the same.
+    argv = [a for a in argv if not a.startswith(("--local_rank=", "--local-rank="))]
     top = _build_top_parser()
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()

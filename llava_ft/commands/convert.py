@@ -15,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="{pth_to_hf,merge}")
     p = sub.add_parser("pth_to_hf", help="iter_N.pth -> PEFT adapter / HF model / XTuner LLaVA layout / llava-hf")
     p.add_argument("config", help="the run's YAML config (or '-' for the config saved in the checkpoint)")
-    p.add_argument("pth", help="an iter_N.pth file (or a work dir: its newest checkpoint)")
+    p.add_argument("pth", help="an iter_N.pth file (or a work dir: its newest checkpoint; or a checkpoint-N/ "
+                               "folder, DeepSpeed shards included)")
     p.add_argument("save_dir")
     p.add_argument("--format", dest="fmt", choices=("xtuner", "llava-hf"), default="xtuner",
                    help="xtuner (default): adapters/projector as XTuner writes them; llava-hf: one merged "

@@ -96,7 +96,24 @@ class LlavaFtTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self._train_start = self._last_log_time = self._start_time = time.time()
-        return super().train(*args, **kwargs)
+        if not (self.is_deepspeed_enabled and self.llava_cfg.model.quantization != "none"):
+            return super().train(*args, **kwargs)
+        # DeepSpeed resume reloads the whole module strictly; bitsandbytes 4/8-bit layers write their
+        # quantisation constants (`...weight.absmax`, `quant_state.*`) into the state dict but do not take
+        # them back, so strict loading fails on exactly those keys. Every real weight still loads; the
+        # frozen quantised ones are already in place from the base model.
+        import transformers.trainer as hf_trainer
+
+        original = hf_trainer.deepspeed_load_checkpoint
+
+        def load_non_strict(engine, path, load_module_strict=True):
+            return original(engine, path, load_module_strict=False)
+
+        hf_trainer.deepspeed_load_checkpoint = load_non_strict
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            hf_trainer.deepspeed_load_checkpoint = original
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict:
