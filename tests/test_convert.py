@@ -159,3 +159,30 @@ def test_pretrain_checkpoint_exports_projector_only(tmp_path, tiny_llama, tiny_s
     out = tmp_path / "xt"
     pth_to_hf(None, pth, out)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "llava_ft.json", "projector"]
+
+
+def test_llava_hf_export_pads_to_square_like_training(tmp_path, tiny_llama, tiny_clip):
+    """A run trained with pad_image_to_square exports a processor that pads too: same logits on a wide image."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    raw = _raw(tiny_llama, visual_encoder=tiny_clip, freeze_llm=True, llm_lora={"enabled": True, "r": 8, "alpha": 16})
+    raw["data"]["pad_image_to_square"] = True
+    pth = write_random_checkpoint(tmp_path / "run", raw)
+    out = pth_to_hf(None, pth, tmp_path / "hf", fmt="llava-hf")
+    wide = _image().crop((0, 8, 48, 32))  # 48 x 24: padding changes what the tower sees
+
+    ref, _, _ = build_from_checkpoint(pth, quantization="none", dtype="fp32")
+    cm = load_chat_model(pth, bits=None, torch_dtype="fp32")
+    cm.model = ref
+    prompt = cm.encode(QUESTION, [wide])
+    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION[0]["content"]}]}],
+        add_generation_prompt=True)
+    inputs = processor(images=wide, text=text, return_tensors="pt")
+    assert torch.allclose(inputs["pixel_values"], prompt.pixel_values.to(inputs["pixel_values"].dtype), atol=1e-5)
+    with torch.no_grad():
+        ref_logits = ref(input_ids=torch.tensor([prompt.ids]), pixel_values=prompt.pixel_values).logits
+        hf_logits = hf(**inputs).logits
+    assert torch.allclose(hf_logits[..., :ref_logits.shape[-1]], ref_logits, atol=1e-4)

@@ -81,7 +81,7 @@ def test_full_clip_checkpoint_loads_as_vision_tower(tmp_path):
 def test_preprocess_and_mean(tiny_clip):
     ve = load_visual_encoder(_cfg(tiny_clip))
     # CLIP's processor mean (0.4815, 0.4578, 0.4082) in 0-255.
-    assert ve.image_mean == (123, 117, 104)
+    assert ve.image_mean == (122, 116, 104)  # int(mean * 255), LLaVA's expand2square colour
     px = ve.preprocess(Image.new("RGB", (50, 40), (255, 0, 0)))
     assert px.shape == (3, 32, 32) and px.dtype == torch.float32
     assert px[0].mean() > 1.5 and px[1].mean() < -1.5  # normalised red

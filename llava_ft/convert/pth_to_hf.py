@@ -219,7 +219,7 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
     if ve.processor is None or not hasattr(ve.processor, "save_pretrained"):
         raise UserError(f"the vision tower {cfg.model.visual_encoder} has no Hugging Face image processor to save")
     processor = LlavaProcessor(
-        image_processor=ve.processor, tokenizer=tok, patch_size=vision.config.patch_size,
+        image_processor=_llava_image_processor(ve, cfg), tokenizer=tok, patch_size=vision.config.patch_size,
         vision_feature_select_strategy=strategy, chat_template=jinja, image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if kind == "clip" else 0,
     )
@@ -233,3 +233,18 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _publish(tmp, save_dir)
+
+
+def _llava_image_processor(ve, cfg):
+    """The tower's image processor, or — for CLIP runs trained with `data.pad_image_to_square` — transformers'
+    LlavaImageProcessor with do_pad, which pads to square with the image mean before CLIP's resize/crop,
+    as training did; without it plain transformers users would feed unpadded (cropped) images."""
+    if not (cfg.data.pad_image_to_square and ve.kind == "clip"):
+        return ve.processor
+    from transformers import LlavaImageProcessor
+
+    settings = ve.processor.to_dict()
+    keep = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+            "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+    return LlavaImageProcessor(**{k: settings[k] for k in keep if k in settings}, do_pad=True)
+

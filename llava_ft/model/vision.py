@@ -156,7 +156,7 @@ def _load_hf(name: str, kind: str, select_layer: int, dtype: Optional[torch.dtyp
     if not -(layers + 1) <= select_layer <= layers:
         raise UserError(f"model.visual_select_layer={select_layer} is outside the {layers} layers of {name}")
     grid = cfg.image_size // cfg.patch_size
-    mean = tuple(round(v * 255) for v in processor.image_mean)
+    mean = tuple(int(v * 255) for v in processor.image_mean)  # truncated, as LLaVA and XTuner (and transformers LlavaImageProcessor) do
 
     def preprocess(image):
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -185,7 +185,7 @@ def _load_open_clip(name: str, pretrained: Optional[str], select_layer: int,
     if dtype is not None:
         visual = visual.to(dtype)
     grid = visual.grid_size
-    mean = tuple(round(v * 255) for v in visual.preprocess_cfg["mean"])
+    mean = tuple(int(v * 255) for v in visual.preprocess_cfg["mean"])
     width = visual.conv1.out_channels
     return VisualEncoder(visual, "open_clip", select_layer, width, grid[0] * grid[1], mean, preprocess, name,
                          processor=preprocess)
