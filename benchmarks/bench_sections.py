@@ -221,9 +221,7 @@ def _gpu() -> bool:
 
 
 def _server_figures(model_dir: str, quick: bool) -> list:
-    import signal
-
-    from bench_serve import free_port, wait_healthy
+    from bench_serve import free_port, stop_server, wait_healthy
     from serve.loadtest import run_load
 
     clients, duration, max_tokens = (2, 4.0, 8) if quick else (8, 20.0, 32)
@@ -239,11 +237,7 @@ def _server_figures(model_dir: str, quick: bool) -> list:
         run_load(url, model="bench", clients=1, duration_s=1.0, max_tokens=2)  # warm-up
         rep = run_load(url, model="bench", clients=clients, duration_s=duration, max_tokens=max_tokens)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     p = rep.percentile
     how = (f"serve.loadtest.run_load: {clients} loopback clients back to back for {duration:.0f} s (half streaming), "
            f"max_tokens {max_tokens}, `llava_ft serve` in its own process")

@@ -48,6 +48,15 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> No
     raise SystemExit("the server did not become healthy in time")
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Ask `llava_ft serve` to shut down (SIGINT, as Ctrl-C would); kill it if it has not left in 30 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="model to serve (default: build the tiny demo Llama)")
@@ -84,11 +93,7 @@ def main() -> None:
 
             print("bench_serve: health after:", httpx.get(url + "/health", timeout=5).json())
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
 
 if __name__ == "__main__":
