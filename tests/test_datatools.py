@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from llava_ft.cli import main as cli_main
-from llava_ft.datatools import io as dio
+from llava_ft.data import jsonio
 from llava_ft.datatools.check import check_data
 from llava_ft.datatools.convert import convert_dataset
 from llava_ft.datatools.repeat import repeat_dataset
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _records(path) -> list:
-    return [r.value for r in dio.iter_raw(path)]
+    return [r.value for r in jsonio.iter_raw(path)]
 
 
 def _write_jsonl(path: Path, rows: list) -> str:
@@ -40,8 +40,8 @@ def test_json_list_streaming_matches_json_load(tmp_path, monkeypatch):
     rows = [{"id": i, "text": "line\n" * i, "n": [1.5, None, True]} for i in range(30)] + [7, "s"]
     path = tmp_path / "a.json"
     path.write_text(json.dumps(rows, indent=2))
-    monkeypatch.setattr(dio, "_CHUNK", 5)  # force records to straddle chunk borders
-    got = list(dio.iter_raw(path))
+    monkeypatch.setattr(jsonio, "_CHUNK", 5)  # force records to straddle chunk borders
+    got = list(jsonio.iter_raw(path))
     assert [r.value for r in got] == rows
     text_lines = path.read_text().splitlines()
     assert text_lines[got[3].line - 1].strip() == "{"  # line numbers point at the record's start
@@ -50,12 +50,12 @@ def test_json_list_streaming_matches_json_load(tmp_path, monkeypatch):
 def test_invalid_json_is_reported_with_line(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[\n {"a": 1},\n {"a": 2,,}\n]\n')
-    with pytest.raises(UserError, match=r"bad\.json:3: invalid JSON"):
-        list(dio.iter_raw(bad))
+    with pytest.raises(UserError, match=r"bad\.json:3: not valid JSON"):
+        list(jsonio.iter_raw(bad))
     bad_l = tmp_path / "bad.jsonl"
     bad_l.write_text('{"a": 1}\n{oops\n{"a": 3}\n')
     problems = []
-    assert [r.value["a"] for r in dio.iter_raw(bad_l, on_error=problems.append)] == [1, 3]
+    assert [r.value["a"] for r in jsonio.iter_raw(bad_l, on_error=problems.append)] == [1, 3]
     assert [p.line for p in problems] == [2]
 
 
@@ -69,7 +69,7 @@ def test_repeat_keeps_format_and_content(tmp_path, demo_data, suffix):
     original = _records(src)
     out = tmp_path / f"out{suffix}"
     assert repeat_dataset(str(src), str(out), 3) == 3 * len(original)
-    assert dio.detect_container(out) == suffix[1:]
+    assert jsonio.detect_container(out) == suffix[1:]
     if suffix == ".json":
         assert json.loads(out.read_text()) == original * 3  # a valid JSON list
     assert _records(out) == original * 3

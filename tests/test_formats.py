@@ -90,6 +90,29 @@ def test_malformed_json_file_names_line(tmp_path):
         records(p)
 
 
+def test_json_files_stream_with_lines_and_accept_one_object_or_json_lines(tmp_path, monkeypatch):
+    from llava_ft.data import jsonio
+
+    rows = [{"text": f"t{i}\nmore"} for i in range(5)]
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps(rows, indent=2))
+    monkeypatch.setattr(jsonio, "_CHUNK", 7)  # records straddle read chunks: the list is not read at once
+    recs = records(listed)
+    assert [r["text"] for r in recs] == [r["text"] for r in rows]
+    lines = listed.read_text().splitlines()
+    assert all(lines[int(r["id"].rsplit(":", 1)[1]) - 1].strip() == "{" for r in recs)  # id = file:line
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"text": "solo"}, indent=2))
+    assert [r["text"] for r in records(one)] == ["solo"]
+    lines_as_json = tmp_path / "lines.json"
+    write_jsonl(lines_as_json, rows)
+    assert len(records(lines_as_json)) == 5
+    scalars = tmp_path / "scalars.json"
+    scalars.write_text('[\n {"text": "a"},\n 7\n]')
+    with pytest.raises(UserError, match=r"scalars\.json:3: expected a JSON object per list item, got int"):
+        records(scalars)
+
+
 def test_unknown_format_lists_choices(tmp_path):
     p = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
     with pytest.raises(UserError, match="alpaca.*sharegpt"):

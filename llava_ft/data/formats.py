@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 
 from llava_ft import IMAGE_TOKEN
 from llava_ft.config import DATA_FORMATS, DataSource
+from llava_ft.data.jsonio import detect_container, iter_raw as iter_json
 from llava_ft.errors import UserError
 
 FORMATS = tuple(f for f in DATA_FORMATS if f != "auto")
@@ -40,7 +41,7 @@ def source_files(path: str) -> list[str]:
 
 
 def iter_raw(path: str) -> Iterator[tuple[str, Any]]:
-    """Yield (where, raw_dict) for every record of a file; `where` is 'file:line' or 'file[#index]'."""
+    """Yield (where, raw_dict) for every record of a file; `where` is 'file:line' (JSON/JSONL) or 'file[#index]'."""
     source_files(path)
     lower = path.lower()
     if os.path.isdir(path):
@@ -55,35 +56,21 @@ def iter_raw(path: str) -> Iterator[tuple[str, Any]]:
             ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
         for i, row in enumerate(ds):
             yield f"{path}[#{i}]", row
-    elif lower.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno}); "
-                                    "fix or delete this line") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-                yield f"{path}:{lineno}", row
-    elif lower.endswith(".json"):
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}); "
-                            "a .json file must hold one list of records (use .jsonl for one record per line)") from None
-        if isinstance(rows, dict):
-            rows = [rows]
-        if not isinstance(rows, list):
-            raise UserError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict):
-                raise UserError(f"{path}[#{i}]: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}[#{i}]", row
+    elif lower.endswith((".jsonl", ".json")):
+        container = "jsonl" if lower.endswith(".jsonl") else detect_container(path)
+        if container == "jsonl" and lower.endswith(".json"):
+            single = _single_json_object(path)
+            if single is not None:
+                yield f"{path}:1", single
+                return
+        # Streamed with line numbers by the shared reader (memory does not grow with the file).
+        for rec in iter_json(path, container=container):
+            if not isinstance(rec.value, dict):
+                kind = "line" if container == "jsonl" else "list item"
+                raise UserError(f"{path}:{rec.line}: expected a JSON object per {kind}, got "
+                                f"{type(rec.value).__name__}; each record must be an object such as "
+                                '{"messages": [...]}')
+            yield f"{path}:{rec.line}", rec.value
     elif lower.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -92,6 +79,19 @@ def iter_raw(path: str) -> Iterator[tuple[str, Any]]:
             yield f"{path}[#{i}]", row
     else:
         raise UserError(f"'{path}': unsupported file type; use .json, .jsonl, .parquet or a `datasets` folder")
+
+
+def _single_json_object(path: str) -> Optional[dict]:
+    """A .json file that is not a list: one (maybe pretty-printed) object, or JSON Lines saved as .json
+    (None: let the JSONL reader go through it line by line and name any bad line)."""
+    with open(path, encoding="utf-8-sig") as fh:
+        try:
+            value = json.load(fh)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON list of records, got {type(value).__name__}")
+    return value
 
 
 def detect_format(row: dict, where: str, image_folder: Optional[str] = None) -> str:

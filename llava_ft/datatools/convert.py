@@ -18,7 +18,8 @@ from typing import Optional
 from tqdm import tqdm
 
 from llava_ft.data.formats import FORMATS, detect_format, to_record
-from llava_ft.datatools.io import RecordWriter, container_for_output, detect_container, iter_raw
+from llava_ft.data.jsonio import detect_container, iter_raw
+from llava_ft.datatools.io import RecordWriter, container_for_output
 from llava_ft.errors import UserError
 
 TARGETS = ("llava", "openai", "alpaca", "sharegpt", "jsonl", "json")

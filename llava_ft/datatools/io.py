@@ -1,7 +1,5 @@
-"""Streaming record I/O for the data tools: read JSON lists / JSONL one record at a time, write safely.
+"""Safe record output for the data tools (reading lives in llava_ft.data.jsonio).
 
-    for rec in iter_raw("data.json"):            # RawRecord(index, line, value); a JSON list is parsed
-        ...                                      # incrementally, so memory does not grow with the file
     with RecordWriter("out.jsonl", "jsonl", inputs=["data.json"], force=False) as w:
         w.write(record)                          # written to a temp file, renamed over OUT on success
 
@@ -13,149 +11,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 from llava_ft.errors import UserError
 
 CONTAINERS = ("json", "jsonl")
-_CHUNK = 1 << 20
-
-
-@dataclass
-class RawRecord:
-    index: int  # 0-based position in the file
-    line: int  # 1-based line where the record starts
-    value: Any
-
-
-@dataclass
-class JsonProblem:
-    line: int
-    message: str
-
-
-def detect_container(path: str | os.PathLike) -> str:
-    """'json' when the first non-blank character is '[', else 'jsonl'."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    with open(path, encoding="utf-8-sig") as f:
-        while True:
-            chunk = f.read(4096)
-            if not chunk:
-                return "jsonl"
-            stripped = chunk.lstrip()
-            if stripped:
-                return "json" if stripped[0] == "[" else "jsonl"
 
 
 def container_for_output(path: str | os.PathLike, default: str) -> str:
     suffix = Path(path).suffix.lower()
     return {".jsonl": "jsonl", ".json": "json"}.get(suffix, default)
-
-
-def iter_raw(path: str | os.PathLike, on_error: Optional[Callable[[JsonProblem], None]] = None) -> Iterator[RawRecord]:
-    """Yield the records of a JSON list or JSONL file with their line numbers.
-
-    Invalid JSON raises UserError naming the file and line, unless `on_error` is given: then the problem is
-    reported to it and reading goes on (JSONL: with the next line; JSON list: it stops, as nothing after a
-    syntax error can be located reliably).
-    """
-    path = Path(path)
-    container = detect_container(path)
-
-    def fail(line: int, message: str) -> None:
-        problem = JsonProblem(line, message)
-        if on_error is None:
-            raise UserError(f"{path}:{line}: invalid JSON: {message}. Fix that line (or remove it) and rerun")
-        on_error(problem)
-
-    if container == "jsonl":
-        with open(path, encoding="utf-8-sig") as f:
-            index = 0
-            for lineno, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                try:
-                    value = json.loads(text)
-                except json.JSONDecodeError as err:
-                    fail(lineno, f"{err.msg} (column {err.colno})")
-                    continue
-                yield RawRecord(index, lineno, value)
-                index += 1
-        return
-    yield from _iter_json_list(path, fail)
-
-
-def _iter_json_list(path: Path, fail: Callable[[int, str], None]) -> Iterator[RawRecord]:
-    """Incremental parse of `[item, item, ...]` with json.JSONDecoder.raw_decode over a sliding buffer."""
-    decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8-sig") as f:
-        buf = ""
-        line = 1  # line number of buf[0]
-        eof = False
-
-        def more() -> bool:
-            nonlocal buf, eof
-            if eof:
-                return False
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                eof = True
-                return False
-            buf += chunk
-            return True
-
-        def skip_ws() -> None:
-            nonlocal buf, line
-            while True:
-                stripped = buf.lstrip()
-                line += buf.count("\n", 0, len(buf) - len(stripped))
-                buf = stripped
-                if buf or not more():
-                    return
-
-        skip_ws()
-        if not buf.startswith("["):
-            fail(line, "expected '[' at the start of a JSON list")
-            return
-        buf = buf[1:]
-        skip_ws()
-        if buf.startswith("]"):
-            return
-        index = 0
-        while True:
-            skip_ws()
-            while True:
-                try:
-                    value, end = decoder.raw_decode(buf)
-                    # a number or literal cut at the buffer's end would decode short: make sure it ended
-                    if end == len(buf) and more():
-                        continue
-                    break
-                except json.JSONDecodeError as err:
-                    if more():
-                        continue
-                    fail(line + buf.count("\n", 0, err.pos), err.msg)
-                    return
-            yield RawRecord(index, line, value)
-            index += 1
-            line += buf.count("\n", 0, end)
-            buf = buf[end:]
-            skip_ws()
-            if buf.startswith(","):
-                buf = buf[1:]
-                continue
-            if buf.startswith("]"):
-                buf = buf[1:]
-                skip_ws()
-                if buf:
-                    fail(line, "extra data after the closing ']'")
-                return
-            fail(line, "expected ',' or ']' after a list item" if buf else "the list is not closed with ']'")
-            return
 
 
 def check_output(out: str | os.PathLike, inputs: list, force: bool) -> Path:

@@ -11,7 +11,8 @@ import random
 
 from tqdm import tqdm
 
-from llava_ft.datatools.io import RecordWriter, detect_container, iter_raw
+from llava_ft.data.jsonio import detect_container, iter_raw
+from llava_ft.datatools.io import RecordWriter
 from llava_ft.errors import UserError
 
 

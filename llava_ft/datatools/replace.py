@@ -11,7 +11,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from llava_ft.datatools.io import RecordWriter, container_for_output, detect_container, iter_raw
+from llava_ft.data.jsonio import detect_container, iter_raw
+from llava_ft.datatools.io import RecordWriter, container_for_output
 from llava_ft.errors import UserError
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from llava_ft.data.formats import FORMATS, detect_format, to_record
-from llava_ft.datatools.io import RawRecord, iter_raw
+from llava_ft.data.jsonio import RawRecord, iter_raw
 from llava_ft.errors import UserError
 
 

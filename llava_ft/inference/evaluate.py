@@ -5,7 +5,7 @@
     report.metrics   # {"n": 15, "exact_match": 0.4, "contains": 0.6}  (+ "choice_accuracy" for MC)
     write_predictions(report.predictions, "preds.jsonl")
 
-QA jsonl rows: `{"id", "question", "answer", "image"?: path relative to --image-folder, "images"?: [...]}`.
+QA rows (JSONL or a JSON list): `{"id", "question", "answer", "image"?: path relative to --image-folder, "images"?: [...]}`.
 MMBench TSV: columns `index, question, A, B, C, D, answer` (+ optional `hint`, base64 `image`); the
 prompt lists the options and asks for the letter; the score is the first option letter in the answer.
 Exact match compares after normalisation (lowercase, no punctuation/articles, single spaces); "contains"
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from llava_ft.data.jsonio import iter_raw
 from llava_ft.errors import UserError
 
 OPTIONS = ("A", "B", "C", "D")
@@ -67,13 +68,10 @@ def load_qa(path, image_folder=None) -> list:
     if p.suffix.lower() == ".tsv":
         return _load_mmbench(p)
     items = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{p}:{lineno}: not valid JSON ({err.msg})") from None
+    for rec in iter_raw(p):  # JSONL or a JSON list, streamed; bad JSON names the line
+        row, lineno = rec.value, rec.line
+        if not isinstance(row, dict):
+            raise UserError(f"{p}:{lineno}: expected a JSON object with question and answer, got {type(row).__name__}")
         missing = [k for k in ("question", "answer") if k not in row]
         if missing:
             raise UserError(f"{p}:{lineno}: missing key(s) {', '.join(missing)}; each row needs question and answer")
