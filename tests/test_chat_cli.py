@@ -69,6 +69,27 @@ def test_ctrl_d_leaves_cleanly(tiny_llama):
     assert child.exitstatus == 0
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_the_answer_not_the_session(tiny_llama):
+    # A random model asked for up to 1500 tokens writes for many seconds: Ctrl-C lands mid-answer.
+    child = pexpect.spawn(sys.executable, ["-m", "llava_ft", "chat", tiny_llama, "--prompt-template", "chatml",
+                                           "--temperature", "0", "--max-new-tokens", "1500"],
+                          encoding="utf-8", timeout=120, dimensions=(40, 200))
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("Tell me everything.")
+        child.expect(r"everything\.\r?\n")  # the echoed question
+        child.expect(r"\S")  # the answer has started streaming
+        child.sendintr()
+        child.expect_exact("[answer stopped")
+        child.expect_exact(">>> ")  # still in the session, history kept
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
 def test_prompt_mode_answers_each_prompt_and_exits(tiny_llama):
     settings = GenerationSettings(max_new_tokens=5, temperature=0.0)
     cm = load_chat_model(tiny_llama, prompt_template="chatml")

@@ -6,7 +6,8 @@
     llava_ft chat ./llava_hf --prompt "Describe the image." --image cat.jpg      # answer and exit
 
 Interactive commands: `/image PATH|URL` attaches an image to the next message (several per conversation),
-`/reset` starts over, `/exit` (or Ctrl-D / Ctrl-C) leaves. Answers stream as they are generated; the
+`/reset` starts over, `/exit` (or Ctrl-D, or Ctrl-C at the prompt) leaves. Ctrl-C while an answer is being
+written stops that answer and returns to the prompt. Answers stream as they are generated; the
 template's stop words end a turn; when the conversation outgrows the context window the oldest turns are
 dropped with a notice. A missing or unreadable image is a one-line error and the session goes on.
 """
@@ -18,7 +19,7 @@ import sys
 from llava_ft import IMAGE_TOKEN
 from llava_ft.errors import UserError
 
-HELP = "commands: /image PATH|URL (attach to next message), /reset, /exit (or Ctrl-D)"
+HELP = "commands: /image PATH|URL (attach to next message), /reset, /exit (or Ctrl-D); Ctrl-C stops an answer"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,20 +78,29 @@ class Session:
         if dropped:
             print(f"[dropped the {dropped} oldest turn(s) to fit the {self.cm.context_length}-token context]",
                   file=self.out, flush=True)
-        if self.stream:
-            parts = []
-            stream = self.cm.stream_chat(messages, images, self.settings)
-            try:
-                for delta in stream:
-                    parts.append(delta)
-                    print(delta, end="", file=self.out, flush=True)
-            finally:
-                stream.close()
-            answer = "".join(parts)
+        parts: list = []
+        try:
+            if self.stream:
+                stream = self.cm.stream_chat(messages, images, self.settings)
+                try:
+                    for delta in stream:
+                        parts.append(delta)
+                        print(delta, end="", file=self.out, flush=True)
+                finally:
+                    stream.close()  # Ctrl-C lands here too: generation stops before we go on
+            else:
+                parts.append(self.cm.chat(messages, images, self.settings).text)
+                print(parts[0], end="", file=self.out, flush=True)
+        except KeyboardInterrupt:
+            # Ctrl-C stops this answer, not the session. What was shown stays in the history (the next
+            # question may refer to it); an answer stopped before its first word leaves no turn at all.
             print(file=self.out, flush=True)
+            print("[answer stopped; Ctrl-C at an empty prompt, Ctrl-D or /exit quits]", file=self.out, flush=True)
+            if not "".join(parts).strip():
+                return ""
         else:
-            answer = self.cm.chat(messages, images, self.settings).text
-            print(answer, file=self.out, flush=True)
+            print(file=self.out, flush=True)
+        answer = "".join(parts)
         self.messages = messages + [{"role": "assistant", "content": answer}]
         self.images, self.pending = images, []
         return answer
@@ -143,6 +153,5 @@ def run(args: argparse.Namespace) -> int:
                 session.ask(line)
         except UserError as err:
             print(f"error: {err}", flush=True)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # outside an answer (e.g. while an image loads): back to the prompt
             print("\n[interrupted]", flush=True)
-            return 0
