@@ -161,11 +161,13 @@ def test_pretrain_checkpoint_exports_projector_only(tmp_path, tiny_llama, tiny_s
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "llava_ft.json", "projector"]
 
 
-def test_llava_hf_export_pads_to_square_like_training(tmp_path, tiny_llama, tiny_clip):
+@pytest.mark.parametrize("tower", ["tiny_clip", "tiny_siglip"])
+def test_llava_hf_export_pads_to_square_like_training(tmp_path, tiny_llama, tower, request):
     """A run trained with pad_image_to_square exports a processor that pads too: same logits on a wide image."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    raw = _raw(tiny_llama, visual_encoder=tiny_clip, freeze_llm=True, llm_lora={"enabled": True, "r": 8, "alpha": 16})
+    raw = _raw(tiny_llama, visual_encoder=request.getfixturevalue(tower), freeze_llm=True,
+               llm_lora={"enabled": True, "r": 8, "alpha": 16})
     raw["data"]["pad_image_to_square"] = True
     pth = write_random_checkpoint(tmp_path / "run", raw)
     out = pth_to_hf(None, pth, tmp_path / "hf", fmt="llava-hf")

@@ -236,15 +236,18 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
 
 
 def _llava_image_processor(ve, cfg):
-    """The tower's image processor, or — for CLIP runs trained with `data.pad_image_to_square` — transformers'
-    LlavaImageProcessor with do_pad, which pads to square with the image mean before CLIP's resize/crop,
-    as training did; without it plain transformers users would feed unpadded (cropped) images."""
-    if not (cfg.data.pad_image_to_square and ve.kind == "clip"):
+    """The tower's image processor, or — for runs trained with `data.pad_image_to_square` — transformers'
+    LlavaImageProcessor with do_pad, which pads to square with the image mean before the tower's own
+    resize (and CLIP's crop), as training did; without it plain transformers users would feed unpadded
+    images (cropped by CLIP, squashed by SigLIP)."""
+    if not cfg.data.pad_image_to_square:
         return ve.processor
     from transformers import LlavaImageProcessor
 
     settings = ve.processor.to_dict()
     keep = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
             "do_normalize", "image_mean", "image_std", "do_convert_rgb")
-    return LlavaImageProcessor(**{k: settings[k] for k in keep if k in settings}, do_pad=True)
+    kwargs = {k: settings[k] for k in keep if k in settings}
+    kwargs.setdefault("do_center_crop", False)  # SigLIP has no crop; LlavaImageProcessor would default to one
+    return LlavaImageProcessor(**kwargs, do_pad=True)
 
