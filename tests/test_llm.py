@@ -56,3 +56,19 @@ def test_missing_model_path_is_one_sentence(path):
 def test_folder_without_config_json(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         load_llm(ModelConfig(llm=str(tmp_path)))
+
+
+@pytest.mark.parametrize("zero3_storage", [False, True])
+def test_summary_counts_4bit_weights_as_the_values_they_hold(tiny_llama, monkeypatch, zero3_storage):
+    """The start-of-run line reports the model's real size for 4-bit weights, in uint8 or (ZeRO-3) fp32 storage."""
+    from llava_ft.model.builder import trainable_summary
+
+    full, _ = load_llm(ModelConfig(llm=tiny_llama, freeze_llm=True), for_training=False)
+    expected = sum(p.numel() for p in full.parameters())
+    if zero3_storage:
+        monkeypatch.setenv("LLAVA_FT_ZERO_STAGE", "3")
+    quant, _ = load_llm(ModelConfig(llm=tiny_llama, quantization="4bit", dtype="fp32", freeze_llm=True),
+                        for_training=False)
+    storage = {p.dtype for p in quant.parameters() if type(p).__name__ == "Params4bit"}
+    assert storage == ({torch.float32} if zero3_storage else {torch.uint8})
+    assert f"/ {expected:,} params" in trainable_summary(quant)

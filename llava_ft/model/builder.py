@@ -59,12 +59,22 @@ def build_model(cfg, for_training: bool = True):
     return model, tokenizer
 
 
+def _logical_numel(p) -> int:
+    """Values a parameter holds. bnb 4-bit weights pack two values per byte of storage, whatever the storage
+    dtype (uint8 by default; bf16 under ZeRO-3, where bnb_4bit_quant_storage lets the weights shard);
+    a DeepSpeed ZeRO-3 shard reports its full size in ds_numel."""
+    numel = getattr(p, "ds_numel", None) or p.numel()
+    if type(p).__name__ == "Params4bit" or getattr(p, "quant_state", None) is not None:
+        return numel * p.element_size() * 2
+    return numel
+
+
 def trainable_summary(model) -> str:
     """'trainable 16,384 / 155,968 params (10.50%): llm 16,384, projector 0' for the start-of-run print."""
     total = trainable = 0
     per_module: dict = {}
     for name, p in model.named_parameters():
-        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # bnb 4-bit packs two values a byte
+        n = _logical_numel(p)
         total += n
         if p.requires_grad:
             trainable += n
