@@ -13,6 +13,7 @@ values + absmax + double-quant statistics).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -142,7 +143,7 @@ def section_qlora(quick: bool = False) -> dict:
     ratio = w4_bf16 / bf16_all
     linear_ratio = w4["quantized_bytes"] / (2 * w4["quantized_params"]) if w4["quantized_params"] else None
     figs = [
-        figure(f"4-bit: peak memory", q[peak_key], "MiB", f"{peak_how}; {step}"),
+        figure("4-bit: peak memory", q[peak_key], "MiB", f"{peak_how}; {step}"),
         figure(f"{full_name}: peak memory", f[peak_key], "MiB", f"{peak_how}; {step}"),
         figure(f"4-bit / {full_name} peak", q[peak_key] / f[peak_key], "x", "ratio of the two peaks above"),
         figure("4-bit Linear weights: bits per parameter", w4["bits_per_param_4bit"], "bits",
@@ -154,7 +155,7 @@ def section_qlora(quick: bool = False) -> dict:
                "(Linear4bit bytes + non-quantized params x 2 bytes) / (all params x 2 bytes); embeddings and norms "
                "stay 16-bit in QLoRA", target="<= 0.40", met=ratio <= 0.40),
         figure("4-bit: load time", q["load_seconds"], "s", "load_llm(quantization=4bit) incl. on-the-fly quantization"),
-        figure(f"{full_name}: load time", f["load_seconds"], "s", f"load_llm(quantization=none), dtype auto"),
+        figure(f"{full_name}: load time", f["load_seconds"], "s", "load_llm(quantization=none), dtype auto"),
     ]
     notes = [
         f"Model: random-init Qwen2 of shape {shape} = {n_params / 1e6:.0f} M parameters, saved in bf16; "
@@ -218,10 +219,9 @@ def gpu_qlora_throughput(quick: bool = False) -> dict:
             for row in synth_rows(4000):
                 fh.write(json.dumps(row) + "\n")
         peak = _peak_tflops()
-        try:
-            import flash_attn  # noqa: F401
+        if importlib.util.find_spec("flash_attn") is not None:
             attns = ("sdpa", "flash_attention_2")
-        except ImportError:
+        else:
             attns = ("sdpa",)
             notes.append("flash-attn not installed: flash_attention_2 runs skipped.")
         steps = 5 if quick else 20

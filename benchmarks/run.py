@@ -13,11 +13,14 @@ another and a crash or hang in one is a row of the table, not the end of the run
   padding     padding waste of random, length-grouped and packed batching on a LLaVA-mix-665K-like mix
   data_prep   prepare_dataset: records/s cold, cached start time (LLaVA records and conversations)
   qlora       peak memory of load + one step of a ~0.5B model, 4-bit vs full precision; bits/param
+  data_wait   share of a LLaVA step spent waiting for the DataLoader, 0 vs 2 workers
   generation  chat time to first token and tokens/s; server requests/s and latency percentiles
   gpu         7B-shaped LLaVA QLoRA tokens/s and MFU (GPU only; "skipped: no GPU" elsewhere)
 
 Output: benchmarks/results/<YYYY-MM-DD>[-quick].md and .json (the JSON holds every figure with its
 method, target and whether it was met, plus the machine's CPU count and load average before and after).
+A run with --only updates that day's report: its sections replace the same-named ones, the rest stay,
+and every section says when it ran, under what load and by which command.
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ SECTIONS = {
     "padding": ("bench_sections", "section_padding", "Padding waste on a LLaVA-mix-665K-like length mix", 600, 300),
     "data_prep": ("bench_sections", "section_data_prep", "Data preparation (prepare_dataset)", 2400, 600),
     "qlora": ("bench_memory", "section_qlora", "QLoRA memory: 4-bit vs full precision", 2400, 900),
+    "data_wait": ("bench_data_wait", "section_data_wait", "Data loading: time the step waits for the DataLoader",
+                  1200, 600),
     "generation": ("bench_sections", "section_generation", "Generation: chat and server", 1200, 600),
     "gpu": ("bench_train", "section_gpu", "GPU: 7B-shaped LLaVA QLoRA throughput and MFU", 3000, 600),
 }
@@ -113,8 +118,11 @@ def to_markdown(report: dict) -> str:
              f"trl {m['trl']}, bitsandbytes {m['bitsandbytes']}.", "",
              f"Command: `{report['command']}`; total {report['seconds']:.0f} s.", ""]
     for s in report["sections"]:
+        ran = ""
+        if s.get("ran_at"):
+            ran = f"; ran {s['ran_at']}, load average before {s.get('load_before')}, after {s.get('load_after')}"
         lines += [f"## {s['name']}: {s['title']}", "",
-                  f"Status: **{s['status']}** ({s.get('seconds', 0):.0f} s)", ""]
+                  f"Status: **{s['status']}** ({s.get('seconds', 0):.0f} s{ran})", ""]
         if s.get("error"):
             lines += ["```", s["error"].strip()[-1500:], "```", ""]
         if s["figures"]:
@@ -171,7 +179,10 @@ def main(argv=None) -> int:
               "sections": []}
     for name in names:
         print(f"[bench] {name} ...", flush=True)
+        load_before, when = load_average(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
         result = run_section(name, args.quick, args.timeout_scale)
+        # Each section keeps when it ran and how busy the machine was: a merged report mixes runs.
+        result.update(ran_at=when, load_before=load_before, load_after=load_average(), command=report["command"])
         print(f"[bench] {name}: {result['status']} in {result['seconds']:.0f} s", flush=True)
         report["sections"].append(result)
     report["seconds"] = round(time.perf_counter() - start, 1)
@@ -179,14 +190,41 @@ def main(argv=None) -> int:
     os.makedirs(args.results_dir, exist_ok=True)
     stem = time.strftime("%Y-%m-%d") + ("-quick" if args.quick else "")
     base = os.path.join(args.results_dir, stem)
-    with open(base + ".json", "w") as fh:
-        json.dump(report, fh, indent=1)
-    with open(base + ".md", "w") as fh:
-        fh.write(to_markdown(report))
+    if args.only:
+        report = merge_into_existing(base + ".json", report)
+    atomic_write(base + ".json", json.dumps(report, indent=1))
+    atomic_write(base + ".md", to_markdown(report))
     print()
     print_table(report)
     print(f"\nreport: {base}.md, {base}.json")
     return 0
+
+
+def merge_into_existing(path: str, report: dict) -> dict:
+    """`--only` runs update the day's report instead of replacing it: their sections replace the
+    same-named ones and the rest are kept (each section records its own time, load and command)."""
+    try:
+        with open(path) as fh:
+            old = json.load(fh)
+    except (OSError, ValueError):
+        return report
+    if old.get("quick") != report["quick"]:
+        return report
+    fresh = {s["name"]: s for s in report["sections"]}
+    kept = [s for s in old.get("sections", []) if s["name"] not in fresh]
+    order = {name: i for i, name in enumerate(SECTIONS)}
+    merged = dict(report, sections=sorted(kept + report["sections"], key=lambda s: order.get(s["name"], 99)))
+    merged["seconds"] = round(sum(s.get("seconds", 0) for s in merged["sections"]), 1)
+    merged["command"] = "; ".join(dict.fromkeys(s.get("command", old.get("command", "?"))
+                                                for s in merged["sections"]))
+    return merged
+
+
+def atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -83,3 +83,26 @@ def test_unknown_section_is_rejected():
     proc = subprocess.run([sys.executable, RUN, "--only", "nope"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "unknown section" in proc.stderr
+
+
+def test_only_run_updates_the_days_report_and_keeps_other_sections(tmp_path):
+    run = _import_run()
+
+    def sec(name, value, command):
+        return {"name": name, "title": name, "status": "ok", "seconds": 2.0, "command": command, "notes": [],
+                "error": None, "figures": [{"name": "f", "value": value, "unit": "u", "method": "m" * 12,
+                                            "target": None, "met": None}]}
+
+    path = tmp_path / "2026-01-01.json"
+    old = {"quick": False, "command": "python benchmarks/run.py",
+           "sections": [sec("train", 1.0, "python benchmarks/run.py"), sec("padding", 2.0, "python benchmarks/run.py")]}
+    path.write_text(json.dumps(old))
+    fresh = {"quick": False, "command": "python benchmarks/run.py --only qlora,padding", "seconds": 4.0,
+             "sections": [sec("padding", 3.0, "python benchmarks/run.py --only qlora,padding"),
+                          sec("qlora", 4.0, "python benchmarks/run.py --only qlora,padding")]}
+    merged = run.merge_into_existing(str(path), fresh)
+    assert [s["name"] for s in merged["sections"]] == ["train", "padding", "qlora"]  # suite order
+    assert [s["figures"][0]["value"] for s in merged["sections"]] == [1.0, 3.0, 4.0]  # padding replaced
+    assert merged["command"] == "python benchmarks/run.py; python benchmarks/run.py --only qlora,padding"
+    quick = dict(fresh, quick=True)
+    assert run.merge_into_existing(str(path), quick) is quick  # a quick run never mixes into a full report
