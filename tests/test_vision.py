@@ -87,7 +87,8 @@ def test_preprocess_and_mean(tiny_clip):
     assert px[0].mean() > 1.5 and px[1].mean() < -1.5  # normalised red
 
 
-def test_open_clip_tower_from_checkpoint(tmp_path):
+def _tiny_open_clip(tmp_path):
+    """A 3-block OpenCLIP ViT registered as 'TinyViT-test', saved to tmp_path/tiny.pt; returns the model."""
     import open_clip
 
     cfg = {"embed_dim": 16,
@@ -99,7 +100,11 @@ def test_open_clip_tower_from_checkpoint(tmp_path):
     torch.manual_seed(0)
     ref = open_clip.create_model("TinyViT-test")
     torch.save({"state_dict": ref.state_dict()}, tmp_path / "tiny.pt")
+    return ref
 
+
+def test_open_clip_tower_from_checkpoint(tmp_path):
+    ref = _tiny_open_clip(tmp_path)
     ve = load_visual_encoder(_cfg("TinyViT-test", open_clip_pretrained=str(tmp_path / "tiny.pt")))
     assert ve.kind == "open_clip" and ve.num_image_tokens == 16 and ve.hidden_size == 32
     pixel = torch.randn(2, 3, 32, 32)
@@ -130,3 +135,20 @@ def test_vision_lora_only_lora_trains(tiny_clip):
     assert first_block and all(p.grad is not None and p.grad.abs().sum() > 0 for p in first_block)
     off = apply_vision_lora(load_visual_encoder(_cfg(tiny_clip)), SimpleNamespace(enabled=False))
     assert not any("lora_" in n for n, _ in off.named_parameters())
+
+
+def test_open_clip_lora_trains_attention_and_mlp(tmp_path):
+    """OpenCLIP blocks use nn.MultiheadAttention, whose out_proj weight is read directly (a LoRA wrapped
+    around it would never run): every LoRA weight the tower gets must receive gradients."""
+    _tiny_open_clip(tmp_path)
+    ve = load_visual_encoder(_cfg("TinyViT-test", open_clip_pretrained=str(tmp_path / "tiny.pt")))
+    for p in ve.parameters():
+        p.requires_grad_(False)
+    ve = apply_vision_lora(ve, LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    lora_b = {n: p for n, p in ve.named_parameters() if p.requires_grad and "lora_B" in n}
+    assert any(".attn" in n for n in lora_b) and any(".mlp" in n for n in lora_b)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in ve.named_parameters())
+    ve(torch.randn(2, 3, 32, 32)).sum().backward()
+    used = {n: p for n, p in lora_b.items() if "resblocks.0." in n}  # block 0 feeds layer -2's features
+    dead = [n for n, p in used.items() if p.grad is None or p.grad.abs().sum() == 0]
+    assert used and not dead, f"LoRA weights without gradients: {dead}"

@@ -213,10 +213,23 @@ def apply_vision_lora(visual_encoder: VisualEncoder, lora_settings) -> VisualEnc
 
     if not getattr(lora_settings, "enabled", True):
         return visual_encoder
+    targets = lora_settings.target_modules
+    if visual_encoder.kind == "open_clip" and targets == "all-linear":
+        targets = _open_clip_lora_targets(visual_encoder.model)
     config = LoraConfig(r=lora_settings.r, lora_alpha=lora_settings.alpha, lora_dropout=lora_settings.dropout,
-                        target_modules=lora_settings.target_modules, bias="none")
+                        target_modules=targets, bias="none")
     try:
         visual_encoder.model = get_peft_model(visual_encoder.model, config)
     except ValueError as err:
         raise UserError(f"model.visual_encoder_lora: {err}") from None
     return visual_encoder
+
+
+def _open_clip_lora_targets(model: nn.Module) -> list:
+    """'all-linear' for an OpenCLIP tower: its nn.MultiheadAttention modules (PEFT's LoRA for them adapts
+    the fused in-projection and out_proj) plus every Linear outside them. A LoRA wrapped around the
+    attention's out_proj Linear alone would never run: MultiheadAttention reads out_proj.weight directly."""
+    attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    inside = tuple(a + "." for a in attention)
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(inside)]
+    return attention + linear
