@@ -23,7 +23,10 @@ What is compared (docs: benchmarks/results/*.md repeat this in each figure's met
   collator: real tokens (image tokens included, padding not), supervised tokens (labels != -100), padded
   positions. Both sides train the same samples, so the token totals are equal and the rates' ratio is the
   ratio of epoch times.
-- Runs alternate llava_ft, TRL, llava_ft, TRL..., each in a fresh process (peak RSS per run); medians.
+- A third side, llava_ft with length grouping off (random order, as TRL), splits the gain into the part
+  grouping brings and the part the rest of the engine brings.
+- Runs alternate llava_ft, TRL, llava_ft random, llava_ft, TRL, ..., each in a fresh process (peak RSS per
+  run); medians.
 """
 from __future__ import annotations
 
@@ -270,7 +273,7 @@ def summarize(timer, counter: CountingCollator, framework: str) -> dict:
 # the two sides (each runs in a fresh process: `bench_train.py --child llava_ft|trl --assets FILE --out FILE`)
 
 
-def run_llava_ft(assets: dict, work: str) -> dict:
+def run_llava_ft(assets: dict, work: str, grouped: bool = True) -> dict:
     from transformers import set_seed
 
     from llava_ft.engine.run import _training_arguments, build_train_data
@@ -280,6 +283,7 @@ def run_llava_ft(assets: dict, work: str) -> dict:
     s = assets["settings"]
     cfg = llava_ft_config(assets, s, work)
     cfg.model.pretrained_pth = assets["init_pth"]  # same projector/LoRA init as the exported model
+    cfg.train.group_by_length = grouped  # False: plain random order, to split grouping's gain from the rest
     set_seed(cfg.train.seed)
     model, tok = build_model(cfg, for_training=True)
     dataset, collator, _ = build_train_data(cfg, model, tok)
@@ -292,7 +296,7 @@ def run_llava_ft(assets: dict, work: str) -> dict:
     trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, data_collator=counter,
                              callbacks=[timer], llava_cfg=cfg, work_dir=os.path.join(work, "run_llava_ft"))
     trainer.train()
-    return summarize(timer, counter, "llava_ft")
+    return summarize(timer, counter, "llava_ft" if grouped else "llava_ft_random")
 
 
 def run_trl(assets: dict, work: str) -> dict:
@@ -343,7 +347,10 @@ def _child(which: str, assets_file: str, out: str) -> None:
     with open(assets_file) as fh:
         assets = json.load(fh)
     work = tempfile.mkdtemp(prefix=f"bench_train_{which}_", dir=os.path.dirname(assets_file))
-    result = (run_llava_ft if which == "llava_ft" else run_trl)(assets, work)
+    if which == "trl":
+        result = run_trl(assets, work)
+    else:
+        result = run_llava_ft(assets, work, grouped=which == "llava_ft")
     with open(out, "w") as fh:
         json.dump(result, fh)
 
@@ -360,9 +367,9 @@ def section_train(quick: bool = False) -> dict:
         assets_file = os.path.join(work, "assets.json")
         with open(assets_file, "w") as fh:
             json.dump(assets, fh)
-        runs: dict = {"llava_ft": [], "trl": []}
+        runs: dict = {"llava_ft": [], "trl": [], "llava_ft_random": []}
         for _ in range(s["repeats"]):
-            for which in ("llava_ft", "trl"):  # A B A B: drift of a shared machine hits both
+            for which in runs:  # A B C A B C: drift of a shared machine hits every side
                 runs[which].append(_run_side(which, assets_file, timeout=240 if quick else 900))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -374,7 +381,8 @@ def section_train(quick: bool = False) -> dict:
     common = (f"{dev}; batch {s['batch']} x accum {s['accum']}, one epoch of {s['steps']} steps per run, whole-epoch "
               f"wall time incl. data loading and step 1; median of {s['repeats']} alternating runs")
     figs = []
-    for w, label in (("llava_ft", "llava_ft (length-grouped)"), ("trl", "TRL SFTTrainer (random)")):
+    for w, label in (("llava_ft", "llava_ft (length-grouped)"), ("trl", "TRL SFTTrainer (random)"),
+                     ("llava_ft_random", "llava_ft (random order)")):
         figs += [
             figure(f"{label}: tokens/s", med[w]["tokens_per_s"], "tokens/s",
                    "real tokens (text + image features, no padding) / epoch seconds; " + common),
@@ -389,6 +397,10 @@ def section_train(quick: bool = False) -> dict:
                    "peak RSS of the run's own process (ru_maxrss), model load included" if not has_gpu()
                    else "torch.cuda.max_memory_allocated of the run's process"),
         ]
+    figs.append(figure("llava_ft random order / TRL tokens/s",
+                       med["llava_ft_random"]["tokens_per_s"] / med["trl"]["tokens_per_s"], "x",
+                       "the same ratio with llava_ft's length grouping off (train.group_by_length=false): the part of "
+                       "the gain that does not come from grouping"))
     figs.append(figure("llava_ft / TRL tokens/s", ratio, "x",
                        "ratio of the medians above (same model weights, data, batch, precision, steps; equal token "
                        "totals, so this is TRL's epoch time / llava_ft's)",
@@ -438,7 +450,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--child", choices=("llava_ft", "trl"))
+    ap.add_argument("--child", choices=("llava_ft", "llava_ft_random", "trl"))
     ap.add_argument("--assets")
     ap.add_argument("--out")
     args = ap.parse_args()
