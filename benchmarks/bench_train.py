@@ -422,10 +422,10 @@ def section_train(quick: bool = False) -> dict:
         "tokenizing the chat template as one string in TRL vs per segment in llava_ft/XTuner).",
         "Where the difference comes from: positions the model ran over per epoch (real + padding) llava_ft "
         f"{median([r['epoch_totals']['padded'] for r in runs['llava_ft']]):,.0f} vs TRL "
-        f"{median([r['epoch_totals']['padded'] for r in runs['trl']]):,.0f}; the rest is per-step overhead "
-        "(TRL's processor collator decodes and preprocesses images in the training process; llava_ft's dataset "
-        "does it lazily per sample).",
-        "TRL also computes entropy and token accuracy of every batch for its logs (its default); llava_ft does not.",
+        f"{median([r['epoch_totals']['padded'] for r in runs['trl']]):,.0f}. llava_ft in random order pads as much as "
+        "TRL, so its ratio to TRL is the part not due to grouping (per-step work: TRL's processor collator "
+        "preprocesses images in the training process and it computes entropy/accuracy of every batch); "
+        "grouped / random order is grouping's part.",
         "Per-run step seconds: " + "; ".join(f"{r['framework']} {r['step_seconds']}" for rs in zip(*runs.values())
                                              for r in rs),
     ]
