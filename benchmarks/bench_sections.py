@@ -221,14 +221,15 @@ def _gpu() -> bool:
     return has_gpu()
 
 
-def _server_figures(model_dir: str, quick: bool) -> list:
+def _load_server(model_dir: str, max_batch: int, clients: int, duration: float, max_tokens: int):
+    """Start `llava_ft serve` in its own process, warm it up, run the load, stop it; the LoadReport."""
     from bench_serve import free_port, stop_server, wait_healthy
     from serve.loadtest import run_load
 
-    clients, duration, max_tokens = (2, 4.0, 8) if quick else (8, 20.0, 32)
     port = free_port()
     cmd = [sys.executable, "-m", "llava_ft", "serve", model_dir, "--port", str(port), "--model-name", "bench",
-           "--max-queue", "16", "--log-level", "warning", "--prompt-template", "qwen_chat"]
+           "--max-queue", "16", "--max-batch", str(max_batch), "--log-level", "warning",
+           "--prompt-template", "qwen_chat"]
     if not _gpu():
         cmd += ["--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -236,20 +237,33 @@ def _server_figures(model_dir: str, quick: bool) -> list:
     try:
         wait_healthy(url, proc, timeout_s=240)
         run_load(url, model="bench", clients=1, duration_s=1.0, max_tokens=2)  # warm-up
-        rep = run_load(url, model="bench", clients=clients, duration_s=duration, max_tokens=max_tokens)
+        return run_load(url, model="bench", clients=clients, duration_s=duration, max_tokens=max_tokens)
     finally:
         stop_server(proc)
-    p = rep.percentile
+
+
+def _server_figures(model_dir: str, quick: bool) -> list:
+    clients, duration, max_tokens = (2, 4.0, 8) if quick else (8, 20.0, 32)
     how = (f"serve.loadtest.run_load: {clients} loopback clients back to back for {duration:.0f} s (half streaming), "
-           f"max_tokens {max_tokens}, `llava_ft serve` in its own process")
-    ok_rate = rep.ok / max(rep.duration_s, 1e-9)
-    figs = [figure("server: requests/s", ok_rate, "req/s", how + f"; status counts {dict(rep.status_counts)}, "
-                   f"transport errors {len(rep.errors)}"),
-            figure("server: completion tokens/s", rep.completion_tokens / max(rep.duration_s, 1e-9), "tokens/s", how)]
-    for q in (50, 90, 99):
-        figs.append(figure(f"server: latency p{q}", 1000 * p(rep.latencies_s, q), "ms",
-                           "full answer received, successful requests; " + how))
-    figs.append(figure("server: first token p50 (stream)", 1000 * p(rep.first_token_s, 50), "ms", how))
+           f"max_tokens {max_tokens}, greedy, `llava_ft serve` in its own process")
+    figs = []
+    rates = {}
+    for max_batch in (8, 1):  # batched (the default) vs one request at a time
+        rep = _load_server(model_dir, max_batch, clients, duration, max_tokens)
+        p = rep.percentile
+        tag = f"--max-batch {max_batch}"
+        rates[max_batch] = rep.ok / max(rep.duration_s, 1e-9)
+        figs += [figure(f"server ({tag}): requests/s", rates[max_batch], "req/s",
+                        how + f"; status counts {dict(rep.status_counts)}, transport errors {len(rep.errors)}"),
+                 figure(f"server ({tag}): completion tokens/s", rep.completion_tokens / max(rep.duration_s, 1e-9),
+                        "tokens/s", how)]
+        for q in (50, 90, 99):
+            figs.append(figure(f"server ({tag}): latency p{q}", 1000 * p(rep.latencies_s, q), "ms",
+                               "full answer received, successful requests; " + how))
+        figs.append(figure(f"server ({tag}): first token p50 (stream)", 1000 * p(rep.first_token_s, 50), "ms", how))
+    figs.append(figure("server: batched / one at a time requests/s", rates[8] / max(rates[1], 1e-9), "x",
+                       "ratio of the two requests/s above: requests waiting together with the same sampling "
+                       "settings share one generate call"))
     return figs
 
 

@@ -11,7 +11,8 @@ Routes: `POST /v1/chat/completions` (OpenAI schema, `stream: true` -> server-sen
 400 malformed JSON/schema or undecodable image, 401 missing/wrong key, 403 image path outside the image dir
 or remote image while disabled, 404 unknown model, 413 body/image/pixel count over the limits, 503 queue full
 (with Retry-After). Generation runs in one thread (`serve.worker`); a request waits in a bounded line and
-gives its place up when the client disconnects.
+gives its place up when the client disconnects; requests that wait together with the same sampling
+settings are answered in one batched generate call (up to `max_batch`), each still streamed on its own.
 """
 from __future__ import annotations
 
@@ -89,13 +90,13 @@ def _chunk(cid: str, created: int, model: str, delta: dict, finish_reason=None, 
 
 
 def create_app(chat_model, model_name: str, api_key: Optional[str] = None, max_queue: int = 16,
-               image_dir: Optional[str] = None, allow_remote_images: bool = False,
+               max_batch: int = 8, image_dir: Optional[str] = None, allow_remote_images: bool = False,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_images: int = DEFAULT_MAX_IMAGES) -> FastAPI:
     """Build the app around a loaded `ChatModel` (see docs/architecture.md, Inference)."""
     from llava_ft.inference import GenerationSettings
 
-    worker = GenerationWorker(chat_model, max_queue=max_queue)
+    worker = GenerationWorker(chat_model, max_queue=max_queue, max_batch=max_batch)
     loader = ImageLoader(image_dir=image_dir, allow_remote=allow_remote_images,
                          max_bytes=min(max_image_bytes, max_body_bytes), max_pixels=max_image_pixels)
     created_at = int(time.time())

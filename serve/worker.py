@@ -2,8 +2,11 @@
 
 `serve.app` creates one `GenerationWorker(chat_model, max_queue)` per app. Each request becomes a `Job`;
 `submit(job)` puts it in line or raises ApiError 503 (with Retry-After) when `max_queue` jobs already wait.
-The thread runs jobs one at a time (one model, no batching: generation on one model is not thread-safe)
-and sends events back to the request's event loop:
+The thread owns the model (generation on one model is not thread-safe). When it is free it takes the
+first waiting job plus up to `max_batch - 1` more waiting jobs with the same sampling settings
+(`batch_stream.batch_key`) and answers them in one batched generate call (`ChatModel.stream_batch`); a
+lone job, or one with a seed, goes through `stream_chat` as before. It sends events back to each
+request's event loop:
     ("delta", str)   a piece of the answer
     ("done", Usage)  finished; token counts and finish_reason
     ("error", ApiError)
@@ -19,7 +22,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from serve.errors import ApiError
 
@@ -54,15 +57,17 @@ class Job:
 
 
 class GenerationWorker:
-    def __init__(self, chat_model, max_queue: int = 16):
+    def __init__(self, chat_model, max_queue: int = 16, max_batch: int = 8):
         self.model = chat_model
         self.max_queue = max(0, int(max_queue))
+        self.max_batch = max(1, int(max_batch))
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
-        self._running: Optional[Job] = None
+        self._running: list[Job] = []
         self._stopping = False
-        self._avg_job_s = 2.0  # running mean of job time, for Retry-After
+        self._avg_job_s = 2.0  # running mean of one batch's time, for Retry-After
         self.completed = 0
+        self.largest_batch = 0
         self._thread = threading.Thread(target=self._loop, name="llava_ft-serve-generation", daemon=True)
 
     # --- request side ----------------------------------------------------------------------------
@@ -77,8 +82,8 @@ class GenerationWorker:
             for job in self._waiting:
                 job.cancelled.set()
             self._waiting.clear()
-            if self._running is not None:
-                self._running.cancelled.set()
+            for job in self._running:
+                job.cancelled.set()
             self._cv.notify_all()
         self._thread.join(timeout=30)
 
@@ -88,18 +93,19 @@ class GenerationWorker:
 
     def stats(self) -> dict:
         with self._cv:
-            return {"waiting": len(self._waiting), "max_queue": self.max_queue,
-                    "busy": self._running is not None, "completed": self.completed}
+            return {"waiting": len(self._waiting), "max_queue": self.max_queue, "busy": bool(self._running),
+                    "running": len(self._running), "max_batch": self.max_batch, "largest_batch": self.largest_batch,
+                    "completed": self.completed}
 
     def retry_after_s(self) -> int:
         with self._cv:
-            ahead = len(self._waiting) + (self._running is not None)
-        return max(1, math.ceil(self._avg_job_s * ahead))
+            batches_ahead = math.ceil(len(self._waiting) / self.max_batch) + bool(self._running)
+        return max(1, math.ceil(self._avg_job_s * batches_ahead))
 
     def submit(self, job: Job) -> None:
         with self._cv:
             # Full when max_queue jobs wait behind a running one; an idle worker always takes one job.
-            if len(self._waiting) >= self.max_queue and (self._running is not None or self._waiting):
+            if len(self._waiting) >= self.max_queue and (self._running or self._waiting):
                 full = True
             else:
                 full = False
@@ -126,19 +132,74 @@ class GenerationWorker:
                     self._cv.wait()
                 if self._stopping:
                     return
-                job = self._waiting.popleft()
-                self._running = job
+                jobs = self._take_batch()
+                self._running = jobs
+                self.largest_batch = max(self.largest_batch, len(jobs))
             started = time.monotonic()
             try:
-                self._run(job)
+                if len(jobs) == 1:
+                    self._run(jobs[0])
+                else:
+                    self._run_batch(jobs)
             except BaseException as err:  # noqa: BLE001 - the thread must survive anything a request causes
                 log.exception("generation failed")
-                job.emit("error", _model_error(err))
+                for job in jobs:
+                    job.emit("error", _model_error(err))
             finally:
                 with self._cv:
-                    self._running = None
-                    self.completed += 1
+                    self._running = []
+                    self.completed += len(jobs)
                 self._avg_job_s = 0.8 * self._avg_job_s + 0.2 * (time.monotonic() - started)
+
+    def _take_batch(self) -> list:
+        """The first waiting job and, if it can share a generate call, up to max_batch - 1 more like it
+        (same sampling settings, no seed), in arrival order; the others keep their places. Holds _cv."""
+        from llava_ft.inference.batch_stream import batch_key
+
+        first = self._waiting.popleft()
+        key = batch_key(first.settings) if self.max_batch > 1 else None
+        if key is None or not hasattr(self.model, "stream_batch"):
+            return [first]
+        jobs, keep = [first], collections.deque()
+        while self._waiting and len(jobs) < self.max_batch:
+            job = self._waiting.popleft()
+            (jobs if batch_key(job.settings) == key else keep).append(job)
+        self._waiting.extendleft(reversed(keep))
+        return jobs
+
+    def _run_batch(self, jobs: list) -> None:
+        from llava_ft.inference.batch_stream import StreamRequest
+
+        live = [job for job in jobs if not job.cancelled.is_set()]
+        if not live:
+            return
+        streamed = []
+
+        def sender(job):
+            def send(delta: str) -> None:
+                streamed.append(True)
+                job.emit("delta", delta)
+            return send
+
+        requests = [StreamRequest(job.messages, job.images, job.settings, on_delta=sender(job),
+                                  cancelled=job.cancelled.is_set) for job in live]
+        try:
+            results = self.model.stream_batch(requests)
+        except Exception:
+            if streamed:
+                raise  # text already went out: every job of the batch gets the error
+            # Most failures come from one request (a prompt too long, an image the model rejects) and are
+            # raised before any token: answer the jobs one by one, so only that request gets the error.
+            for job in live:
+                try:
+                    self._run(job)
+                except Exception as err:  # noqa: BLE001
+                    job.emit("error", _model_error(err))
+            return
+        for job, result in zip(live, results):
+            if result is not None and not job.cancelled.is_set():
+                job.emit("done", Usage(int(result.prompt_tokens), int(result.completion_tokens),
+                                       "length" if result.finish_reason == "length" else "stop"))
 
     def _run(self, job: Job) -> None:
         if job.cancelled.is_set():

@@ -46,6 +46,45 @@ def test_batch_with_left_padding_equals_single_prompts(text_model):
     assert [r.text for r in batched] == [text_model.chat(m, settings=GREEDY).text for m, _ in convs]
 
 
+def test_stream_batch_streams_each_row_like_a_single_answer(text_model, llava_pth, tmp_path):
+    """One batched generate call (what the server does with concurrent requests): each row streams exactly
+    the answer, token count and finish reason a lone request gets, with its own max_new_tokens and stops."""
+    from llava_ft.inference.batch_stream import StreamRequest
+
+    full = text_model.chat(Q, settings=GREEDY).text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    rows = [(Q, GREEDY),
+            ([{"role": "user", "content": "Tell me about yourself, please, in detail."}],
+             GenerationSettings(max_new_tokens=5, temperature=0.0)),
+            (Q, GenerationSettings(max_new_tokens=12, temperature=0.0, stop=(stop,))),
+            ([{"role": "user", "content": "Hi"}], GenerationSettings(max_new_tokens=20, temperature=0.0))]
+    parts: list = [[] for _ in rows]
+    requests = [StreamRequest(m, [], st, on_delta=parts[i].append) for i, (m, st) in enumerate(rows)]
+    results = text_model.stream_batch(requests)
+    for (m, st), got, streamed in zip(rows, results, parts):
+        alone = text_model.chat(m, settings=st)
+        assert (got.text, got.completion_tokens, got.finish_reason, got.prompt_tokens) == (
+            alone.text, alone.completion_tokens, alone.finish_reason, alone.prompt_tokens)
+        assert "".join(streamed) == got.text and len(streamed) >= 1
+    assert stop not in "".join(parts[2]) and results[2].finish_reason == "stop"
+    assert results[1].completion_tokens == 5 and results[1].finish_reason == "length"
+
+    # LLaVA rows with images, and a row cancelled before it starts (None, nothing streamed)
+    cm = load_chat_model(llava_pth)
+    img = tmp_path / "red.png"
+    draw_shape("red", "circle", random.Random(0), 40).save(img)
+    ask = [{"role": "user", "content": "<image>\nWhat colour?"}]
+    gone: list = []
+    got = cm.stream_batch([StreamRequest(ask, [str(img)], GREEDY, on_delta=lambda d: None),
+                           StreamRequest(Q, [], GREEDY, on_delta=lambda d: None),
+                           StreamRequest(Q, [], GREEDY, on_delta=gone.append, cancelled=lambda: True)])
+    assert got[0].text == cm.chat(ask, [str(img)], GREEDY).text and got[1].text == cm.chat(Q, [], GREEDY).text
+    assert got[2] is None and gone == []
+    with pytest.raises(ValueError, match="same sampling settings"):
+        cm.stream_batch([StreamRequest(Q, [], GREEDY, print),
+                         StreamRequest(Q, [], GenerationSettings(temperature=0.7), print)])
+
+
 def test_stop_word_ends_answer_and_is_never_streamed(text_model):
     full = text_model.chat(Q, settings=GREEDY).text
     stop = full[len(full) // 2:len(full) // 2 + 3]

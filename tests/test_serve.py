@@ -490,6 +490,37 @@ def test_full_queue_is_503_and_disconnects_free_slots(endless_model):
         assert ok.status_code == 200, ok.text
 
 
+def test_requests_waiting_together_are_answered_in_one_batch(endless_model):
+    """Requests that queue up behind a running one are answered together, each with its own answer."""
+    prompts = ["Hi", "What shape is it?", "Tell me about yourself, please, in detail."]
+    expected = [endless_model.chat([{"role": "user", "content": p}], settings=GenerationSettings(
+        max_new_tokens=6 + i, temperature=0)).text for i, p in enumerate(prompts)]
+    with serve_in_thread(create_app(endless_model, "q", max_queue=8, max_batch=4)) as url:
+        stats = lambda: httpx.get(url + "/health").json()["queue"]  # noqa: E731
+        running, head = _open_stream(url)  # holds the generation thread
+        assert head.startswith("HTTP/1.1 200"), head
+        answers: dict = {}
+
+        def ask(i: int) -> None:
+            answers[i] = client(url).chat.completions.create(
+                model="q", messages=[{"role": "user", "content": prompts[i]}], max_tokens=6 + i, temperature=0,
+                stream=i == 1)  # streaming and plain requests share a batch
+            if i == 1:
+                answers[i] = "".join(c.choices[0].delta.content or "" for c in answers[i])
+            else:
+                answers[i] = answers[i].choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        assert _wait_for(lambda: stats()["waiting"] == 3), stats()
+        running.close()  # frees the thread: the three waiting requests go in together
+        for t in threads:
+            t.join(timeout=120)
+        assert [answers.get(i) for i in range(3)] == expected
+        assert stats()["largest_batch"] == 3
+
+
 @pytest.mark.slow
 def test_load_16_clients_30s(text_model):
     from serve.loadtest import run_load

@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $LLAVA_FT_API_KEY, else none)")
     parser.add_argument("--max-queue", type=int, default=16,
                         help="requests that may wait behind the running one; more get 503 + Retry-After")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="answer up to this many waiting requests with the same sampling settings in one "
+                             "batched generate call (1: one request at a time)")
     parser.add_argument("--image-dir", help="allow local image paths, but only inside this folder")
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="let requests name http(s) image URLs that the server then fetches")
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
                                  prompt_template=args.prompt_template, device=args.device)
     name = args.model_name or os.path.basename(os.path.normpath(args.llava or args.adapter or args.model))
     mib = 1024 * 1024
-    app = create_app(chat_model, name, api_key=args.api_key, max_queue=args.max_queue, image_dir=args.image_dir,
+    app = create_app(chat_model, name, api_key=args.api_key, max_queue=args.max_queue, max_batch=args.max_batch,
+                     image_dir=args.image_dir,
                      allow_remote_images=args.allow_remote_images, max_body_bytes=int(args.max_body_mb * mib),
                      max_image_bytes=int(args.max_image_mb * mib), max_image_pixels=args.max_image_pixels)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host

@@ -18,7 +18,7 @@ never shown: streamed text is held back while it could still be the start of a s
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -347,6 +347,41 @@ class ChatModel:
                 text = self._decode_answer(row, stops)
                 results.append(ChatResult(text, p.length, len(row),
                                           self._finish_reason(row, text, stops, settings)))
+        return results
+
+    def stream_batch(self, requests: Sequence) -> list:
+        """Answer several `batch_stream.StreamRequest`s in one left-padded generate call, streaming each
+        row's text to its `on_delta` as it is generated; one ChatResult per request (None if cancelled).
+        All requests must share `batch_stream.batch_key(settings)` (sampling settings, no seed)."""
+        from llava_ft.inference.batch_stream import RowStreamer, batch_key
+
+        if len({batch_key(r.settings) for r in requests}) != 1 or batch_key(requests[0].settings) is None:
+            raise ValueError("stream_batch needs requests with the same sampling settings and no seed")
+        prompts = [self.encode(r.messages, r.images) for r in requests]
+        for p, r in zip(prompts, requests):
+            self._check_fits(p, r.settings)
+        max_new = [int(r.settings.max_new_tokens) for r in requests]
+        kw = self._gen_kwargs(requests[0].settings)
+        kw.pop("stop_strings", None)  # per row, in the streamer: rows have different stop words
+        kw.pop("tokenizer", None)
+        kw["max_new_tokens"] = max(max_new)
+        streamer = RowStreamer(self.tokenizer, [self.stop_words + tuple(r.settings.stop or ()) for r in requests],
+                               max_new, kw["eos_token_id"] or [], [r.on_delta for r in requests],
+                               [r.cancelled for r in requests])
+        from transformers import StoppingCriteriaList
+
+        kw["stopping_criteria"] = StoppingCriteriaList([streamer.rows_done])
+        inputs = self._to_model_inputs(prompts)
+        with self._lock:
+            self._generate(inputs, streamer=streamer, **kw)
+        results = []
+        for i, (p, r) in enumerate(zip(prompts, requests)):
+            if r.cancelled():
+                results.append(None)
+                continue
+            ids = streamer.tokens[i]
+            stopped = streamer.hit_stop[i] or (ids and ids[-1] in (kw["eos_token_id"] or [])) or len(ids) < max_new[i]
+            results.append(ChatResult(streamer.texts[i], p.length, len(ids), "stop" if stopped else "length"))
         return results
 
     def _decode_answer(self, ids: list, stops: Sequence[str]) -> str:
