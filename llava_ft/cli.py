@@ -65,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"llava_ft: unknown command '{name}'.{hint} Commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    try:
+        from llava_ft.versions import check_versions
+
+        check_versions()  # before any heavy import: a wrong transformers fails here, in one sentence
+    except UserError as err:
+        print(f"llava_ft {name}: error: {err}", file=sys.stderr)
+        return 2
     module = importlib.import_module(f"llava_ft.commands.{COMMANDS[name][0]}")
     parser = argparse.ArgumentParser(prog=f"llava_ft {name}", description=COMMANDS[name][1])
     parser.set_defaults(command=name)

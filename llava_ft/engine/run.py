@@ -167,6 +167,10 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
     check_phase(cfg, command)
     work_dir = str(work_dir or default_work_dir(cfg))
     ds_config = resolve_deepspeed(deepspeed)
+    if ds_config is not None:
+        from llava_ft.versions import check_versions
+
+        check_versions(("deepspeed",))
     resume_from = ckpt.resolve_resume(resume, work_dir)
     # The process group opens before model and data: the data barrier below needs it (distributed.py).
     dist.init_distributed(use_deepspeed=ds_config is not None)
