@@ -187,69 +187,129 @@ def _peak_tflops() -> float | None:
     return None
 
 
-def gpu_qlora_throughput(quick: bool = False) -> dict:
-    """7B-shaped (Llama-2-7B dims) QLoRA runs through run_training: text unpacked vs packed, sdpa vs flash."""
+# Llama-2-7B LLM + CLIP ViT-L/14-336 (LLaVA-1.5-7B's shapes); tests pass tiny ones to run the logic on CPU.
+SHAPE_7B = dict(hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32, vocab=32000,
+                vis_hidden=1024, vis_inter=4096, vis_layers=24, vis_heads=16, image=336, patch=14)
+
+
+def _build_gpu_assets(work: str, shape: dict, device: str, n_records: int) -> dict:
+    """Random-init LLM and CLIP tower of `shape` (HF folders), text and LLaVA-mix-like data."""
+    import random
+
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
+                              LlamaForCausalLM)
 
     from bench_data_prep import synth_rows
+    from bench_train import make_records
+    from llava_ft.demo import assets as demo
+
+    tok_dir = demo.build_tokenizer(os.path.join(work, "tok"))
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["inter"], num_hidden_layers=shape["layers"],
+                      num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+                      vocab_size=shape["vocab"], max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    out = {"llm": os.path.join(work, "llm"), "clip": os.path.join(work, "clip"), "images": os.path.join(work, "img")}
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).to(dtype)
+    out["n_params"] = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(out["llm"])
+    tok.save_pretrained(out["llm"])
+    del model
+    vcfg = CLIPVisionConfig(hidden_size=shape["vis_hidden"], intermediate_size=shape["vis_inter"],
+                            num_hidden_layers=shape["vis_layers"], num_attention_heads=shape["vis_heads"],
+                            image_size=shape["image"], patch_size=shape["patch"], projection_dim=shape["vis_hidden"])
+    with torch.device(device):
+        tower = CLIPVisionModel(vcfg).to(dtype)
+    tower.save_pretrained(out["clip"])
+    side = shape["image"]
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(out["clip"])
+    del tower
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    out["text"] = os.path.join(work, "text.jsonl")
+    with open(out["text"], "w") as fh:
+        for row in synth_rows(max(n_records, 64)):
+            fh.write(json.dumps(row) + "\n")
+    os.makedirs(out["images"])
+    rng = random.Random(0)
+    for i in range(16):
+        demo.draw_shape(list(demo.COLOURS)[i % len(demo.COLOURS)], demo.SHAPES[i % 3], rng, size=384).save(
+            os.path.join(out["images"], f"img_{i:03d}.png"))
+    num_image_tokens = (side // shape["patch"]) ** 2
+    out["llava"] = os.path.join(work, "llava.json")
+    scale = num_image_tokens / 576  # the LLaVA-mix length model, scaled to this tower's image tokens
+    with open(out["llava"], "w") as fh:
+        json.dump(make_records(tok, n_records, scale, num_image_tokens, 2048, 16), fh)
+    return out
+
+
+def gpu_qlora_throughput(quick: bool = False, device: str = "cuda", shape: dict | None = None,
+                         steps: int | None = None) -> dict:
+    """7B-shaped QLoRA through run_training: text unpacked vs packed and a LLaVA finetune, sdpa vs flash.
+
+    `device`/`shape`/`steps` exist so a CPU test can run this very code with tiny shapes (no GPU figures)."""
+    import torch
+
     from llava_ft.config import Config, DataConfig, DataSource, LoraSettings, ModelConfig, TrainConfig
-    from llava_ft.demo.assets import build_tokenizer
     from llava_ft.engine.run import run_training
 
+    shape = dict(shape or SHAPE_7B)
+    if quick and shape["layers"] > 4:
+        shape["layers"] = 4
+    steps = steps or (5 if quick else 20)
+    gpu = device.startswith("cuda")
     work = tempfile.mkdtemp(prefix="bench_gpu_")
     figs, notes = [], []
     try:
-        tok_dir = build_tokenizer(os.path.join(work, "tok"))
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-        layers = 4 if quick else 32
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        with torch.device("cuda"):
-            torch.manual_seed(0)
-            model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-        n_params = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(os.path.join(work, "llm"))
-        tok.save_pretrained(os.path.join(work, "llm"))
-        del model
-        torch.cuda.empty_cache()
-        data = os.path.join(work, "data.jsonl")
-        with open(data, "w") as fh:
-            for row in synth_rows(4000):
-                fh.write(json.dumps(row) + "\n")
-        peak = _peak_tflops()
-        if importlib.util.find_spec("flash_attn") is not None:
+        assets = _build_gpu_assets(work, shape, device, n_records=steps * 8)
+        n_params = assets["n_params"]
+        peak = _peak_tflops() if gpu else None
+        if gpu and importlib.util.find_spec("flash_attn") is not None:
             attns = ("sdpa", "flash_attention_2")
         else:
             attns = ("sdpa",)
-            notes.append("flash-attn not installed: flash_attention_2 runs skipped.")
-        steps = 5 if quick else 20
+            notes.append("flash-attn not installed (or no GPU): flash_attention_2 runs skipped.")
+        arms = (("text, unpacked batch 8", "text", False, 8), ("text, packed 2048", "text", True, 1),
+                ("LLaVA finetune, grouped batch 4", "llava", False, 4))
         for attn in attns:
-            for pack in (False, True):
-                c = Config(name=f"gpu_{attn}_{pack}", phase="sft",
-                           model=ModelConfig(llm=os.path.join(work, "llm"), quantization="4bit", dtype="bf16",
-                                             attn_implementation=attn, gradient_checkpointing=True,
-                                             llm_lora=LoraSettings(enabled=True, r=64, alpha=16, dropout=0.05)),
-                           data=DataConfig(sources=[DataSource(path=data, format="openai")], template="qwen_chat",
-                                           max_length=2048, pack_to_max_length=pack,
-                                           cache_dir=os.path.join(work, "cache")),
-                           train=TrainConfig(per_device_batch_size=1 if pack else 8, max_steps=steps, logging_steps=1,
-                                             save_steps=100_000))
-                res = run_training(c, work_dir=os.path.join(work, c.name))
-                rates = [h["tokens_per_s"] for h in res.log_history if "tokens_per_s" in h][1:]
+            for label, kind, pack, batch in arms:
+                name = f"gpu_{attn}_{kind}_{'packed' if pack else 'unpacked'}"
+                model = ModelConfig(llm=assets["llm"], quantization="4bit", dtype="auto", attn_implementation=attn,
+                                    gradient_checkpointing=True,
+                                    llm_lora=LoraSettings(enabled=True, r=64, alpha=16, dropout=0.05))
+                if kind == "llava":
+                    model.visual_encoder, model.projector_depth = assets["clip"], 2
+                    source = DataSource(path=assets["llava"], format="llava", image_folder=assets["images"])
+                else:
+                    source = DataSource(path=assets["text"], format="openai")
+                c = Config(name=name, phase="finetune" if kind == "llava" else "sft", model=model,
+                           data=DataConfig(sources=[source], template="qwen_chat", max_length=2048,
+                                           pack_to_max_length=pack, cache_dir=os.path.join(work, "cache")),
+                           train=TrainConfig(per_device_batch_size=batch, max_steps=steps, logging_steps=1,
+                                             save_steps=100_000, dataloader_num_workers=2 if gpu else 0))
+                res = run_training(c, work_dir=os.path.join(work, name))
+                rates = [h["tokens_per_s"] for h in res.log_history if h.get("tokens_per_s")][1:]
                 tps = sorted(rates)[len(rates) // 2] if rates else float("nan")
-                label = f"{attn}, {'packed 2048' if pack else 'unpacked batch 8'}"
-                figs.append(figure(f"7B-shaped QLoRA {label}: tokens/s", tps, "tokens/s",
-                                   f"run_training, {steps} steps, median of per-step tokens_per_s after the first; "
-                                   "gradient checkpointing on, NF4 double quant, LoRA r64"))
+                figs.append(figure(f"7B-shaped QLoRA {label} ({attn}): tokens/s", tps, "tokens/s",
+                                   f"run_training on {device}, {steps} steps, median of per-step tokens_per_s after "
+                                   "the first; gradient checkpointing on, NF4 double quant, LoRA r64"))
                 if peak:
-                    figs.append(figure(f"7B-shaped QLoRA {label}: MFU", 100 * 6 * n_params * tps / (peak * 1e12), "%",
-                                       f"6 x {n_params / 1e9:.2f} B params x tokens/s / {peak:.0f} TFLOPs bf16 dense peak "
-                                       "(PaLM convention; a frozen 4-bit base does ~2/3 of that work)"))
-        notes.append(f"Model: random-init Llama-2-7B dims ({layers} layers{' -- quick: 4 of 32' if quick else ''}), "
-                     f"{n_params / 1e9:.2f} B params; text data (bench_data_prep.synth_rows) because llava_ft packs "
-                     "text-only runs; untested on this project's CPU machines.")
+                    figs.append(figure(f"7B-shaped QLoRA {label} ({attn}): MFU", 100 * 6 * n_params * tps / (peak * 1e12),
+                                       "%", f"6 x {n_params / 1e9:.2f} B LLM params x tokens/s / {peak:.0f} TFLOPs bf16 "
+                                       "dense peak (PaLM convention; a frozen 4-bit base does ~2/3 of that work)"))
+                if gpu:
+                    figs.append(figure(f"7B-shaped QLoRA {label} ({attn}): peak GPU memory",
+                                       torch.cuda.max_memory_allocated() / 2**30, "GiB",
+                                       "torch.cuda.max_memory_allocated since the section started (cumulative)"))
+        notes.append(f"Model: random-init Llama-2-7B dims ({shape['layers']} layers"
+                     f"{' -- quick: 4 of 32' if quick else ''}), {n_params / 1e9:.2f} B LLM params; LLaVA arm adds a "
+                     f"CLIP tower ({shape['vis_layers']} layers, {shape['image']} px / patch {shape['patch']}) + "
+                     "2-layer projector, LLaVA-mix-like records (bench_train.make_records); text data is "
+                     "bench_data_prep.synth_rows.")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return section("gpu", "GPU: 7B-shaped QLoRA throughput and MFU", figs, notes)

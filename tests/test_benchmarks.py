@@ -106,3 +106,21 @@ def test_only_run_updates_the_days_report_and_keeps_other_sections(tmp_path):
     assert merged["command"] == "python benchmarks/run.py; python benchmarks/run.py --only qlora,padding"
     quick = dict(fresh, quick=True)
     assert run.merge_into_existing(str(path), quick) is quick  # a quick run never mixes into a full report
+
+
+@pytest.mark.slow
+def test_gpu_section_code_runs_on_cpu_with_tiny_shapes():
+    """The GPU section has no GPU here; its own code (assets, three arms through run_training, figures) runs
+    on CPU with tiny shapes so it does not fail for the first time on a lent GPU."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_memory  # noqa: PLC0415
+
+    tiny = dict(hidden=64, inter=128, layers=2, heads=4, kv_heads=2, vocab=1024, vis_hidden=32, vis_inter=64,
+                vis_layers=2, vis_heads=4, image=32, patch=8)
+    result = bench_memory.gpu_qlora_throughput(quick=True, device="cpu", shape=tiny, steps=3)
+    assert result["status"] == "ok"
+    names = [f["name"] for f in result["figures"]]
+    assert len(names) == 3 and any("LLaVA finetune" in n for n in names) and any("packed" in n for n in names)
+    for fig in result["figures"]:
+        _check_figure(fig)
+        assert fig["value"] > 0
