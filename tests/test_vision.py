@@ -152,3 +152,31 @@ def test_open_clip_lora_trains_attention_and_mlp(tmp_path):
     used = {n: p for n, p in lora_b.items() if "resblocks.0." in n}  # block 0 feeds layer -2's features
     dead = [n for n, p in used.items() if p.grad is None or p.grad.abs().sum() == 0]
     assert used and not dead, f"LoRA weights without gradients: {dead}"
+
+
+def test_open_clip_vision_lora_survives_the_xtuner_export(tmp_path, tiny_llama):
+    """A LLaVA run with LoRA on an OpenCLIP tower exports (XTuner layout) and loads back with the same image
+    features as the checkpoint; without the adapter they differ (so the adapter really is applied)."""
+    from llava_ft.convert.pth_to_hf import pth_to_hf
+    from llava_ft.inference import load_chat_model
+    from llava_ft.inference.testing import write_random_checkpoint
+
+    _tiny_open_clip(tmp_path)
+    ve_cfg = {"visual_encoder": "TinyViT-test", "open_clip_pretrained": str(tmp_path / "tiny.pt")}
+    raw = {"model": {"llm": tiny_llama, **ve_cfg, "freeze_llm": True,
+                     "visual_encoder_lora": {"enabled": True, "r": 4, "alpha": 8}},
+           "data": {"template": "vicuna", "sources": [{"path": "unused.json"}]}}
+    pth = write_random_checkpoint(tmp_path / "run", raw, scale=0.5)
+    out = pth_to_hf(None, pth, tmp_path / "xtuner")
+    assert (tmp_path / "xtuner" / "visual_encoder_adapter" / "adapter_config.json").is_file()
+    pixel = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        from_pth = load_chat_model(pth, torch_dtype="fp32").model.encode_images(pixel)
+        from_export = load_chat_model(tiny_llama, llava=str(out), visual_encoder="TinyViT-test",
+                                      torch_dtype="fp32").model.encode_images(pixel)
+        no_lora = load_chat_model(tiny_llama, llava=str(out), visual_encoder="TinyViT-test",
+                                  torch_dtype="fp32")
+        no_lora.model.visual_encoder.model.disable_adapter_layers()
+        plain = no_lora.model.encode_images(pixel)
+    assert torch.allclose(from_export, from_pth, atol=1e-5)
+    assert not torch.allclose(plain, from_pth, atol=1e-3)
