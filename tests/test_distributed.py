@@ -218,6 +218,20 @@ def test_zero3_llava_matches_single_process_and_writes_the_same_iter_file(config
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+def test_lora_text_zero3_builds_sharded_and_matches_single_process(configs, tmp_path):
+    """A non-quantized LLM under ZeRO-3 is built in deepspeed.zero.Init (no rank holds it whole), and the
+    new LoRA weights start as in one process (seeded after loading), so losses and weights match."""
+    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    run_cli(["train", configs["text"], "model.quantization=none", ONE_PROCESS, "--work-dir", single])
+    proc = run_cli(["train", configs["text"], "model.quantization=none", "--work-dir", multi,
+                    "--deepspeed", "zero3"], nproc=2)
+    assert "built sharded (deepspeed.zero.Init)" in proc.stdout + proc.stderr
+    assert losses(multi) == pytest.approx(losses(single), rel=1e-5)
+    assert_same_weights(iter_state(multi, 4), iter_state(single, 4))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_qlora_text_zero2_matches_single_process(configs, tmp_path):
     """4-bit NF4 + LoRA under ZeRO-2 with 2 processes (~35 s) vs one process with accum 2."""
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")

@@ -175,9 +175,16 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
     # The process group opens before model and data: the data barrier below needs it (distributed.py).
     dist.init_distributed(use_deepspeed=ds_config is not None)
     dist.check_deepspeed_config(ds_config, cfg)
+    args = None
     if dist.zero_stage(ds_config) == 3:
         # load_llm stores 4-bit weights in the compute dtype then, so ZeRO-3 can shard them (QLoRA + ZeRO-3).
         os.environ["LLAVA_FT_ZERO_STAGE"] = "3"
+        if cfg.model.quantization == "none":
+            # TrainingArguments with a ZeRO-3 config, alive while the model loads, make transformers'
+            # from_pretrained build it under deepspeed.zero.Init: each rank holds only its shard instead of the
+            # whole model. Not for 4/8-bit LLMs: bitsandbytes loading needs a device_map, which transformers
+            # refuses under ZeRO-3 (their weights are small anyway).
+            args = _training_arguments(cfg, work_dir, ds_config)
     is_main = dist.is_main_process()
     if is_main:
         os.makedirs(work_dir, exist_ok=True)
@@ -186,11 +193,15 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
     model, tokenizer = build_model(cfg, for_training=True)
     if is_main:
         print(f"[llava_ft] {cfg.resolved_phase}: {trainable_summary(model)}", flush=True)
+        sharded = sum(hasattr(p, "ds_id") for p in model.parameters())
+        if sharded:
+            print(f"[llava_ft] ZeRO-3: {sharded} weight tensors were built sharded (deepspeed.zero.Init); "
+                  "each rank holds only its part", flush=True)
     with dist.main_process_first("tokenize"):  # rank 0 of each node encodes + caches; the others load the cache
         dataset, collator, stats = build_train_data(cfg, model, tokenizer)
     if is_main:
         _print_data_stats(stats)
-    args = _training_arguments(cfg, work_dir, ds_config)
+    args = args or _training_arguments(cfg, work_dir, ds_config)
     callbacks = [JsonlLogCallback(work_dir), LossPlotCallback(work_dir), EvalChatCallback(work_dir, cfg, tokenizer)]
     callbacks += list(extra_callbacks or ())
     trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,

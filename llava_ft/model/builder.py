@@ -28,6 +28,7 @@ def build_model(cfg, for_training: bool = True):
     m = cfg.model
     llm, tokenizer = load_llm(m, for_training=for_training)
     if m.llm_lora.enabled:
+        _seed_new_weights(cfg, 0)
         llm = apply_lora(llm, m.llm_lora)
     elif m.freeze_llm or not for_training:
         _freeze(llm)
@@ -41,8 +42,10 @@ def build_model(cfg, for_training: bool = True):
         if m.freeze_visual_encoder or m.visual_encoder_lora.enabled or not for_training:
             _freeze(visual_encoder)
         if m.visual_encoder_lora.enabled:
+            _seed_new_weights(cfg, 1)
             visual_encoder = apply_vision_lora(visual_encoder, m.visual_encoder_lora)
         llm_hidden = llm.config.get_text_config().hidden_size
+        _seed_new_weights(cfg, 2)
         projector = Projector(visual_encoder.hidden_size, llm_hidden, m.projector_depth).to(dtype)
         if not for_training:
             _freeze(projector)
@@ -57,6 +60,13 @@ def build_model(cfg, for_training: bool = True):
         raise UserError("no trainable parameters: every weight is frozen. Enable model.llm_lora.enabled, set "
                         "model.freeze_llm=false, or add a visual encoder (its projector trains)")
     return model, tokenizer
+
+
+def _seed_new_weights(cfg, part: int) -> None:
+    """Seed the RNG right before creating new weights (LLM LoRA, vision LoRA, projector), so their init
+    depends on train.seed only, not on how much randomness loading consumed before: under ZeRO-3,
+    from_pretrained builds the model in deepspeed.zero.Init and runs the random init it otherwise skips."""
+    torch.manual_seed(int(cfg.train.seed) + part)
 
 
 def _logical_numel(p) -> int:
