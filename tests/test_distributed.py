@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -214,6 +215,24 @@ def test_zero3_llava_matches_single_process_and_writes_the_same_iter_file(config
 
     assert main(["convert", "pth_to_hf", "-", str(folder), str(tmp_path / "hf")]) == 0  # config from the work dir
     assert {"projector", "llm_adapter", "visual_encoder_adapter"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_llava_ft_and_matches_single_process(configs, single_llava, tmp_path):
+    """`deepspeed --num_gpus 2 --module llava_ft finetune ...` (the launcher users know from LLaVA's scripts; on
+    the CPU it starts 2 processes): --local_rank is accepted and the run equals one process."""
+    launcher = shutil.which("deepspeed")
+    if launcher is None:
+        pytest.skip("the deepspeed launcher script is not on PATH")
+    work = str(tmp_path / "w")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(launch.free_port()), "--module",
+                           "llava_ft", "finetune", configs["llava"], "--work-dir", work, "--deepspeed", "zero2"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert losses(work) == pytest.approx(losses(single_llava), rel=1e-5)
+    assert_same_weights(iter_state(work, STEPS), iter_state(single_llava, STEPS))
 
 
 @pytest.mark.multiprocess
