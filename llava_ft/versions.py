@@ -42,8 +42,9 @@ def required_ranges() -> dict:
     return ranges
 
 
-def version_problems(names=CORE, installed=None) -> list:
-    """One line per package of `names` outside its range. `installed(name) -> version | None` is for tests."""
+def out_of_range(names=CORE, installed=None) -> list:
+    """(name, installed version, required range) for each package of `names` outside its range.
+    `installed(name) -> version | None` is for tests."""
     from packaging.specifiers import SpecifierSet
     from packaging.version import InvalidVersion, Version
 
@@ -54,7 +55,7 @@ def version_problems(names=CORE, installed=None) -> list:
             return None
 
     installed = installed or lookup
-    problems = []
+    bad = []
     for name, spec in required_ranges().items():
         if name not in names:
             continue
@@ -66,18 +67,28 @@ def version_problems(names=CORE, installed=None) -> list:
         except InvalidVersion:
             continue  # a home-made build with a version packaging cannot read: trust the user
         if not ok:
-            problems.append(f"{name} {found} is installed; llava_ft needs {name}{_pretty(spec)}")
-    return problems
+            bad.append((name, found, _pretty(spec)))
+    return bad
+
+
+def version_problems(names=CORE, installed=None) -> list:
+    """One readable line per package of `names` outside its range."""
+    return [_describe(*item) for item in out_of_range(names, installed)]
 
 
 def check_versions(names=CORE) -> None:
     if os.environ.get(SKIP_ENV) == "1":
         return
-    problems = version_problems(names)
-    if problems:
-        fix = " ".join(f"'{p.split()[0]}{_pretty(required_ranges()[p.split()[0]])}'" for p in problems)
-        raise UserError("; ".join(problems) + f". Fix with: pip install {fix} (these are the versions llava_ft "
-                        f"is tested with; set {SKIP_ENV}=1 to run anyway at your own risk)")
+    bad = out_of_range(names)
+    if bad:
+        problems = "; ".join(_describe(*item) for item in bad)
+        fix = " ".join(f"'{name}{spec}'" for name, _, spec in bad)
+        raise UserError(f"{problems}. Fix with: pip install {fix} (these are the versions llava_ft is tested "
+                        f"with; set {SKIP_ENV}=1 to run anyway at your own risk)")
+
+
+def _describe(name: str, found: str, spec: str) -> str:
+    return f"{name} {found} is installed; llava_ft needs {name}{spec}"
 
 
 def _pretty(spec: str) -> str:

@@ -35,6 +35,12 @@ class Usage:
     completion_tokens: int
     finish_reason: str  # stop | length | cancelled
 
+    @classmethod
+    def of(cls, result) -> "Usage":
+        """From a ChatResult (or anything with its token counts and finish_reason)."""
+        return cls(int(result.prompt_tokens), int(result.completion_tokens),
+                   "length" if getattr(result, "finish_reason", "stop") == "length" else "stop")
+
     def as_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
@@ -198,8 +204,7 @@ class GenerationWorker:
             return
         for job, result in zip(live, results):
             if result is not None and not job.cancelled.is_set():
-                job.emit("done", Usage(int(result.prompt_tokens), int(result.completion_tokens),
-                                       "length" if result.finish_reason == "length" else "stop"))
+                job.emit("done", Usage.of(result))
 
     def _run(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -231,8 +236,7 @@ class GenerationWorker:
             info = getattr(self.model, "last_result", None)
         if info is None or not hasattr(info, "prompt_tokens"):
             raise RuntimeError("the chat model's stream_chat reported no token counts")
-        return Usage(int(info.prompt_tokens), int(info.completion_tokens),
-                     "length" if getattr(info, "finish_reason", "stop") == "length" else "stop")
+        return Usage.of(info)
 
 
 def _model_error(err: BaseException) -> ApiError:

@@ -74,7 +74,7 @@ def _logical_numel(p) -> int:
     dtype (uint8 by default; bf16 under ZeRO-3, where bnb_4bit_quant_storage lets the weights shard);
     a DeepSpeed ZeRO-3 shard reports its full size in ds_numel."""
     numel = getattr(p, "ds_numel", None) or p.numel()
-    if type(p).__name__ == "Params4bit" or getattr(p, "quant_state", None) is not None:
+    if type(p).__name__ == "Params4bit":  # checked by name: bitsandbytes need not be importable here
         return numel * p.element_size() * 2
     return numel
 
