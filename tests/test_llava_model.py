@@ -147,6 +147,7 @@ def test_dummy_image_runs_vision_path_with_zero_effect(llava):
     assert torch.allclose(out.loss, ref.loss, atol=1e-6)
 
 
+@pytest.mark.smoke
 def test_frozen_tower_stays_projector_learns(llava):
     for p in llava.llm.parameters():
         p.requires_grad_(False)
