@@ -68,3 +68,76 @@ def test_pinpoints_are_checked_and_limited():
         resolve_grid_pinpoints(TILE, [[32, 50]])
     with pytest.raises(UserError, match="max_image_tiles=0"):
         resolve_grid_pinpoints(TILE, max_tiles=0)
+
+
+def _anyres_data(tmp_path, sizes):
+    """A LLaVA json whose images have the given (height, width), each showing a red square."""
+    import json
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    records = []
+    for i, (h, w) in enumerate(sizes):
+        img = Image.new("RGB", (w, h), (255, 255, 255))
+        img.paste((220, 40, 40), (w // 4, h // 4, w // 2, h // 2))
+        img.save(folder / f"{i}.png")
+        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the square?"}, {"from": "gpt", "value": "red"}]})
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    return str(path), str(folder)
+
+
+def _anyres_cfg(tiny_llama, tiny_clip, data, folder, tmp_path, **model):
+    from llava_ft.config import config_from_dict
+
+    return config_from_dict({
+        "name": "anyres", "model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "freeze_llm": True,
+                                    "image_aspect": "anyres", **model},
+        "data": {"sources": [{"path": data, "format": "llava", "image_folder": folder}], "template": "qwen_chat",
+                 "max_length": 512, "cache_dir": str(tmp_path / "cache")},
+        "train": {"learning_rate": 1e-2, "per_device_batch_size": 2, "max_steps": 3, "save_steps": 3,
+                  "logging_steps": 1, "warmup_ratio": 0.0, "group_by_length": False},
+    })
+
+
+def test_anyres_lengths_match_the_splice_and_the_newline_trains(tiny_llama, tiny_clip, tmp_path):
+    """Data preparation counts each image's tokens from its size alone; the model's splice produces exactly
+    that many positions; a pretrain run trains the newline vector and saves it with the projector."""
+    from llava_ft.data.dataset import prepare_dataset
+    from llava_ft.data.llava_dataset import LlavaDataset
+    from llava_ft.data.mm_collate import MultimodalCollator
+    from llava_ft.engine import run_training
+    from llava_ft.model.anyres import image_token_counter
+    from llava_ft.model.builder import build_model
+
+    sizes = [(40, 120), (120, 40), (48, 48), (20, 30)]
+    data, folder = _anyres_data(tmp_path, sizes)
+    cfg = _anyres_cfg(tiny_llama, tiny_clip, data, folder, tmp_path)
+    model, tok = build_model(cfg)
+    prepared = prepare_dataset(cfg.data, tok, num_image_tokens=image_token_counter(model.visual_encoder))
+    ds = LlavaDataset(prepared.dataset, model.visual_encoder, cfg.data)
+    collate = MultimodalCollator(tok, image_shape=model.visual_encoder.image_shape)
+    for i in range(len(ds)):
+        batch = collate([ds[i]])
+        assert batch["image_sizes"].tolist() == [list(sizes[int(ds[i]["id"][1:])])]
+        embeds, mask, labels, _ = model.prepare_inputs_embeds(batch["input_ids"], batch["attention_mask"],
+                                                              batch["labels"], batch["pixel_values"],
+                                                              image_sizes=batch["image_sizes"])
+        assert embeds.shape[1] == ds[i]["length"]
+    lengths = sorted(ds[i]["length"] for i in range(len(ds)))
+    assert len(set(lengths)) >= 3  # wide, tall and small images really get different counts
+
+    start = model.projector.image_newline.detach().clone()
+    result = run_training(cfg, work_dir=str(tmp_path / "wd"))
+    saved = torch.load(result.last_checkpoint, weights_only=True)["state_dict"]
+    assert "projector.image_newline" in saved
+    assert not torch.allclose(saved["projector.image_newline"], start)
+
+
+def test_anyres_refuses_pad_to_square_and_open_clip(tiny_llama, tiny_clip, tmp_path):
+    from llava_ft.config import config_from_dict
+
+    with pytest.raises(UserError, match="pad_image_to_square' does not apply"):
+        config_from_dict({"model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "image_aspect": "anyres"},
+                          "data": {"sources": [{"path": "x.json"}], "pad_image_to_square": True}})

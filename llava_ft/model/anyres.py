@@ -125,3 +125,127 @@ def pack_anyres_features(views: torch.Tensor, image_hw: Sequence[int], pinpoints
     grid = unpad_image(grid, list(map(int, image_hw)))
     with_newline = torch.cat([grid, newline.to(grid)[:, None, None].expand(dim, grid.shape[1], 1)], dim=-1)
     return torch.cat([base, with_newline.flatten(1, 2).transpose(0, 1)], dim=0)
+
+
+class AnyResTokenCounter:
+    """Picklable `image -> feature count` for data preparation (datasets.map may run it in workers).
+
+    An image is given as a path, a PIL image, or a datasets Image value ({"bytes", "path"}); only its
+    header is read. EXIF orientations that swap the sides are applied, as image loading does.
+    `cache_key` enters the tokenized-data cache key, so changing pinpoints re-tokenizes.
+    """
+
+    def __init__(self, pinpoints, tile_size: int, patches_per_side: int, base_tokens: int):
+        self.pinpoints = [list(map(int, p)) for p in pinpoints]
+        self.tile_size, self.patches_per_side, self.base_tokens = int(tile_size), int(patches_per_side), int(base_tokens)
+
+    @property
+    def cache_key(self) -> str:
+        return f"anyres:{self.pinpoints}:{self.tile_size}:{self.patches_per_side}:{self.base_tokens}"
+
+    def __call__(self, image) -> int:
+        size = image_hw(image)
+        if size is None:
+            # Unreadable: image verification reports it (or skips the sample); count the overview only.
+            return self.base_tokens
+        return anyres_num_tokens(size, self.pinpoints, self.tile_size, self.patches_per_side, self.base_tokens)
+
+
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
+
+
+def image_hw(image) -> Optional[tuple[int, int]]:
+    """(height, width) as the image will be seen after EXIF rotation, from its header; None if unreadable."""
+    import io
+
+    from PIL import Image
+
+    try:
+        if isinstance(image, Image.Image):
+            img, close = image, False
+        elif isinstance(image, dict):
+            img = Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+            close = True
+        else:
+            img, close = Image.open(image), True
+        try:
+            width, height = img.size
+            if img.getexif().get(0x0112) in _SWAPPING_ORIENTATIONS:
+                width, height = height, width
+        finally:
+            if close:
+                img.close()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return height, width
+
+
+class AnyResSpec:
+    """AnyRes settings of one vision tower: makes the views of an image and counts its tokens.
+
+    `enable_anyres(ve, pinpoints, max_tiles)` attaches one to a VisualEncoder as `ve.anyres`.
+    """
+
+    def __init__(self, tower_processor, pinpoints, base_tokens: int):
+        self.tile_size = _tile_size_of(tower_processor)
+        self.base_tokens = int(base_tokens)
+        self.patches_per_side = int(round(self.base_tokens ** 0.5))
+        if self.patches_per_side ** 2 != self.base_tokens:
+            raise ValueError(f"AnyRes needs a square patch grid; the tower gives {self.base_tokens} tokens")
+        self.pinpoints = [list(map(int, p)) for p in pinpoints]
+        self.processor = anyres_image_processor(tower_processor, self.pinpoints)
+
+    def views(self, image) -> torch.Tensor:
+        """PIL RGB image -> [1 + tiles, 3, S, S]: the overview, then the tiles in reading order."""
+        return self.processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    def token_counter(self) -> AnyResTokenCounter:
+        return AnyResTokenCounter(self.pinpoints, self.tile_size, self.patches_per_side, self.base_tokens)
+
+    def num_views(self, image_hw_: Sequence[int]) -> int:
+        return num_tiles(image_hw_, self.pinpoints, self.tile_size)
+
+    def pack(self, features: torch.Tensor, image_sizes, newline: torch.Tensor) -> list[torch.Tensor]:
+        """Projected features of every view of a batch [V, N, D] -> one [tokens_i, D] tensor per image."""
+        out, start = [], 0
+        for hw in image_sizes:
+            hw = [int(v) for v in hw]
+            n = self.num_views(hw)
+            out.append(pack_anyres_features(features[start:start + n], hw, self.pinpoints, self.tile_size, newline))
+            start += n
+        if start != features.shape[0]:
+            raise ValueError(f"{features.shape[0]} image views given but the image sizes account for {start}")
+        return out
+
+
+def enable_anyres(visual_encoder, pinpoints=None, max_tiles: Optional[int] = None):
+    """Switch a VisualEncoder to AnyRes (`model.image_aspect: anyres`); returns it."""
+    from llava_ft.errors import UserError
+
+    processor = getattr(visual_encoder, "processor", None)
+    if visual_encoder.kind == "open_clip" or not hasattr(processor, "image_mean"):
+        raise UserError("model.image_aspect=anyres needs a Hugging Face CLIP or SigLIP vision tower (its image "
+                        f"processor settings drive the tiling); {visual_encoder.name!r} is {visual_encoder.kind}")
+    tile = _tile_size_of(processor)
+    visual_encoder.anyres = AnyResSpec(processor, resolve_grid_pinpoints(tile, pinpoints, max_tiles),
+                                       visual_encoder.num_image_tokens)
+    return visual_encoder
+
+
+def image_token_counter(visual_encoder):
+    """What data preparation needs to count image tokens: an int (fixed per image) or an AnyRes counter."""
+    if visual_encoder is None:
+        return 0
+    spec = getattr(visual_encoder, "anyres", None)
+    return spec.token_counter() if spec is not None else visual_encoder.num_image_tokens
+
+
+def counter_from_model_config(model_cfg, base_tokens: int) -> AnyResTokenCounter:
+    """The AnyRes counter of `model_cfg` (image_aspect anyres) without loading the tower's weights:
+    only its image processor is read (data tools count tokens with it)."""
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(model_cfg.visual_encoder)
+    tile = _tile_size_of(processor)
+    pinpoints = resolve_grid_pinpoints(tile, model_cfg.image_grid_pinpoints, model_cfg.max_image_tiles)
+    return AnyResTokenCounter(pinpoints, tile, int(round(base_tokens ** 0.5)), base_tokens)
