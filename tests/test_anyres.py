@@ -141,3 +141,45 @@ def test_anyres_refuses_pad_to_square_and_open_clip(tiny_llama, tiny_clip, tmp_p
     with pytest.raises(UserError, match="pad_image_to_square' does not apply"):
         config_from_dict({"model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "image_aspect": "anyres"},
                           "data": {"sources": [{"path": "x.json"}], "pad_image_to_square": True}})
+
+
+@pytest.mark.parametrize("hw", [(40, 120), (120, 40), (48, 48)])
+def test_llava_next_export_equals_llava_ft(tmp_path, tiny_llama, tiny_clip, hw):
+    """--format llava-hf of an AnyRes run is a LlavaNext folder whose logits equal llava_ft's forward."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from llava_ft.convert import pth_to_hf
+    from llava_ft.data.encode import encode_prompt
+    from llava_ft.inference import build_from_checkpoint
+    from llava_ft.inference.testing import write_random_checkpoint
+
+    pth = write_random_checkpoint(tmp_path / "run", {
+        "model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "image_aspect": "anyres", "freeze_llm": True,
+                  "llm_lora": {"enabled": True, "r": 8, "alpha": 16}},
+        "data": {"template": "chatml", "sources": [{"path": "unused.json"}]}})
+    out = pth_to_hf(None, pth, tmp_path / "hf", fmt="llava-hf")
+    hf = LlavaNextForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert hf.config.image_grid_pinpoints == default_grid_pinpoints(TILE)
+
+    image = Image.new("RGB", (hw[1], hw[0]), (255, 255, 255))
+    image.paste((30, 200, 30), (hw[1] // 3, hw[0] // 3, hw[1] // 2, hw[0] // 2))
+    question = "What colour is the shape?"
+    ref, tok, cfg = build_from_checkpoint(pth, quantization="none", dtype="fp32")
+    spec = ref.visual_encoder.anyres
+    ids = encode_prompt([{"role": "user", "content": question}], tok, cfg.data.template, images=[image])
+    with torch.no_grad():
+        ref_logits = ref(input_ids=torch.tensor([ids]), pixel_values=spec.views(image),
+                         image_sizes=torch.tensor([hw])).logits
+
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True)
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    n_image_tokens = int((inputs["input_ids"] == hf.config.image_token_id).sum())
+    assert n_image_tokens == anyres_num_tokens(hw, spec.pinpoints, TILE, SIDE, SIDE * SIDE)
+    with torch.no_grad():
+        hf_logits = hf(**inputs).logits
+    vocab = ref_logits.shape[-1]
+    assert hf_logits.shape[1] == ref_logits.shape[1]
+    assert torch.allclose(hf_logits[..., :vocab], ref_logits, atol=1e-4)
