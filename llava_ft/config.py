@@ -32,6 +32,7 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attention_2")
 VISION_TYPES = ("auto", "clip", "siglip", "open_clip")
+IMAGE_ASPECTS = ("pad", "anyres")
 PHASES = ("auto", "sft", "incremental_pretrain", "pretrain", "finetune")
 TRUNCATIONS = ("drop", "cut_text")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -69,6 +70,11 @@ class ModelConfig:
         default_factory=lambda: LoraSettings(enabled=False, r=64, alpha=16, dropout=0.05)
     )
     pretrained_pth: Optional[str] = None  # iter_N.pth of a pretrain run (projector weights)
+    # pad: one tower-sized view per image (LLaVA-1.5). anyres: LLaVA-NeXT tiles from image_grid_pinpoints
+    # (default: LLaVA-NeXT's, scaled to the tower) + an overview, and a learned newline per feature row.
+    image_aspect: str = "pad"
+    image_grid_pinpoints: Optional[list] = None  # [[height, width], ...], multiples of the tower's input
+    max_image_tiles: Optional[int] = None  # drop pinpoints needing more tiles than this
 
 
 @dataclass
@@ -166,6 +172,7 @@ CHOICES: dict[str, tuple] = {
     "model.quantization": QUANTIZATIONS,
     "model.attn_implementation": ATTN_IMPLS,
     "model.visual_encoder_type": VISION_TYPES,
+    "model.image_aspect": IMAGE_ASPECTS,
     "data.truncation": TRUNCATIONS,
     "train.lr_scheduler": SCHEDULERS,
     "phase": PHASES,
@@ -303,6 +310,11 @@ def _validate(cfg: Config, where: str) -> None:
         raise UserError(f"{where}: 'train.learning_rate' must be > 0, got {cfg.train.learning_rate}")
     if not 0 <= cfg.train.warmup_ratio < 1:
         raise UserError(f"{where}: 'train.warmup_ratio' must be in [0, 1), got {cfg.train.warmup_ratio}")
+    if cfg.model.image_aspect == "anyres" and cfg.data.pad_image_to_square:
+        raise UserError(f"{where}: 'data.pad_image_to_square' does not apply with model.image_aspect=anyres "
+                        "(AnyRes keeps the aspect ratio by tiling); set one of them")
+    if cfg.model.max_image_tiles is not None and cfg.model.max_image_tiles <= 0:
+        raise UserError(f"{where}: 'model.max_image_tiles' must be > 0, got {cfg.model.max_image_tiles}")
     if cfg.model.quantization != "none" and not cfg.model.llm_lora.enabled and not cfg.model.freeze_llm:
         raise UserError(
             f"{where}: a {cfg.model.quantization} LLM cannot be trained fully; set model.llm_lora.enabled=true "

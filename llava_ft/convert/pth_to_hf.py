@@ -157,8 +157,10 @@ def add_image_token(tokenizer, llm) -> int:
 
 
 def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Union[str, int] = "2GB") -> str:
-    """Merge every LoRA of a LLaVA run and save one LlavaForConditionalGeneration folder + processor."""
-    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    """Merge every LoRA of a LLaVA run and save one LlavaForConditionalGeneration folder + processor
+    (LlavaNextForConditionalGeneration + LlavaNextProcessor for runs with model.image_aspect=anyres)."""
+    from transformers import (GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
 
     from llava_ft.convert.chat_template import template_to_jinja
     from llava_ft.inference.loader import build_from_checkpoint, load_iter_checkpoint
@@ -188,14 +190,19 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
     vision = _merged(ve.model)
     image_id = add_image_token(tok, llm)
     strategy = "default" if kind == "clip" else "full"
-    config = LlavaConfig(
+    anyres = getattr(ve, "anyres", None)
+    config_cls, model_cls = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else \
+        (LlavaConfig, LlavaForConditionalGeneration)
+    extra = {"image_grid_pinpoints": anyres.pinpoints} if anyres else {}
+    config = config_cls(
         vision_config=vision.config.to_dict(), text_config=llm.config.to_dict(), image_token_index=image_id,
         image_seq_length=ve.num_image_tokens, projector_hidden_act="gelu",
         vision_feature_select_strategy=strategy, vision_feature_layer=int(ve.select_layer),
         multimodal_projector_bias=True, tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+        **extra,
     )
     with torch.device("meta"):
-        hf = LlavaForConditionalGeneration(config)
+        hf = model_cls(config)
     # Move the trained modules in (no copies): the decoder, the head, the tower and the projector's Linears.
     hf.model.language_model = llm.get_decoder()
     hf.lm_head = llm.get_output_embeddings()
@@ -203,6 +210,8 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
     hf.model.multi_modal_projector.linear_1 = model.projector.layers[0]
     hf.model.multi_modal_projector.linear_2 = model.projector.layers[2]
     hf.model.multi_modal_projector.act = model.projector.layers[1]
+    if anyres:
+        hf.model.image_newline = model.projector.image_newline
     hf.config.text_config.vocab_size = llm.get_input_embeddings().weight.shape[0]
     if fp32:
         hf.to(torch.float32)
@@ -218,8 +227,10 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
     tok.chat_template = jinja
     if ve.processor is None or not hasattr(ve.processor, "save_pretrained"):
         raise UserError(f"the vision tower {cfg.model.visual_encoder} has no Hugging Face image processor to save")
-    processor = LlavaProcessor(
-        image_processor=_llava_image_processor(ve, cfg), tokenizer=tok, patch_size=vision.config.patch_size,
+    processor_cls = LlavaNextProcessor if anyres else LlavaProcessor
+    processor = processor_cls(
+        image_processor=anyres.processor if anyres else _llava_image_processor(ve, cfg), tokenizer=tok,
+        patch_size=vision.config.patch_size,
         vision_feature_select_strategy=strategy, chat_template=jinja, image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if kind == "clip" else 0,
     )

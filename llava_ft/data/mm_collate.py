@@ -32,11 +32,17 @@ class MultimodalCollator:
         if any("position_ids" in f for f in features):
             raise UserError("packed samples cannot carry images; set data.pack_to_max_length=false for LLaVA runs")
         batch = self.text([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
-        images = []
+        images, sizes = [], []
         for f in features:
             pixels = f.get("pixel_values")
             n_placeholders = sum(1 for t in f["input_ids"] if t == IMAGE_TOKEN_INDEX)
-            n_images = 0 if pixels is None else int(pixels.shape[0])
+            # AnyRes samples carry several views per image and one (height, width) per image.
+            image_sizes = f.get("image_sizes")
+            if image_sizes is not None:
+                n_images = int(image_sizes.shape[0])
+                sizes.append(image_sizes)
+            else:
+                n_images = 0 if pixels is None else int(pixels.shape[0])
             if n_images != n_placeholders:
                 raise UserError(f"sample {f.get('id', '?')}: {n_placeholders} <image> placeholders but "
                                 f"{n_images} images")
@@ -44,6 +50,8 @@ class MultimodalCollator:
                 images.append(pixels)
         if images:
             batch["pixel_values"] = torch.cat(images).float()
+            if sizes:
+                batch["image_sizes"] = torch.cat(sizes)
         else:
             batch["pixel_values"] = torch.zeros((1, *self.image_shape), dtype=torch.float32)
         return batch

@@ -82,6 +82,10 @@ def plan_from_args(args) -> Plan:
         plan.template, plan.system, plan.max_length = cfg.data.template, cfg.data.system, cfg.data.max_length
         if cfg.is_llava and not getattr(args, "num_image_tokens", None):
             plan.num_image_tokens = num_image_tokens_from_encoder(cfg.model.visual_encoder)
+            if cfg.model.image_aspect == "anyres":
+                from llava_ft.model.anyres import counter_from_model_config
+
+                plan.num_image_tokens = counter_from_model_config(cfg.model, plan.num_image_tokens)
     if getattr(args, "data", None):
         plan.sources = [Source(args.data, args.format or "auto", args.image_folder)]
     if not plan.sources:

@@ -128,7 +128,9 @@ def build_train_data(cfg: Config, model, tokenizer):
     """-> (train dataset, collator, stats): text runs use TextCollator, LLaVA runs the multimodal pair."""
     from llava_ft.data.dataset import prepare_dataset
 
-    num_image_tokens = model.visual_encoder.num_image_tokens if cfg.is_llava else 0
+    from llava_ft.model.anyres import image_token_counter
+
+    num_image_tokens = image_token_counter(model.visual_encoder) if cfg.is_llava else 0
     prepared = prepare_dataset(cfg.data, tokenizer, num_image_tokens=num_image_tokens, seed=cfg.train.seed)
     if len(prepared.dataset) == 0:
         raise UserError("no training samples left after encoding; see the dropped counts above")

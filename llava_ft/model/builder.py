@@ -39,6 +39,11 @@ def build_model(cfg, for_training: bool = True):
 
         dtype = resolve_dtype(m.dtype)
         visual_encoder = load_visual_encoder(m, dtype=dtype)
+        anyres = m.image_aspect == "anyres"
+        if anyres:
+            from llava_ft.model.anyres import enable_anyres
+
+            enable_anyres(visual_encoder, m.image_grid_pinpoints, m.max_image_tiles)
         if m.freeze_visual_encoder or m.visual_encoder_lora.enabled or not for_training:
             _freeze(visual_encoder)
         if m.visual_encoder_lora.enabled:
@@ -46,7 +51,8 @@ def build_model(cfg, for_training: bool = True):
             visual_encoder = apply_vision_lora(visual_encoder, m.visual_encoder_lora)
         llm_hidden = llm.config.get_text_config().hidden_size
         _seed_new_weights(cfg, 2)
-        projector = Projector(visual_encoder.hidden_size, llm_hidden, m.projector_depth).to(dtype)
+        projector = Projector(visual_encoder.hidden_size, llm_hidden, m.projector_depth,
+                              image_newline=anyres).to(dtype)
         if not for_training:
             _freeze(projector)
     model = LlavaFtModel(llm, visual_encoder, projector)

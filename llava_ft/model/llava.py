@@ -165,8 +165,17 @@ class LlavaFtModel(nn.Module):
         proj_param = next(self.projector.parameters())
         return self.projector(feats.to(device=proj_param.device, dtype=proj_param.dtype))
 
+    def encode_images_per_image(self, pixel_values: torch.Tensor, image_sizes=None):
+        """Projected features per image: a [n, N, D] tensor, or with AnyRes (`image_sizes` given, the
+        tower set to anyres) a list of [tokens_i, D] -- overview, unpadded tiles, a newline per row."""
+        features = self.encode_images(pixel_values)
+        spec = getattr(self.visual_encoder, "anyres", None)
+        if image_sizes is None or spec is None:
+            return features
+        return spec.pack(features, image_sizes.tolist(), self.projector.image_newline)
+
     def prepare_inputs_embeds(self, input_ids, attention_mask=None, labels=None, pixel_values=None,
-                              padding_side: str = "right"):
+                              padding_side: str = "right", image_sizes=None):
         """Splice image features into the token embeddings.
 
         Returns (inputs_embeds, attention_mask, labels or None, position_ids). Rows are re-padded on
@@ -188,13 +197,17 @@ class LlavaFtModel(nn.Module):
             if n_placeholders == 0 and shape and tuple(pixel_values.shape[1:]) != tuple(shape):
                 # A dummy image made without knowing the tower's input size: use one of the right size.
                 pixel_values = pixel_values.new_zeros((1, *shape))
-            features = self.encode_images(pixel_values).to(text_embeds.dtype)
+            if n_placeholders == 0:
+                image_sizes = None  # a dummy image is one plain view
+            features = self.encode_images_per_image(pixel_values, image_sizes)
+            features = [f.to(text_embeds.dtype) for f in features] if isinstance(features, list) \
+                else features.to(text_embeds.dtype)
             if n_placeholders == 0:
                 # Dummy image of a text-only batch: keep the vision path in the graph with zero effect.
                 text_embeds = text_embeds + features.sum() * 0.0
                 features = None
-            elif features.shape[0] != n_placeholders:
-                raise UserError(f"batch has {n_placeholders} <image> placeholders but {features.shape[0]} images; "
+            elif len(features) != n_placeholders:
+                raise UserError(f"batch has {n_placeholders} <image> placeholders but {len(features)} images; "
                                 "each sample needs exactly one image per <image> in its text")
         if features is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -243,7 +256,7 @@ class LlavaFtModel(nn.Module):
 
     # ---- forward / generate ---------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None, pixel_values=None,
-                **kwargs):
+                image_sizes=None, **kwargs):
         """Same outputs as the LLM's forward (loss when labels are given, logits)."""
         if self.visual_encoder is None:
             if pixel_values is not None:
@@ -255,12 +268,13 @@ class LlavaFtModel(nn.Module):
             return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                             position_ids=position_ids, **kwargs)
         embeds, mask, new_labels, new_pos = self.prepare_inputs_embeds(
-            input_ids, attention_mask, labels, pixel_values, padding_side="right")
+            input_ids, attention_mask, labels, pixel_values, padding_side="right", image_sizes=image_sizes)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=new_labels, position_ids=new_pos,
                         **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, **gen_kwargs) -> torch.Tensor:
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
+                 **gen_kwargs) -> torch.Tensor:
         """Generate; returns ONLY the new tokens, shape [batch, new_len] (with or without images).
 
         Batched prompts must be left-padded (as for any decoder-only `generate`).
@@ -273,6 +287,6 @@ class LlavaFtModel(nn.Module):
             out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
             return out[:, input_ids.shape[1]:]
         embeds, mask, _, _ = self.prepare_inputs_embeds(input_ids, attention_mask, None, pixel_values,
-                                                        padding_side="left")
+                                                        padding_side="left", image_sizes=image_sizes)
         # With inputs_embeds only, decoder-only generate returns just the generated ids.
         return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **gen_kwargs)
