@@ -24,8 +24,11 @@ import yaml
 
 from llava_ft.errors import UserError
 
-# Where the built-in recipes live (repo root / configs). `llava_ft list-cfg` reads this folder.
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+# Where the built-in recipes live: the package's `recipes/` folder, which is the repository's `configs/`
+# (llava_ft/recipes is a link to ../configs in the checkout; the wheel holds the files themselves, see
+# pyproject.toml). Resolved, so that in a checkout messages name configs/... as users browse it.
+# `llava_ft list-cfg`, recipe names and `--deepspeed zero2` read this folder.
+CONFIG_ROOT = (Path(__file__).parent / "recipes").resolve()
 
 DATA_FORMATS = ("auto", "openai", "alpaca", "sharegpt", "llava", "oasst1", "text")
 QUANTIZATIONS = ("none", "4bit", "8bit")
