@@ -23,6 +23,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from llava_ft.errors import UserError
+from llava_ft.fileio import write_text
 
 # Where the built-in recipes live: the package's `recipes/` folder, which is the repository's `configs/`
 # (llava_ft/recipes is a link to ../configs in the checkout; the wheel holds the files themselves, see
@@ -398,11 +399,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def list_configs(pattern: Optional[str] = None) -> list[str]:

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -33,6 +32,7 @@ from llava_ft.data.encode import encode_records
 from llava_ft.data.formats import iter_records, source_files
 from llava_ft.data.packing import arrow_column, pack_samples
 from llava_ft.errors import UserError
+from llava_ft.fileio import staging_dir
 from llava_ft.templates import HF_TEMPLATE, get_template
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def prepare_dataset(data_cfg: DataConfig, tokenizer, num_image_tokens: int = 0, 
 def _save(prepared: PreparedData, folder: str, stats_file: str) -> None:
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = staging_dir(folder)  # the cache folder gets the umask's mode, like every output
     try:
         prepared.dataset.save_to_disk(tmp)
         with open(os.path.join(tmp, os.path.basename(stats_file)), "w") as fh:

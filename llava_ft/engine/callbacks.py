@@ -12,7 +12,6 @@ uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +20,7 @@ from transformers import TrainerCallback
 
 from llava_ft.engine.checkpoint import atomic_write_text
 from llava_ft.errors import UserError
+from llava_ft.fileio import atomic_path
 
 LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "loss.png"
@@ -87,10 +87,9 @@ def plot_loss(work_dir) -> Optional[Path]:
     ax.set_title(Path(work_dir).resolve().name)
     fig.tight_layout()
     out = Path(work_dir) / PLOT_NAME
-    tmp = out.with_name(f".{PLOT_NAME}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

@@ -6,7 +6,7 @@ Layout of a work dir (see docs/architecture.md "Checkpoints"):
     checkpoint-500/     transformers.Trainer state (optimizer, scheduler, RNG, trainer_state.json)
     last_checkpoint     text file naming the newest complete iter_<step>.pth
 
-Every file is written to a temporary name and `os.replace`d, so Ctrl-C or a crash never leaves a
+Every file is written to a temporary name and `os.replace`d (llava_ft.fileio), so Ctrl-C or a crash never leaves a
 half-written `iter_*.pth` under its final name. A `checkpoint-<step>/` folder counts as complete only
 when its `trainer_state.json` exists (Trainer writes it last) and its `iter_<step>.pth` sits beside it;
 `find_resume_checkpoint` skips incomplete ones with a warning.
@@ -28,43 +28,13 @@ from typing import Optional, Union
 import torch
 
 from llava_ft.errors import UserError
+from llava_ft.fileio import torch_save as atomic_torch_save
+from llava_ft.fileio import unlink_quiet as _unlink_quiet
+from llava_ft.fileio import write_text as atomic_write_text
 
 PathLike = Union[str, os.PathLike]
 _ITER_RE = re.compile(r"^iter_(\d+)\.pth$")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-
-
-def atomic_torch_save(obj, path: PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-
-
-def _unlink_quiet(path: PathLike) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def iter_path(work_dir: PathLike, step: int) -> Path:

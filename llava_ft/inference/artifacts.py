@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from llava_ft.errors import UserError
+from llava_ft.fileio import write_json
 
 META_NAME = "llava_ft.json"
 ARTIFACT_KINDS = ("iter_pth", "llava_hf", "xtuner_llava", "peft_adapter", "hf_model")
@@ -35,19 +35,11 @@ class Artifact:
     path: str  # the file (iter_pth) or folder
 
 
-def write_json_atomic(path, obj) -> None:
-    """Write JSON to `path` through a temp file + os.replace (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+write_json_atomic = write_json  # old name (one release) of llava_ft.fileio.write_json
 
 
 def write_meta(folder, meta: dict) -> None:
-    write_json_atomic(Path(folder) / META_NAME, meta)
+    write_json(Path(folder) / META_NAME, meta)
 
 
 def read_meta(folder) -> dict:
