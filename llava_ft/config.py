@@ -159,7 +159,7 @@ class Config:
             only_projector = (m.freeze_llm and not m.llm_lora.enabled and m.freeze_visual_encoder
                               and not m.visual_encoder_lora.enabled)
             return "pretrain" if only_projector else "finetune"
-        if self.data.sources and all(_src(s).format == "text" for s in self.data.sources):
+        if self.data.sources and all(as_data_source(s).format == "text" for s in self.data.sources):
             return "incremental_pretrain"
         return "sft"
 
@@ -176,7 +176,8 @@ CHOICES: dict[str, tuple] = {
 }
 
 
-def _src(s: Any) -> DataSource:
+def as_data_source(s: Any) -> DataSource:
+    """An entry of `data.sources` as a DataSource (entries may still be plain dicts from YAML)."""
     return s if isinstance(s, DataSource) else DataSource(**s)
 
 

@@ -19,18 +19,7 @@ import torch
 from llava_ft.errors import UserError
 from llava_ft.fileio import publish_dir, staging_dir
 from llava_ft.inference.artifacts import read_meta, write_meta
-
-
-def _device_map(device: str):
-    if device == "auto":
-        return "auto" if torch.cuda.is_available() else None
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
-        return {"": torch.cuda.current_device()}
-    if device != "cpu":
-        raise UserError(f"--device must be cpu, cuda or auto, got {device!r}")
-    return None
+from llava_ft.model.devices import device_map
 
 
 def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size: Union[str, int] = "2GB",
@@ -43,7 +32,7 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
         raise UserError(f"{adapter}: no adapter_config.json; give the PEFT adapter folder "
                         "(pth_to_hf output, or its llm_adapter/ / visual_encoder_adapter/)")
     kwargs = {"dtype": torch.float32 if fp32 else "auto"}
-    dmap = _device_map(device)
+    dmap = device_map(device, spread=True)
     if dmap is not None:
         kwargs["device_map"] = dmap
     if is_clip:

@@ -63,9 +63,10 @@ def pth_to_hf(config, pth, save_dir, fmt: str = "xtuner", fp32: bool = False,
     cfg = _load_config(config)
     if fmt == "llava-hf":
         return export_llava_hf(cfg, pth, save_dir, fp32=fp32, max_shard_size=max_shard_size)
-    from llava_ft.inference.loader import build_from_checkpoint, load_iter_checkpoint
+    from llava_ft.checkpoint import load_iter_and_config
+    from llava_ft.inference.loader import build_from_checkpoint
 
-    _, meta, saved = load_iter_checkpoint(str(pth), need_config=cfg is None)
+    _, meta, saved = load_iter_and_config(str(pth), need_config=cfg is None)
     cfg = cfg or saved
     m = cfg.model
     llm_full = not m.freeze_llm and not m.llm_lora.enabled
@@ -145,10 +146,11 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from llava_ft.convert.chat_template import template_to_jinja
-    from llava_ft.inference.loader import build_from_checkpoint, load_iter_checkpoint
+    from llava_ft.checkpoint import load_iter_and_config
+    from llava_ft.inference.loader import build_from_checkpoint
     from llava_ft.templates import HF_TEMPLATE, get_template
 
-    _, meta, saved = load_iter_checkpoint(str(pth), need_config=cfg is None)
+    _, meta, saved = load_iter_and_config(str(pth), need_config=cfg is None)
     cfg = cfg or saved
     if not cfg.is_llava:
         raise UserError(f"--format llava-hf needs a LLaVA run (model.visual_encoder set); {pth} is a text run. "

@@ -27,7 +27,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from llava_ft.config import DataConfig, DataSource
+from llava_ft.config import DataConfig, DataSource, as_data_source
 from llava_ft.data.encode import encode_records
 from llava_ft.data.formats import iter_records, source_files
 from llava_ft.data.packing import arrow_column, pack_samples
@@ -74,13 +74,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _source(src) -> DataSource:
-    return src if isinstance(src, DataSource) else DataSource(**src)
-
-
 def cache_key(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int) -> str:
     files = []
-    for src in map(_source, data_cfg.sources):
+    for src in map(as_data_source, data_cfg.sources):
         for path in source_files(src.path):
             st = os.stat(path)
             files.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
@@ -133,7 +129,7 @@ def _encode_source(src: DataSource, tokenizer, template, data_cfg: DataConfig, n
 def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int) -> PreparedData:
     template = HF_TEMPLATE if data_cfg.template == HF_TEMPLATE else get_template(data_cfg.template)
     parts, dropped, per_source, n_records = [], Counter(), [], 0
-    for src in map(_source, data_cfg.sources):
+    for src in map(as_data_source, data_cfg.sources):
         encoded, n, reasons = _encode_source(src, tokenizer, template, data_cfg, num_image_tokens)
         n_records += n
         dropped += reasons
