@@ -315,6 +315,14 @@ def gpu_qlora_throughput(quick: bool = False, device: str = "cuda", shape: dict 
     return section("gpu", "GPU: 7B-shaped QLoRA throughput and MFU", figs, notes)
 
 
+def section_gpu(quick: bool = False) -> dict:
+    """The GPU section of benchmarks/run.py (skipped without CUDA)."""
+    if not has_gpu():
+        return section("gpu", "GPU: 7B-shaped LLaVA QLoRA throughput and MFU", [], ["skipped: no GPU"],
+                       status="skipped")
+    return gpu_qlora_throughput(quick)
+
+
 def main() -> None:
     import argparse
 

@@ -5,7 +5,7 @@
 Each `section_*` function returns a `common.section` dict; run.py calls it in a subprocess of its own.
 The padding section reuses benchmarks/bench_sampler.py's length model and waste formula; the data-prep
 section reuses bench_data_prep.py's synthetic conversations; the server part reuses bench_serve.py's
-port/health helpers and serve.loadtest.run_load. Nothing is downloaded: models are random-init and the
+port/health helpers and llava_ft.serve.loadtest.run_load. Nothing is downloaded: models are random-init and the
 tokenizer is the demo byte-level BPE.
 """
 from __future__ import annotations
@@ -224,7 +224,7 @@ def _gpu() -> bool:
 def _load_server(model_dir: str, max_batch: int, clients: int, duration: float, max_tokens: int):
     """Start `llava_ft serve` in its own process, warm it up, run the load, stop it; the LoadReport."""
     from bench_serve import free_port, stop_server, wait_healthy
-    from serve.loadtest import run_load
+    from llava_ft.serve.loadtest import run_load
 
     port = free_port()
     cmd = [sys.executable, "-m", "llava_ft", "serve", model_dir, "--port", str(port), "--model-name", "bench",

@@ -5,7 +5,7 @@
     python benchmarks/bench_serve.py --model ./merged --prompt-template qwen_chat
 
 Starts `python -m llava_ft serve MODEL` as a subprocess on a free loopback port (so the load generator and
-the server do not share one Python interpreter), waits for /health, runs `serve.loadtest.run_load`
+the server do not share one Python interpreter), waits for /health, runs `llava_ft.serve.loadtest.run_load`
 (half the clients stream), prints requests/s, completion tokens/s, latency percentiles and the status
 counts (503 = queue full, expected when clients > max queue + 1), then stops the server.
 Without --model it builds the tiny demo Llama in a temp dir (random weights: answers are gibberish, the
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--max-queue", type=int, default=8)
     args = ap.parse_args()
 
-    from serve.loadtest import run_load
+    from llava_ft.serve.loadtest import run_load
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model

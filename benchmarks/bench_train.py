@@ -155,9 +155,9 @@ def make_assets(work: str, quick: bool) -> dict:
     from transformers import AutoTokenizer
 
     from llava_ft import __version__
+    from llava_ft.checkpoint import save_iter_checkpoint
     from llava_ft.config import config_to_dict
     from llava_ft.demo import assets as demo
-    from llava_ft.engine.checkpoint import save_iter_checkpoint
     from llava_ft.model.builder import build_model
 
     s = settings(quick)
@@ -276,7 +276,7 @@ def summarize(timer, counter: CountingCollator, framework: str) -> dict:
 def run_llava_ft(assets: dict, work: str, grouped: bool = True) -> dict:
     from transformers import set_seed
 
-    from llava_ft.engine.run import _training_arguments, build_train_data
+    from llava_ft.engine.run import build_train_data, training_arguments
     from llava_ft.engine.trainer import LlavaFtTrainer
     from llava_ft.model.builder import build_model
 
@@ -291,7 +291,7 @@ def run_llava_ft(assets: dict, work: str, grouped: bool = True) -> dict:
     timer = make_timer_callback()
     # The engine's own pieces, as run_training composes them (plus our timer; no log/plot/eval callbacks,
     # which only act every logging_steps/eval steps and would add nothing here).
-    args = _training_arguments(cfg, os.path.join(work, "run_llava_ft"), None)
+    args = training_arguments(cfg, os.path.join(work, "run_llava_ft"), None)
     args.disable_tqdm = True
     trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, data_collator=counter,
                              callbacks=[timer], llava_cfg=cfg, work_dir=os.path.join(work, "run_llava_ft"))
@@ -430,19 +430,6 @@ def section_train(quick: bool = False) -> dict:
                                              for r in rs),
     ]
     return section("train", "Training throughput: llava_ft vs TRL SFTTrainer", figs, notes)
-
-
-# ----------------------------------------------------------------------------------------------------
-# GPU: 7B-shaped LLaVA QLoRA
-
-
-def section_gpu(quick: bool = False) -> dict:
-    if not has_gpu():
-        return section("gpu", "GPU: 7B-shaped LLaVA QLoRA throughput and MFU", [], ["skipped: no GPU"],
-                       status="skipped")
-    from bench_memory import gpu_qlora_throughput
-
-    return gpu_qlora_throughput(quick)
 
 
 def main() -> None:

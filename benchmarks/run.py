@@ -36,6 +36,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import ROOT, load_average, machine_info, section  # noqa: E402
+from llava_ft.fileio import write_text  # noqa: E402
 
 # name -> (module, function, title, timeout full s, timeout quick s); generous: the CPUs may be shared
 SECTIONS = {
@@ -47,7 +48,7 @@ SECTIONS = {
                   1200, 600),
     "generation": ("bench_sections", "section_generation", "Generation: chat and server", 1200, 600),
     "anyres": ("bench_anyres", "section_anyres", "AnyRes cost: image tokens and step time vs pad", 900, 300),
-    "gpu": ("bench_train", "section_gpu", "GPU: 7B-shaped LLaVA QLoRA throughput and MFU", 3000, 600),
+    "gpu": ("bench_memory", "section_gpu", "GPU: 7B-shaped LLaVA QLoRA throughput and MFU", 3000, 600),
 }
 
 
@@ -193,8 +194,8 @@ def main(argv=None) -> int:
     base = os.path.join(args.results_dir, stem)
     if args.only:
         report = merge_into_existing(base + ".json", report)
-    atomic_write(base + ".json", json.dumps(report, indent=1))
-    atomic_write(base + ".md", to_markdown(report))
+    write_text(base + ".json", json.dumps(report, indent=1))
+    write_text(base + ".md", to_markdown(report))
     print()
     print_table(report)
     print(f"\nreport: {base}.md, {base}.json")
@@ -219,13 +220,6 @@ def merge_into_existing(path: str, report: dict) -> dict:
     merged["command"] = "; ".join(dict.fromkeys(s.get("command", old.get("command", "?"))
                                                 for s in merged["sections"]))
     return merged
-
-
-def atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,13 @@ from typing import Any, Optional, Union
 import yaml
 
 from llava_ft.errors import UserError
+from llava_ft.fileio import write_text
 
-# Where the built-in recipes live (repo root / configs). `llava_ft list-cfg` reads this folder.
-CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+# Where the built-in recipes live: the package's `recipes/` folder, which is the repository's `configs/`
+# (llava_ft/recipes is a link to ../configs in the checkout; the wheel holds the files themselves, see
+# pyproject.toml). Resolved, so that in a checkout messages name configs/... as users browse it.
+# `llava_ft list-cfg`, recipe names and `--deepspeed zero2` read this folder.
+CONFIG_ROOT = (Path(__file__).parent / "recipes").resolve()
 
 DATA_FORMATS = ("auto", "openai", "alpaca", "sharegpt", "llava", "oasst1", "text")
 QUANTIZATIONS = ("none", "4bit", "8bit")
@@ -161,7 +165,7 @@ class Config:
             only_projector = (m.freeze_llm and not m.llm_lora.enabled and m.freeze_visual_encoder
                               and not m.visual_encoder_lora.enabled)
             return "pretrain" if only_projector else "finetune"
-        if self.data.sources and all(_src(s).format == "text" for s in self.data.sources):
+        if self.data.sources and all(as_data_source(s).format == "text" for s in self.data.sources):
             return "incremental_pretrain"
         return "sft"
 
@@ -179,7 +183,8 @@ CHOICES: dict[str, tuple] = {
 }
 
 
-def _src(s: Any) -> DataSource:
+def as_data_source(s: Any) -> DataSource:
+    """An entry of `data.sources` as a DataSource (entries may still be plain dicts from YAML)."""
     return s if isinstance(s, DataSource) else DataSource(**s)
 
 
@@ -407,11 +412,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
     """Write the resolved config as YAML (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def list_configs(pattern: Optional[str] = None) -> list[str]:

@@ -1,7 +1,7 @@
 """FastAPI app: an OpenAI-compatible chat API and a web chat page over one `ChatModel`.
 
     from llava_ft.inference import load_chat_model
-    from serve.app import create_app
+    from llava_ft.serve.app import create_app
     app = create_app(load_chat_model("./merged"), "merged", api_key="sk-local", image_dir="./images")
     uvicorn.run(app, host="127.0.0.1", port=8000)       # or: llava_ft serve ./merged
 
@@ -10,7 +10,7 @@ Routes: `POST /v1/chat/completions` (OpenAI schema, `stream: true` -> server-sen
 `serve/static/`). Every error is an OpenAI-style body `{"error": {message, type, param, code}}`:
 400 malformed JSON/schema or undecodable image, 401 missing/wrong key, 403 image path outside the image dir
 or remote image while disabled, 404 unknown model, 413 body/image/pixel count over the limits, 503 queue full
-(with Retry-After). Generation runs in one thread (`serve.worker`); a request waits in a bounded line and
+(with Retry-After). Generation runs in one thread (`llava_ft.serve.worker`); a request waits in a bounded line and
 gives its place up when the client disconnects; requests that wait together with the same sampling
 settings are answered in one batched generate call (up to `max_batch`), each still streamed on its own.
 """
@@ -33,10 +33,10 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.errors import ApiError, error_body
-from serve.images import ImageLoader
-from serve.schema import parse_request, settings_kwargs, to_chat_inputs
-from serve.worker import GenerationWorker, Job
+from llava_ft.serve.errors import ApiError, error_body
+from llava_ft.serve.images import ImageLoader
+from llava_ft.serve.schema import parse_request, settings_kwargs, to_chat_inputs
+from llava_ft.serve.worker import GenerationWorker, Job
 
 log = logging.getLogger("llava_ft.serve")
 

@@ -1,6 +1,6 @@
 """OpenAI-style API errors for the serve app.
 
-Raise `ApiError(status, message, ...)` anywhere in request handling; `serve.app` turns it into
+Raise `ApiError(status, message, ...)` anywhere in request handling; `llava_ft.serve.app` turns it into
 `{"error": {"message", "type", "param", "code"}}` with that HTTP status (and headers such as Retry-After),
 the body shape the official `openai` client parses into its exception classes.
 """

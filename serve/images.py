@@ -1,6 +1,6 @@
 """Turn the `image_url` parts of an OpenAI chat request into PIL images, safely.
 
-Used by `serve.app` for every image a client sends:
+Used by `llava_ft.serve.app` for every image a client sends:
 
     loader = ImageLoader(image_dir="/data/imgs", allow_remote=False, max_bytes=20 << 20, max_pixels=64 << 20)
     pil = await loader.load(url)   # raises ApiError with the HTTP status the client should see
@@ -21,7 +21,7 @@ import warnings
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
-from serve.errors import ApiError
+from llava_ft.serve.errors import ApiError
 
 
 class ImageLoader:

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serve.errors import ApiError
+from llava_ft.serve.errors import ApiError
 
 IMAGE_TOKEN = "<image>"
 

@@ -1,6 +1,6 @@
 """One generation thread in front of one model, fed by a bounded waiting line.
 
-`serve.app` creates one `GenerationWorker(chat_model, max_queue)` per app. Each request becomes a `Job`;
+`llava_ft.serve.app` creates one `GenerationWorker(chat_model, max_queue)` per app. Each request becomes a `Job`;
 `submit(job)` puts it in line or raises ApiError 503 (with Retry-After) when `max_queue` jobs already wait.
 The thread owns the model (generation on one model is not thread-safe). When it is free it takes the
 first waiting job plus up to `max_batch - 1` more waiting jobs with the same sampling settings
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve.errors import ApiError
+from llava_ft.serve.errors import ApiError
 
 log = logging.getLogger("llava_ft.serve")
 

@@ -151,7 +151,7 @@ def test_llava_next_export_equals_llava_ft(tmp_path, tiny_llama, tiny_clip, hw):
     from llava_ft.convert import pth_to_hf
     from llava_ft.data.encode import encode_prompt
     from llava_ft.inference import build_from_checkpoint
-    from llava_ft.inference.testing import write_random_checkpoint
+    from llava_ft.testing.checkpoints import write_random_checkpoint
 
     pth = write_random_checkpoint(tmp_path / "run", {
         "model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "image_aspect": "anyres", "freeze_llm": True,

@@ -73,7 +73,7 @@ def test_demo_recipes_load_and_start_with_their_command():
     phases = {}
     for path in recipes:
         first = path.read_text().splitlines()[0]
-        assert first.startswith("# llava_ft ") and str(path.relative_to(CONFIG_ROOT.parent)) in first, path
+        assert first.startswith("# llava_ft ") and f"configs/{path.relative_to(CONFIG_ROOT)}" in first, path
         phases[path.stem] = load_config(str(path)).resolved_phase
     assert phases["tiny_text_sft_qlora"] == "sft"
     assert phases["tiny_incremental_pretrain"] == "incremental_pretrain"

@@ -1,7 +1,7 @@
 """Tests for `serve/`: the OpenAI-compatible API against live servers on loopback.
 
 Real tiny models (tests/conftest.py fixtures) loaded with `llava_ft.inference.load_chat_model`, a real
-uvicorn server in a thread (`serve.testing.serve_in_thread`) and the official `openai` client. Each server
+uvicorn server in a thread (`llava_ft.serve.testing.serve_in_thread`) and the official `openai` client. Each server
 answer is compared with what the same ChatModel says when called directly (greedy), so the tests check
 that the API returns the model's answer, not just something shaped like one.
 
@@ -29,8 +29,8 @@ openai = pytest.importorskip("openai")
 from PIL import Image  # noqa: E402
 
 from llava_ft.inference import GenerationSettings, load_chat_model  # noqa: E402
-from serve.app import create_app  # noqa: E402
-from serve.testing import serve_in_thread  # noqa: E402
+from llava_ft.serve.app import create_app  # noqa: E402
+from llava_ft.serve.testing import serve_in_thread  # noqa: E402
 
 KEY = "sk-test-key"
 # A prompt the tiny random Llama answers greedily without emitting EOS (checked for 1000 tokens in
@@ -523,7 +523,7 @@ def test_requests_waiting_together_are_answered_in_one_batch(endless_model):
 
 @pytest.mark.slow
 def test_load_16_clients_30s(text_model):
-    from serve.loadtest import run_load
+    from llava_ft.serve.loadtest import run_load
 
     with serve_in_thread(create_app(text_model, "tiny", max_queue=8)) as url:
         report = run_load(url, model="tiny", clients=16, duration_s=30, max_tokens=16)

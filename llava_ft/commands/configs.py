@@ -7,9 +7,6 @@ copy-cfg writes DIR/NAME_copy.yaml, a byte-for-byte copy of the recipe, ready to
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 
@@ -35,15 +32,11 @@ def list_cfg(pattern: str | None) -> int:
 def copy_cfg(name: str, out_dir: str) -> Path:
     """Copy a recipe to out_dir/<name>_copy.yaml atomically; returns the new path."""
     from llava_ft.config import resolve_config_path
+    from llava_ft.fileio import write_bytes
 
     src = resolve_config_path(name)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dest = out / f"{src.stem}_copy.yaml"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
+    dest = Path(out_dir) / f"{src.stem}_copy.yaml"
+    write_bytes(dest, src.read_bytes())
     return dest
 
 

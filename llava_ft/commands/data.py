@@ -139,9 +139,9 @@ def run(args: argparse.Namespace) -> int:
         plot_histogram(stats, plot, plan.max_length)
         print(f"histogram: {plot}")
         if args.json_out:
-            from llava_ft.datatools.io import write_json_atomic
+            from llava_ft.fileio import write_json
 
-            write_json_atomic(args.json_out, stats.to_json())
+            write_json(args.json_out, stats.to_json())
         return 0
     raise UserError(f"unknown data tool {tool!r}; choose one of: {', '.join(TOOLS)}")
 

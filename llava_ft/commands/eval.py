@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from llava_ft.commands.chat import _quiet_transformers
 
     _quiet_transformers()
+    from llava_ft.fileio import write_json
     from llava_ft.inference import GenerationSettings, load_chat_model
-    from llava_ft.inference.artifacts import write_json_atomic
     from llava_ft.inference.evaluate import evaluate, load_qa, write_predictions
 
     items = load_qa(args.data, args.image_folder)  # before loading the model: bad data fails fast
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size)
     out = Path(args.output) if args.output else Path(args.data).with_suffix(".predictions.jsonl")
     write_predictions(report.predictions, out)
-    write_json_atomic(out.with_name(out.name + ".metrics.json"), report.metrics)
+    write_json(out.with_name(out.name + ".metrics.json"), report.metrics)
     m = report.metrics
     line = f"{m['n']} questions: exact match {m['exact_match']:.2%}, contains {m['contains']:.2%}"
     if "choice_accuracy" in m:

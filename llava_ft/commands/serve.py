@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from serve.app import create_app
+        from llava_ft.serve.app import create_app
     except ImportError as err:
         raise UserError(f"serving needs the serve extra ({err.name} is missing): pip install 'llava_ft[serve]'")
     from llava_ft.inference import load_chat_model

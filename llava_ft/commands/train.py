@@ -3,7 +3,8 @@
 CONFIG is a YAML path or a built-in recipe name (`llava_ft list-cfg`). Overrides like
 `train.learning_rate=1e-4` are applied and validated before any model loads. `pretrain` checks that only
 the projector trains; `finetune` checks that the config has a visual encoder. Under torchrun/deepspeed
-launchers every process runs this same command.
+launchers every process runs this same command. `--dry-run` stops after these checks and prints the recipe
+file, work dir and DeepSpeed JSON that a real run would use (no model or data loads).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher", default="none", choices=("none", "pytorch", "slurm"),
                         help="none: NPROC_PER_NODE>1 starts that many processes via torchrun (NNODES, NODE_RANK, "
                              "ADDR, PORT for several nodes); pytorch: started by torchrun/deepspeed; slurm: under srun")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, phase and DeepSpeed JSON, print what would run, and stop")
     # torchrun/deepspeed launchers may pass --local_rank / --local-rank; the env var carries the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -36,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from llava_ft.config import load_config
 
     cfg = load_config(args.config, overrides=args.overrides)  # all config errors surface before torch loads
+    if getattr(args, "dry_run", False):
+        return _dry_run(cfg, args)
     from llava_ft.engine import launch
 
     # After the config check (a typo fails once, not N times); may replace this process by torchrun.
@@ -47,6 +52,21 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[llava_ft] done: {result.global_step} steps, work dir {result.work_dir}, "
               f"last checkpoint {result.last_checkpoint}", flush=True)
+    return 0
+
+
+def _dry_run(cfg, args: argparse.Namespace) -> int:
+    """What `run_training` would use, checked the same way, without loading anything heavy."""
+    from llava_ft.engine.distributed import load_deepspeed_config
+    from llava_ft.engine.run import check_phase, default_work_dir, resolve_deepspeed
+
+    command = getattr(args, "command", "train")
+    check_phase(cfg, command)
+    ds_config = resolve_deepspeed(args.deepspeed)
+    if ds_config is not None:
+        load_deepspeed_config(ds_config)  # unreadable JSON fails here, as it would at the start of training
+    print(f"[llava_ft] dry run of `llava_ft {command}`: config {cfg.source_path} ({cfg.resolved_phase}), "
+          f"work dir {args.work_dir or default_work_dir(cfg)}, deepspeed {ds_config or 'none'}", flush=True)
     return 0
 
 

@@ -17,19 +17,9 @@ from typing import Union
 import torch
 
 from llava_ft.errors import UserError
+from llava_ft.fileio import publish_dir, staging_dir
 from llava_ft.inference.artifacts import read_meta, write_meta
-
-
-def _device_map(device: str):
-    if device == "auto":
-        return "auto" if torch.cuda.is_available() else None
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda but no CUDA GPU is visible; use --device cpu")
-        return {"": torch.cuda.current_device()}
-    if device != "cpu":
-        raise UserError(f"--device must be cpu, cuda or auto, got {device!r}")
-    return None
+from llava_ft.model.devices import device_map
 
 
 def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size: Union[str, int] = "2GB",
@@ -37,14 +27,12 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
     """Load `base`, apply the adapter, merge, save to `save_dir` (atomically: staged then renamed)."""
     from peft import PeftModel
 
-    from llava_ft.convert.pth_to_hf import _publish, _staging
-
     adapter_dir = Path(adapter)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: no adapter_config.json; give the PEFT adapter folder "
                         "(pth_to_hf output, or its llm_adapter/ / visual_encoder_adapter/)")
     kwargs = {"dtype": torch.float32 if fp32 else "auto"}
-    dmap = _device_map(device)
+    dmap = device_map(device, spread=True)
     if dmap is not None:
         kwargs["device_map"] = dmap
     if is_clip:
@@ -56,7 +44,7 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
     except (ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"adapter {adapter} does not fit base {base}: {str(err).splitlines()[0]}") from None
     merged = model.merge_and_unload()
-    tmp = _staging(save_dir)
+    tmp = staging_dir(save_dir)
     try:
         merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         extra.save_pretrained(str(tmp))
@@ -66,7 +54,7 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _publish(tmp, save_dir)
+    return publish_dir(tmp, save_dir)
 
 
 def _load_llm(base: str, adapter_dir: Path, kwargs: dict):

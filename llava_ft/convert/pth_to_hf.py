@@ -20,9 +20,7 @@ names on disk are whatever the installed transformers writes and reads back.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -30,6 +28,7 @@ import torch
 
 from llava_ft import IMAGE_TOKEN
 from llava_ft.errors import UserError
+from llava_ft.fileio import publish_dir, staging_dir
 from llava_ft.inference.artifacts import write_meta
 
 FORMATS = ("xtuner", "llava-hf")
@@ -41,21 +40,6 @@ def _load_config(config):
     if config is None or isinstance(config, Config):
         return config
     return load_config(str(config))
-
-
-def _staging(save_dir) -> Path:
-    """Build the export in a sibling temp folder; `_publish` renames it over `save_dir` when complete."""
-    out = Path(save_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.converting."))
-
-
-def _publish(tmp: Path, save_dir) -> str:
-    out = Path(save_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return str(out)
 
 
 def _meta(cfg, fmt: str, pth, step=None) -> dict:
@@ -79,16 +63,17 @@ def pth_to_hf(config, pth, save_dir, fmt: str = "xtuner", fp32: bool = False,
     cfg = _load_config(config)
     if fmt == "llava-hf":
         return export_llava_hf(cfg, pth, save_dir, fp32=fp32, max_shard_size=max_shard_size)
-    from llava_ft.inference.loader import build_from_checkpoint, load_iter_checkpoint
+    from llava_ft.checkpoint import load_iter_and_config
+    from llava_ft.inference.loader import build_from_checkpoint
 
-    _, meta, saved = load_iter_checkpoint(str(pth), need_config=cfg is None)
+    _, meta, saved = load_iter_and_config(str(pth), need_config=cfg is None)
     cfg = cfg or saved
     m = cfg.model
     llm_full = not m.freeze_llm and not m.llm_lora.enabled
     # Full weights are saved unquantized; adapters and projectors do not depend on the base's precision.
     model, tok, cfg = build_from_checkpoint(str(pth), cfg=cfg, quantization="none" if llm_full else None,
                                             dtype="fp32" if fp32 else None)
-    tmp = _staging(save_dir)
+    tmp = staging_dir(save_dir)
     try:
         if not cfg.is_llava:
             _cast(model.llm, fp32)
@@ -109,7 +94,7 @@ def pth_to_hf(config, pth, save_dir, fmt: str = "xtuner", fp32: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _publish(tmp, save_dir)
+    return publish_dir(tmp, save_dir)
 
 
 def _save_xtuner_llava(model, tok, cfg, out: Path, fp32: bool, max_shard_size) -> None:
@@ -163,10 +148,11 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
                               LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
 
     from llava_ft.convert.chat_template import template_to_jinja
-    from llava_ft.inference.loader import build_from_checkpoint, load_iter_checkpoint
+    from llava_ft.checkpoint import load_iter_and_config
+    from llava_ft.inference.loader import build_from_checkpoint
     from llava_ft.templates import HF_TEMPLATE, get_template
 
-    _, meta, saved = load_iter_checkpoint(str(pth), need_config=cfg is None)
+    _, meta, saved = load_iter_and_config(str(pth), need_config=cfg is None)
     cfg = cfg or saved
     if not cfg.is_llava:
         raise UserError(f"--format llava-hf needs a LLaVA run (model.visual_encoder set); {pth} is a text run. "
@@ -234,7 +220,7 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
         vision_feature_select_strategy=strategy, chat_template=jinja, image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if kind == "clip" else 0,
     )
-    tmp = _staging(save_dir)
+    tmp = staging_dir(save_dir)
     try:
         hf.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         processor.save_pretrained(str(tmp))
@@ -243,7 +229,7 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return _publish(tmp, save_dir)
+    return publish_dir(tmp, save_dir)
 
 
 def _llava_image_processor(ve, cfg):

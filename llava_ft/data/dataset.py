@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -28,11 +27,12 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from llava_ft.config import DataConfig, DataSource
+from llava_ft.config import DataConfig, DataSource, as_data_source
 from llava_ft.data.encode import encode_records
 from llava_ft.data.formats import iter_records, source_files
 from llava_ft.data.packing import arrow_column, pack_samples
 from llava_ft.errors import UserError
+from llava_ft.fileio import staging_dir
 from llava_ft.templates import HF_TEMPLATE, get_template
 
 log = logging.getLogger(__name__)
@@ -74,13 +74,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _source(src) -> DataSource:
-    return src if isinstance(src, DataSource) else DataSource(**src)
-
-
 def cache_key(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int) -> str:
     files = []
-    for src in map(_source, data_cfg.sources):
+    for src in map(as_data_source, data_cfg.sources):
         for path in source_files(src.path):
             st = os.stat(path)
             files.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
@@ -134,7 +130,7 @@ def _encode_source(src: DataSource, tokenizer, template, data_cfg: DataConfig, n
 def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int) -> PreparedData:
     template = HF_TEMPLATE if data_cfg.template == HF_TEMPLATE else get_template(data_cfg.template)
     parts, dropped, per_source, n_records = [], Counter(), [], 0
-    for src in map(_source, data_cfg.sources):
+    for src in map(as_data_source, data_cfg.sources):
         encoded, n, reasons = _encode_source(src, tokenizer, template, data_cfg, num_image_tokens)
         n_records += n
         dropped += reasons
@@ -182,7 +178,7 @@ def prepare_dataset(data_cfg: DataConfig, tokenizer, num_image_tokens: int = 0, 
 def _save(prepared: PreparedData, folder: str, stats_file: str) -> None:
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = staging_dir(folder)  # the cache folder gets the umask's mode, like every output
     try:
         prepared.dataset.save_to_disk(tmp)
         with open(os.path.join(tmp, os.path.basename(stats_file)), "w") as fh:

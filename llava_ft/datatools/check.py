@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from llava_ft import IMAGE_TOKEN
-from llava_ft.datatools.io import write_json_atomic
+from llava_ft.fileio import write_json
 from llava_ft.datatools.sources import Plan, Problem, as_dict, encode_lengths, iter_canonical, load_tokenizer
 from llava_ft.errors import UserError
 
@@ -218,4 +218,4 @@ def default_report_path(data_path: str) -> str:
 
 
 def write_report(report: CheckReport, path: str) -> None:
-    write_json_atomic(path, report.to_json())
+    write_json(path, report.to_json())

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from llava_ft.errors import UserError
+from llava_ft.fileio import AtomicFile, write_json  # noqa: F401  (AtomicFile: used below and re-exported)
 
 CONTAINERS = ("json", "jsonl")
 
@@ -37,25 +37,6 @@ def check_output(out: str | os.PathLike, inputs: list, force: bool) -> Path:
     if out.is_dir():
         raise UserError(f"{out}: is a folder; give a file path for the output")
     return out
-
-
-class AtomicFile:
-    """A text file written under a temp name beside `path`, renamed over it on `commit()`."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
-        self.f = os.fdopen(fd, "w", encoding="utf-8")
-
-    def commit(self) -> None:
-        self.f.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self.f.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
 
 
 class RecordWriter:
@@ -97,12 +78,4 @@ class RecordWriter:
         self._file.commit()
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    f = AtomicFile(path)
-    try:
-        json.dump(obj, f.f, ensure_ascii=False, indent=2)
-        f.f.write("\n")
-    except BaseException:
-        f.abort()
-        raise
-    f.commit()
+write_json_atomic = write_json  # old name (one release) of llava_ft.fileio.write_json

@@ -7,12 +7,12 @@ counted as `skipped` (run `data check` to see why).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from llava_ft.datatools.sources import Plan, encode_lengths, iter_canonical, load_tokenizer
 from llava_ft.errors import UserError
+from llava_ft.fileio import atomic_path
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -137,12 +137,9 @@ def plot_histogram(stats: Stats, path: str, max_length: Optional[int] = None) ->
     ax.set_title(f"token lengths ({stats.records} records)")
     ax.legend()
     fig.tight_layout()
-    tmp = f"{path}.partial.png"  # matplotlib picks the format from the suffix; renamed when complete
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".partial.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from llava_ft import fileio
 from llava_ft.config import CONFIG_ROOT, Config, load_config
 from llava_ft.errors import UserError
 
@@ -155,10 +156,8 @@ class _Stages:
         seconds = time.perf_counter() - start
         res = StageResult(name, "done", seconds, result, [str(a) for a in artifacts], data)
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = record_path.with_name(record_path.name + ".tmp")
-        tmp.write_text(json.dumps({"key": key, "seconds": seconds, "result": result, "artifacts": res.artifacts,
-                                   "data": data}, indent=1), encoding="utf-8")
-        os.replace(tmp, record_path)
+        fileio.write_json(record_path, {"key": key, "seconds": seconds, "result": result,
+                                        "artifacts": res.artifacts, "data": data}, indent=1)
         self.log(f"[demo] {name}: done in {seconds:.1f}s ({result})")
         self.results.append(res)
         return res
@@ -218,10 +217,7 @@ def write_chat_text(paths: dict, template: str, out) -> str:
     for res in encode_records(records, tok, template, max_length=100_000):
         if res.sample is not None:
             rows.append({"text": tok.decode(res.sample["input_ids"], skip_special_tokens=True)})
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
+    fileio.write_jsonl(out, rows)
     return str(out)
 
 
@@ -394,11 +390,7 @@ def _write_summary(report: DemoReport, before: dict, after: dict) -> str:
         "colour_accuracy_after": after.get("colour_accuracy"),
         "stages": [dataclasses.asdict(s) for s in report.stages],
     }
-    tmp = ws / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    os.replace(tmp, ws / "summary.json")
+    fileio.write_json(ws / "summary.json", summary, indent=1)
     md = ws / "summary.md"
-    tmp = ws / "summary.md.tmp"
-    tmp.write_text("# llava_ft demo summary\n\n```\n" + report.table() + "\n```\n", encoding="utf-8")
-    os.replace(tmp, md)
+    fileio.write_text(md, "# llava_ft demo summary\n\n```\n" + report.table() + "\n```\n")
     return str(md)

@@ -12,15 +12,13 @@ uninterrupted run.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
-import torch
 from transformers import TrainerCallback
 
-from llava_ft.engine.checkpoint import atomic_write_text
 from llava_ft.errors import UserError
+from llava_ft.fileio import atomic_path, write_text
 
 LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "loss.png"
@@ -52,7 +50,7 @@ class JsonlLogCallback(TrainerCallback):
             return
         # Fresh run: start an empty log. Resume at step k: drop what the interrupted run logged after k.
         kept = [r for r in read_train_log(self.path.parent) if r.get("step", 0) <= state.global_step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept) if state.global_step else "")
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept) if state.global_step else "")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -87,10 +85,9 @@ def plot_loss(work_dir) -> Optional[Path]:
     ax.set_title(Path(work_dir).resolve().name)
     fig.tight_layout()
     out = Path(work_dir) / PLOT_NAME
-    tmp = out.with_name(f".{PLOT_NAME}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 
@@ -141,44 +138,26 @@ class EvalChatCallback(TrainerCallback):
         images = self.cfg.evaluation.images
         if not images or getattr(model, "visual_encoder", None) is None:
             return []
-        from PIL import Image
-
-        path = images[index] if len(images) > 1 else images[0]
-        try:
-            with Image.open(path) as im:
-                pil = im.convert("RGB")
-        except OSError as err:
-            raise UserError(f"evaluation.images: cannot open {path}: {err}") from None
-        if self.cfg.data.pad_image_to_square:
-            from llava_ft.data.images import expand2square  # data engineer's module (contract)
-
-            pil = expand2square(pil, tuple(int(c) for c in model.visual_encoder.image_mean))
-        return [pil]
+        return [images[index] if len(images) > 1 else images[0]]
 
     def answers(self, model) -> list[tuple[str, str]]:
-        from llava_ft.data.encode import encode_prompt
+        """Greedy answers through the same ChatModel that `llava_ft chat` uses (prompt, images, stop words)."""
+        from llava_ft.inference.chat_model import GenerationSettings
+        from llava_ft.inference.loader import chat_model_for_run
 
-        tpl = self.cfg.data.template
+        settings = GenerationSettings(max_new_tokens=self.cfg.evaluation.max_new_tokens, temperature=0.0)
         out = []
         _keep_4bit_training_layout(model)
         was_training = model.training
-        model.eval()
+        chat = chat_model_for_run(model, self.tokenizer, self.cfg)  # puts the model in eval mode
         try:
             for i, prompt in enumerate(self.cfg.evaluation.prompts):
                 images = self._images(model, i)
-                ids = encode_prompt([{"role": "user", "content": prompt}], self.tokenizer, tpl,
-                                    system=self.cfg.data.system, images=images)
-                kwargs = {}
-                if images:
-                    ve = model.visual_encoder
-                    kwargs["pixel_values"] = torch.stack([ve.preprocess(im) for im in images])
-                input_ids = torch.tensor([ids], dtype=torch.long, device=model.device)
-                with torch.no_grad():
-                    new = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                         max_new_tokens=self.cfg.evaluation.max_new_tokens,
-                                         pad_token_id=self.tokenizer.pad_token_id, **kwargs)
-                text = self.tokenizer.decode(new[0], skip_special_tokens=True)
-                out.append((prompt, text))
+                try:
+                    answer = chat.chat([{"role": "user", "content": prompt}], images, settings)
+                except UserError as err:
+                    raise UserError(f"evaluation.prompts[{i}]: {err}") from None
+                out.append((prompt, answer.text))
         finally:
             model.train(was_training)
         return out
@@ -198,7 +177,7 @@ class EvalChatCallback(TrainerCallback):
                 head += f" (image: {images[i] if len(images) > 1 else images[0]})"
             blocks.append(f"{head}\n{prompt}\n### answer\n{answer}\n")
         path = self.work_dir / f"eval_outputs_iter_{step}.txt"
-        atomic_write_text(path, f"step {step}\n\n" + "\n".join(blocks))
+        write_text(path, f"step {step}\n\n" + "\n".join(blocks))
         return path
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

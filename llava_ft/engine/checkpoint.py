@@ -1,4 +1,4 @@
-"""Work-dir checkpoint files: atomic `iter_<step>.pth`, `last_checkpoint`, rotation, resume lookup.
+"""Training's side of checkpoints: Trainer folders, rotation, resume lookup, ZeRO shards -> iter file.
 
 Layout of a work dir (see docs/architecture.md "Checkpoints"):
 
@@ -6,8 +6,9 @@ Layout of a work dir (see docs/architecture.md "Checkpoints"):
     checkpoint-500/     transformers.Trainer state (optimizer, scheduler, RNG, trainer_state.json)
     last_checkpoint     text file naming the newest complete iter_<step>.pth
 
-Every file is written to a temporary name and `os.replace`d, so Ctrl-C or a crash never leaves a
-half-written `iter_*.pth` under its final name. A `checkpoint-<step>/` folder counts as complete only
+The `iter_<step>.pth` format itself (save, load, `last_checkpoint`) is `llava_ft.checkpoint`; its names are
+re-exported here for older imports. Every file is written to a temporary name and `os.replace`d
+(llava_ft.fileio), so Ctrl-C or a crash never leaves a half-written `iter_*.pth` under its final name. A `checkpoint-<step>/` folder counts as complete only
 when its `trainer_state.json` exists (Trainer writes it last) and its `iter_<step>.pth` sits beside it;
 `find_resume_checkpoint` skips incomplete ones with a warning.
 
@@ -27,72 +28,15 @@ from typing import Optional, Union
 
 import torch
 
+from llava_ft.checkpoint import ITER_RE as _ITER_RE
+from llava_ft.checkpoint import iter_path, load_iter_checkpoint, save_iter_checkpoint  # noqa: F401  (re-exported)
 from llava_ft.errors import UserError
+from llava_ft.fileio import torch_save as atomic_torch_save  # noqa: F401  (old name, re-exported)
+from llava_ft.fileio import unlink_quiet as _unlink_quiet
+from llava_ft.fileio import write_text as atomic_write_text  # noqa: F401  (old name, re-exported)
 
 PathLike = Union[str, os.PathLike]
-_ITER_RE = re.compile(r"^iter_(\d+)\.pth$")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-
-
-def atomic_torch_save(obj, path: PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-
-
-def _unlink_quiet(path: PathLike) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def iter_path(work_dir: PathLike, step: int) -> Path:
-    return Path(work_dir) / f"iter_{step}.pth"
-
-
-def save_iter_checkpoint(work_dir: PathLike, step: int, state_dict: dict, meta: dict) -> Path:
-    """Write `iter_<step>.pth` (CPU tensors, contiguous) atomically and point `last_checkpoint` at it."""
-    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    path = iter_path(work_dir, step)
-    atomic_torch_save({"state_dict": sd, "meta": dict(meta, step=int(step))}, path)
-    atomic_write_text(Path(work_dir) / "last_checkpoint", str(path.resolve()) + "\n")
-    return path
-
-
-def load_iter_checkpoint(path: PathLike) -> dict:
-    """Load an `iter_<step>.pth` safely (weights_only); UserError when missing or not ours."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, pickle of arbitrary objects, ...
-        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                        "it may be truncated: use an earlier iter_*.pth") from None
-    if not isinstance(obj, dict) or "state_dict" not in obj:
-        raise UserError(f"checkpoint {path} is not an llava_ft iter_*.pth (no 'state_dict' key)")
-    return obj
 
 
 def _steps(work_dir: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:

@@ -71,7 +71,7 @@ def resolve_deepspeed(name_or_path: Optional[str]) -> Optional[str]:
                     f"built-in: {', '.join(names)}")
 
 
-def _training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
+def training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
     import torch
     from transformers import TrainingArguments
 
@@ -186,7 +186,7 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
             # from_pretrained build it under deepspeed.zero.Init: each rank holds only its shard instead of the
             # whole model. Not for 4/8-bit LLMs: bitsandbytes loading needs a device_map, which transformers
             # refuses under ZeRO-3 (their weights are small anyway).
-            args = _training_arguments(cfg, work_dir, ds_config)
+            args = training_arguments(cfg, work_dir, ds_config)
     is_main = dist.is_main_process()
     if is_main:
         os.makedirs(work_dir, exist_ok=True)
@@ -203,7 +203,7 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
         dataset, collator, stats = build_train_data(cfg, model, tokenizer)
     if is_main:
         _print_data_stats(stats)
-    args = args or _training_arguments(cfg, work_dir, ds_config)
+    args = args or training_arguments(cfg, work_dir, ds_config)
     callbacks = [JsonlLogCallback(work_dir), LossPlotCallback(work_dir), EvalChatCallback(work_dir, cfg, tokenizer)]
     callbacks += list(extra_callbacks or ())
     trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,

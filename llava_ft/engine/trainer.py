@@ -22,8 +22,10 @@ import torch
 from transformers import Trainer
 
 from llava_ft import __version__
+from llava_ft.checkpoint import iter_path, load_iter_checkpoint, save_iter_checkpoint
 from llava_ft.config import config_to_dict
 from llava_ft.engine import checkpoint as ckpt
+from llava_ft.model.llava import LlavaFtModel
 
 
 class LlavaFtTrainer(Trainer):
@@ -61,7 +63,7 @@ class LlavaFtTrainer(Trainer):
         for name, param in opt_model.named_parameters():
             if not param.requires_grad:
                 continue
-            module = name.split(".", 1)[0] if name.split(".", 1)[0] in lrs else "llm"
+            module = LlavaFtModel.module_of(name)
             wd = self.args.weight_decay if name in decay else 0.0
             group = groups.setdefault((module, wd), {"params": [], "weight_decay": wd, "lr": lrs[module],
                                                      "name": f"{module}{'' if wd else '_no_decay'}"})
@@ -139,7 +141,7 @@ class LlavaFtTrainer(Trainer):
         if self.args.should_save:
             meta = {"step": step, "phase": self.llava_cfg.resolved_phase, "llava_ft_version": __version__,
                     "config": config_to_dict(self.llava_cfg)}
-            ckpt.save_iter_checkpoint(self.work_dir, step, sd, meta)
+            save_iter_checkpoint(self.work_dir, step, sd, meta)
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             ckpt.rotate_checkpoints(self.work_dir, self.llava_cfg.train.save_total_limit, keep=step)
@@ -148,7 +150,7 @@ class LlavaFtTrainer(Trainer):
         if self.is_deepspeed_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         m = re.search(r"checkpoint-(\d+)$", str(resume_from_checkpoint).rstrip("/"))
-        path = ckpt.iter_path(Path(resume_from_checkpoint).parent, int(m.group(1)))
-        state = ckpt.load_iter_checkpoint(path)["state_dict"]
+        path = iter_path(Path(resume_from_checkpoint).parent, int(m.group(1)))
+        state = load_iter_checkpoint(path)["state_dict"]
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         target.load_trainable_state_dict(state, source=str(path))

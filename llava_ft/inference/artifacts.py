@@ -15,18 +15,17 @@ images exactly as training did without the user repeating them.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from llava_ft.checkpoint import newest_iter_file
 from llava_ft.errors import UserError
+from llava_ft.fileio import write_json
 
 META_NAME = "llava_ft.json"
 ARTIFACT_KINDS = ("iter_pth", "llava_hf", "xtuner_llava", "peft_adapter", "hf_model")
-_ITER_RE = re.compile(r"^iter_(\d+)\.pth$")
 
 
 @dataclass
@@ -35,19 +34,11 @@ class Artifact:
     path: str  # the file (iter_pth) or folder
 
 
-def write_json_atomic(path, obj) -> None:
-    """Write JSON to `path` through a temp file + os.replace (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+write_json_atomic = write_json  # old name (one release) of llava_ft.fileio.write_json
 
 
 def write_meta(folder, meta: dict) -> None:
-    write_json_atomic(Path(folder) / META_NAME, meta)
+    write_json(Path(folder) / META_NAME, meta)
 
 
 def read_meta(folder) -> dict:
@@ -59,19 +50,6 @@ def read_meta(folder) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err}); re-run `llava_ft convert` to rewrite it") from None
-
-
-def newest_iter_file(work_dir) -> Optional[Path]:
-    """The checkpoint named by `last_checkpoint`, else the `iter_N.pth` with the largest N, else None."""
-    work = Path(work_dir)
-    marker = work / "last_checkpoint"
-    if marker.is_file():
-        name = marker.read_text(encoding="utf-8").strip()
-        candidate = Path(name) if os.path.isabs(name) else work / name
-        if candidate.is_file():
-            return candidate
-    steps = [(int(m.group(1)), p) for p in work.iterdir() if (m := _ITER_RE.match(p.name)) and p.is_file()]
-    return max(steps)[1] if steps else None
 
 
 def _model_type(folder: Path) -> Optional[str]:

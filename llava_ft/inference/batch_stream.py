@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from llava_ft.inference.stops import cut_at_stop, holdback
+
 
 @dataclass
 class StreamRequest:
@@ -43,9 +45,6 @@ class RowStreamer:
 
     def __init__(self, tokenizer, stops: list, max_new: list, eos_ids: Sequence[int], on_delta: list,
                  cancelled: list):
-        from llava_ft.inference.chat_model import _holdback, cut_at_stop
-
-        self._holdback, self._cut = _holdback, cut_at_stop
         self.tokenizer = tokenizer
         self.stops, self.max_new, self.eos = stops, max_new, set(eos_ids or ())
         self.on_delta, self.cancelled = on_delta, cancelled
@@ -84,17 +83,17 @@ class RowStreamer:
 
     def _advance(self, i: int, finished: bool) -> None:
         text = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True)
-        cut, found = self._cut(text, self.stops[i])
+        cut, found = cut_at_stop(text, self.stops[i])
         if not found and self.stops[i]:
             # A stop word may be a special token (<|im_end|>) that the shown text drops: look for it in the
             # raw text too, as generate's stop_strings do for a lone request.
             raw = self.tokenizer.decode(self.tokens[i], skip_special_tokens=False)
-            found = self._cut(raw, self.stops[i])[1]
+            found = cut_at_stop(raw, self.stops[i])[1]
         if found or finished:
             self.done[i], self.hit_stop[i], self.texts[i] = True, found, cut
             self._send(i, cut, len(cut))
             return
-        safe = len(text) - self._holdback(text, self.stops[i])
+        safe = len(text) - holdback(text, self.stops[i])
         while safe > self.sent[i] and text[safe - 1] == "\ufffd":  # half of a multi-byte character
             safe -= 1
         self._send(i, text, safe)

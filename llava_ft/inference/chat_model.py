@@ -25,6 +25,7 @@ import torch
 
 from llava_ft import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava_ft.errors import UserError
+from llava_ft.inference.stops import cut_at_stop, holdback
 
 
 @dataclass
@@ -63,23 +64,6 @@ class _Cancel:
 
     def __call__(self, input_ids, scores, **kwargs):
         return torch.full((input_ids.shape[0],), self.flag.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def _holdback(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of `text` could be the start of a stop word (not yet safe to show)."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                best = max(best, k)
-                break
-    return best
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """`text` up to the earliest stop word, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 class ChatStream:
@@ -301,7 +285,7 @@ class ChatModel:
                             yield cut[sent:]
                         sent = len(cut)
                         continue
-                    safe = len(text) - _holdback(text, stops)
+                    safe = len(text) - holdback(text, stops)
                     if safe > sent:
                         yield text[sent:safe]
                         sent = safe

@@ -16,18 +16,17 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import json
 import os
 import re
 import string
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from llava_ft.data.jsonio import iter_raw
 from llava_ft.errors import UserError
+from llava_ft.fileio import write_jsonl
 
 OPTIONS = ("A", "B", "C", "D")
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -138,10 +137,4 @@ def evaluate(chat_model, items: list, settings, batch_size: int = 8) -> EvalRepo
 
 def write_predictions(predictions: list, path) -> None:
     """One JSON object per line, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in predictions:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, predictions)

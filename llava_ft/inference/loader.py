@@ -25,6 +25,7 @@ import torch
 from llava_ft.errors import UserError
 from llava_ft.inference.artifacts import detect_artifact, read_meta
 from llava_ft.inference.chat_model import ChatModel
+from llava_ft.model import devices
 
 _DTYPE_NAMES = {"auto": "auto", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16",
                 "half": "fp16", "fp32": "fp32", "float32": "fp32", "float": "fp32"}
@@ -47,19 +48,6 @@ def _quantization(bits) -> str:
     raise UserError(f"bits must be 4 or 8 (or omitted for full precision), got {bits!r}")
 
 
-def _device_map(device: str, quantization: str):
-    """device_map for from_pretrained: None keeps CPU loading; cuda places everything on GPU 0."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"device must be cpu, cuda or auto, got {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("device=cuda but no CUDA GPU is visible; use device=cpu")
-        return {"": torch.cuda.current_device()}
-    return {"": "cpu"} if quantization != "none" else None
-
-
 def _model_cfg(**fields):
     from llava_ft.config import ModelConfig
 
@@ -71,7 +59,7 @@ def _load_text_llm(path: str, adapter: Optional[str], quantization: str, dtype: 
     from llava_ft.model.llm import load_llm
 
     cfg = _model_cfg(llm=str(path), dtype=dtype, quantization=quantization)
-    llm, tok = load_llm(cfg, device_map=_device_map(device, quantization), for_training=False, verbose=False)
+    llm, tok = load_llm(cfg, device_map=devices.device_map(device, quantization), for_training=False, verbose=False)
     if adapter:
         llm = _apply_adapter(llm, adapter)
     return llm, tok
@@ -147,6 +135,17 @@ def _text_chat_model(llm, tok, meta: dict, cfg_data, prompt_template, system, so
                      (meta.get("system") or (cfg_data or {}).get("system")), source=source)
 
 
+def chat_model_for_run(model, tokenizer, cfg, source: str = "evaluation") -> ChatModel:
+    """A ChatModel over an in-memory LlavaFtModel built from `cfg` (the model being trained: the
+    evaluation prompts during training), prompting and preprocessing images as that run's data does."""
+    data = {"template": cfg.data.template, "system": cfg.data.system,
+            "pad_image_to_square": cfg.data.pad_image_to_square}
+    if model.visual_encoder is not None:
+        return _vision_chat_model(model, tokenizer, {}, data, None, None, source)
+    return ChatModel(model, tokenizer, _template_from(None, {}, data, tokenizer, source), system=cfg.data.system,
+                     source=source)
+
+
 def _vision_chat_model(model, tok, meta: dict, cfg_data, prompt_template, system, source: str) -> ChatModel:
     """ChatModel over a LlavaFtModel with a vision tower (iter_N.pth and XTuner layout)."""
     model.eval()
@@ -159,21 +158,6 @@ def _vision_chat_model(model, tok, meta: dict, cfg_data, prompt_template, system
                      num_image_tokens=ve.num_image_tokens, source=source)
 
 
-def load_iter_checkpoint(path: str, need_config: bool = True):
-    """(state_dict, meta, Config or None) of an iter_N.pth file; UserError when it is not one of ours."""
-    from llava_ft.config import config_from_dict
-    from llava_ft.engine.checkpoint import load_iter_checkpoint as _load
-
-    ckpt = _load(path)
-    if "config" not in (ckpt.get("meta") or {}):
-        if not need_config:
-            return ckpt["state_dict"], ckpt.get("meta") or {}, None
-        raise UserError(f"{path}: has no meta.config (the run's config); pass the run's CONFIG explicitly "
-                        "(llava_ft convert pth_to_hf CONFIG PTH OUT)")
-    cfg = config_from_dict(ckpt["meta"]["config"], where=f"{path} (meta.config)")
-    return ckpt["state_dict"], ckpt["meta"], cfg
-
-
 def build_from_checkpoint(path: str, quantization: Optional[str] = None, dtype: Optional[str] = None,
                           device_map=None, cfg=None):
     """Rebuild the run's LlavaFtModel from an iter_N.pth and load its trained weights -> (model, tok, cfg).
@@ -181,9 +165,10 @@ def build_from_checkpoint(path: str, quantization: Optional[str] = None, dtype: 
     `cfg` replaces the config saved in the checkpoint; `quantization` / `dtype` override the run's (e.g. load a QLoRA run's LLM in fp32 for export).
     The run's `pretrained_pth` is not re-read: the checkpoint already holds every trained weight.
     """
+    from llava_ft.checkpoint import load_iter_and_config
     from llava_ft.model.builder import build_model
 
-    state_dict, meta, saved_cfg = load_iter_checkpoint(path, need_config=cfg is None)
+    state_dict, meta, saved_cfg = load_iter_and_config(path, need_config=cfg is None)
     cfg = copy.deepcopy(cfg if cfg is not None else saved_cfg)  # `cfg`: e.g. the CONFIG given to pth_to_hf
     cfg.model.pretrained_pth = None
     if quantization is not None:
@@ -211,7 +196,7 @@ def _load_iter_pth(path, quant, dtype, device, prompt_template, system, adapter)
         raise UserError(f"{path} is a training checkpoint; --adapter applies to Hugging Face base models only")
     model, tok, cfg = build_from_checkpoint(
         path, quantization=None if quant == "none" else quant, dtype=None if dtype == "auto" else dtype,
-        device_map=_device_map(device, quant))
+        device_map=devices.device_map(device, quant))
     data = {"template": cfg.data.template, "system": cfg.data.system,
             "pad_image_to_square": cfg.data.pad_image_to_square}
     if model.visual_encoder is None:
@@ -268,7 +253,7 @@ def _load_llava_hf(folder, quant, dtype, device, prompt_template, system) -> Cha
     qcfg = _quantization_config(quant, compute)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
-    dmap = _device_map(device, quant)
+    dmap = devices.device_map(device, quant)
     if dmap is not None:
         kwargs["device_map"] = dmap
     try:

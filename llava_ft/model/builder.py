@@ -57,7 +57,7 @@ def build_model(cfg, for_training: bool = True):
             _freeze(projector)
     model = LlavaFtModel(llm, visual_encoder, projector)
     if m.pretrained_pth:
-        from llava_ft.engine.checkpoint import load_iter_checkpoint
+        from llava_ft.checkpoint import load_iter_checkpoint
 
         state = load_iter_checkpoint(m.pretrained_pth)["state_dict"]
         # strict=False: a pretrain checkpoint holds the projector only; LoRA weights start fresh.

@@ -11,13 +11,13 @@ XTuner's ProjectorModel uses (`model.0`, `model.2`) up to the prefix, which `con
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llava_ft import fileio
 from llava_ft.errors import UserError
 
 CONFIG_NAME = "config.json"
@@ -53,12 +53,9 @@ class Projector(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         sd = state_dict if state_dict is not None else self.state_dict()
         sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-        tmp = out / (WEIGHTS_NAME + ".tmp")
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / WEIGHTS_NAME)
-        tmp = out / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(self.config_dict(), indent=2) + "\n")
-        os.replace(tmp, out / CONFIG_NAME)
+        with fileio.atomic_path(out / WEIGHTS_NAME) as tmp:
+            save_file(sd, str(tmp), metadata={"format": "pt"})
+        fileio.write_json(out / CONFIG_NAME, self.config_dict())
 
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None) -> "Projector":

@@ -14,7 +14,7 @@ import torch
 
 def write_random_checkpoint(work_dir, raw_config: dict, seed: int = 0, step: int = 3, scale: float = 0.05):
     from llava_ft.config import config_from_dict, config_to_dict
-    from llava_ft.engine.checkpoint import save_iter_checkpoint
+    from llava_ft.checkpoint import save_iter_checkpoint
     from llava_ft.model.builder import build_model
 
     cfg = config_from_dict(raw_config)

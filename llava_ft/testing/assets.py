@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Union
+
+from llava_ft import fileio
 
 PathLike = Union[str, os.PathLike]
 
@@ -68,38 +68,6 @@ SELF_COGNITION_QA = [
 
 # ----------------------------------------------------------------------------------------------------
 # small helpers
-
-
-def _atomic_write_text(path: PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_json(path: PathLike, obj) -> None:
-    _atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
-
-
-def _write_jsonl(path: PathLike, rows: Iterable[dict]) -> None:
-    _atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def _fresh_dir(out_dir: PathLike) -> Path:
-    """Build into a sibling temp folder; `_publish` renames it over `out_dir` when complete."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building."))
-
-
-def _publish(tmp: Path, out_dir: PathLike) -> str:
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return str(out)
 
 
 def describe(colour: str, shape: str) -> str:
@@ -151,9 +119,9 @@ def build_tokenizer(out_dir: PathLike, texts: Optional[Iterable[str]] = None, vo
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     fast.chat_template = CHAT_TEMPLATE
     fast.model_max_length = 2048
-    tmp = _fresh_dir(out_dir)
+    tmp = fileio.staging_dir(out_dir)
     fast.save_pretrained(str(tmp))
-    return _publish(tmp, out_dir)
+    return fileio.publish_dir(tmp, out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -201,10 +169,10 @@ def build_tiny_llm(
     model.generation_config = GenerationConfig(
         bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"], pad_token_id=ids["pad_token"]
     )
-    tmp = _fresh_dir(out_dir)
+    tmp = fileio.staging_dir(out_dir)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    return _publish(tmp, out_dir)
+    return fileio.publish_dir(tmp, out_dir)
 
 
 def _build_vision(kind: str, out_dir: PathLike, image_size: int, patch_size: int, hidden_size: int,
@@ -226,10 +194,10 @@ def _build_vision(kind: str, out_dir: PathLike, image_size: int, patch_size: int
                                   crop_size={"height": image_size, "width": image_size})
     else:
         processor = processor_cls(size={"height": image_size, "width": image_size})
-    tmp = _fresh_dir(out_dir)
+    tmp = fileio.staging_dir(out_dir)
     model.save_pretrained(str(tmp))
     processor.save_pretrained(str(tmp))
-    return _publish(tmp, out_dir)
+    return fileio.publish_dir(tmp, out_dir)
 
 
 def build_tiny_clip(out_dir: PathLike, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32,
@@ -320,9 +288,8 @@ def make_demo_data(
         for i in range(n):
             colour, shape = combos[(i + rng.randrange(len(combos))) % len(combos)]
             rel = f"{split}/{split}_{i:05d}.png"
-            tmp = images / f"{rel}.tmp.png"
-            draw_shape(colour, shape, rng, image_size).save(tmp, format="PNG")
-            os.replace(tmp, images / rel)
+            with fileio.atomic_path(images / rel, suffix=".tmp.png") as tmp:
+                draw_shape(colour, shape, rng, image_size).save(tmp, format="PNG")
             rows.append((f"{split}_{i:05d}", rel, colour, shape))
         return rows
 
@@ -351,11 +318,11 @@ def make_demo_data(
         "self_cognition": str(out / "self_cognition.jsonl"),
         "text": str(out / "text.jsonl"),
     }
-    _write_json(paths["pretrain"], pretrain)
-    _write_json(paths["finetune"], finetune)
-    _write_jsonl(paths["eval"], eval_rows)
-    _write_jsonl(paths["self_cognition"], self_cog)
-    _write_jsonl(paths["text"], text_rows)
+    fileio.write_json(paths["pretrain"], pretrain, indent=1)
+    fileio.write_json(paths["finetune"], finetune, indent=1)
+    fileio.write_jsonl(paths["eval"], eval_rows)
+    fileio.write_jsonl(paths["self_cognition"], self_cog)
+    fileio.write_jsonl(paths["text"], text_rows)
     return paths
 
 
@@ -432,5 +399,5 @@ def build_demo_workspace(
     builder = build_tiny_clip if vision == "clip" else build_tiny_siglip
     paths["visual_encoder"] = builder(out / vision, image_size=image_size, hidden_size=vision_hidden_size, seed=seed)
     paths["root"] = str(out)
-    _write_json(marker, {"settings": settings, "paths": paths})
+    fileio.write_json(marker, {"settings": settings, "paths": paths}, indent=1)
     return paths
