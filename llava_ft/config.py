@@ -69,6 +69,9 @@ class ModelConfig:
         default_factory=lambda: LoraSettings(enabled=False, r=64, alpha=16, dropout=0.05)
     )
     pretrained_pth: Optional[str] = None  # iter_N.pth of a pretrain run (projector weights)
+    # A released LlavaForConditionalGeneration (folder or hub id): LLM, tower, projector, tokenizer and
+    # processor settings all come from it (model.llm / visual_encoder / visual_select_layer are then ignored).
+    llava: Optional[str] = None
 
 
 @dataclass
@@ -143,7 +146,7 @@ class Config:
 
     @property
     def is_llava(self) -> bool:
-        return bool(self.model.visual_encoder)
+        return bool(self.model.visual_encoder or self.model.llava)
 
     @property
     def resolved_phase(self) -> str:
@@ -303,6 +306,10 @@ def _validate(cfg: Config, where: str) -> None:
         raise UserError(f"{where}: 'train.learning_rate' must be > 0, got {cfg.train.learning_rate}")
     if not 0 <= cfg.train.warmup_ratio < 1:
         raise UserError(f"{where}: 'train.warmup_ratio' must be in [0, 1), got {cfg.train.warmup_ratio}")
+    if cfg.model.llava:
+        from llava_ft.model.llava_hf_import import check_llava_settings  # local: no model imports at load time
+
+        check_llava_settings(cfg.model, where)
     if cfg.model.quantization != "none" and not cfg.model.llm_lora.enabled and not cfg.model.freeze_llm:
         raise UserError(
             f"{where}: a {cfg.model.quantization} LLM cannot be trained fully; set model.llm_lora.enabled=true "

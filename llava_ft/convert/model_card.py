@@ -27,8 +27,10 @@ _EVAL_CHARS = 2000  # eval answers shown in the card at most (the full file stay
 def current_command() -> str:
     """The command line of this process, as a user would type it again."""
     argv = list(sys.argv)
-    if argv and argv[0].endswith(("__main__.py", "/llava_ft")):
-        argv[0] = "llava_ft"
+    if argv:
+        exe = Path(argv[0])
+        if exe.name == "llava_ft" or (exe.name == "__main__.py" and exe.parent.name == "llava_ft"):
+            argv[0] = "llava_ft"  # the console script or `python -m llava_ft`
     return shlex.join(argv)
 
 
@@ -95,7 +97,7 @@ def run_facts(cfg, pth, step: Optional[int]) -> dict:
     return facts
 
 
-_PIPELINES = {"llava-hf": "image-text-to-text", "xtuner": "image-text-to-text"}
+_PIPELINES = {"llava-hf": "image-text-to-text", "xtuner": "image-text-to-text"}  # else text-generation
 
 
 def render_model_card(facts: dict, export: str, export_command: str, tokenizer_saved: bool = True,
@@ -103,8 +105,8 @@ def render_model_card(facts: dict, export: str, export_command: str, tokenizer_s
     """README.md text: Hub metadata block, then the run summary (see module docstring)."""
     from huggingface_hub import ModelCardData
 
-    base = [b for b in (facts.get("llava") or facts.get("llm"), facts.get("visual_encoder")) if b]
-    tags = ["llava_ft"] + (["llava", "vision-language"] if facts.get("visual_encoder") else [])
+    base = [facts["llava"]] if facts.get("llava") else [b for b in (facts.get("llm"), facts.get("visual_encoder")) if b]
+    tags = ["llava_ft"] + (["llava", "vision-language"] if facts.get("visual_encoder") or facts.get("llava") else [])
     if facts.get("llm_lora"):
         tags += ["lora"] + (["qlora"] if facts.get("quantization") == "4bit" else [])
     data = ModelCardData(
@@ -116,11 +118,12 @@ def render_model_card(facts: dict, export: str, export_command: str, tokenizer_s
              f"# {facts.get('recipe') or Path(str(facts.get('checkpoint'))).parent.name}", "",
              f"Fine-tuned with llava_ft ({facts.get('phase')}); exported as `{export}`.", "", "## Model", ""]
     if facts.get("llava"):
-        lines.append(f"- Started from the released LLaVA: `{facts['llava']}`")
-    lines.append(f"- Base LLM: `{facts.get('llm')}` (trained: {facts.get('llm_trained')}"
+        lines.append(f"- Started from the released LLaVA: `{facts['llava']}` (its LLM, vision tower and projector)")
+    llm = "the LLaVA's LLM" if facts.get("llava") else f"`{facts.get('llm')}`"
+    lines.append(f"- Base LLM: {llm} (trained: {facts.get('llm_trained')}"
                  + (f", LoRA r={facts['llm_lora']['r']} alpha={facts['llm_lora']['alpha']}" if facts.get("llm_lora")
                     else "") + f", quantization: {facts.get('quantization')})")
-    if facts.get("visual_encoder"):
+    if facts.get("visual_encoder") and not facts.get("llava"):
         lines.append(f"- Vision tower: `{facts['visual_encoder']}`")
     if merged_from:
         lines.append(f"- Merged: adapter `{merged_from['adapter']}` into base `{merged_from['base']}`")

@@ -185,7 +185,8 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
                         "instead (drop --format)")
     from llava_ft.model.vision import detect_kind
 
-    kind = detect_kind(str(cfg.model.visual_encoder), cfg.model.visual_encoder_type)
+    # A run started from model.llava has a CLIP/SigLIP tower (checked when it loaded).
+    kind = "llava" if cfg.model.llava else detect_kind(str(cfg.model.visual_encoder), cfg.model.visual_encoder_type)
     if kind == "open_clip":
         raise UserError(f"--format llava-hf: the vision tower {cfg.model.visual_encoder} is an OpenCLIP model, which "
                         "has no transformers equivalent for LlavaForConditionalGeneration. Export the XTuner layout "
@@ -195,6 +196,7 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
                                             dtype="fp32" if fp32 else None)
     llm = _merged(model.llm)
     ve = model.visual_encoder
+    kind = ve.kind
     vision = _merged(ve.model)
     image_id = add_image_token(tok, llm)
     strategy = "default" if kind == "clip" else "full"
