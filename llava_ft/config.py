@@ -281,9 +281,9 @@ def _validate(cfg: Config, where: str) -> None:
             raise UserError(f"{where}: 'data.sources.{i}.path' is empty; set it to a .json/.jsonl/.parquet file")
         if src.repeat < 1:
             raise UserError(f"{where}: 'data.sources.{i}.repeat' must be >= 1, got {src.repeat}")
-    from llava_ft.templates import TEMPLATES  # local import: templates import nothing from config
+    from llava_ft.templates import ALIASES, TEMPLATES  # local import: templates import nothing from config
 
-    names = list(TEMPLATES) + ["hf"]
+    names = list(TEMPLATES) + list(ALIASES) + ["hf"]  # XTuner spellings (phi3_chat, ...) are accepted too
     if cfg.data.template not in names:
         raise UserError(
             f"{where}: 'data.template' is {cfg.data.template!r}; allowed: {', '.join(names)}."

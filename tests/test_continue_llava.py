@@ -29,7 +29,8 @@ def released(tmp_path_factory, tiny_llama, tiny_clip):
     """A first run (LLM LoRA, trained with pad-to-square) exported with --format llava-hf."""
     root = tmp_path_factory.mktemp("released")
     pth = write_random_checkpoint(root / "run", {
-        "model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "freeze_llm": True, "llm_lora": LORA},
+        "model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "freeze_llm": True, "llm_lora": LORA,
+                  "dtype": "fp32"},
         "data": {"template": "vicuna", "pad_image_to_square": True, "sources": [{"path": "unused.json"}]}})
     return pth_to_hf(None, pth, root / "llava_hf", fmt="llava-hf")
 
@@ -37,7 +38,7 @@ def released(tmp_path_factory, tiny_llama, tiny_clip):
 def _cfg(llava, demo_data, tmp_path, **model):
     return config_from_dict({
         "name": "continued",
-        "model": {"llava": llava, "freeze_llm": True, "llm_lora": LORA, **model},
+        "model": {"llava": llava, "freeze_llm": True, "llm_lora": LORA, "dtype": "fp32", **model},
         "data": {"sources": [{"path": demo_data["finetune"], "format": "llava", "image_folder": demo_data["image_folder"]}],
                  "template": "vicuna", "max_length": 256, "cache_dir": str(tmp_path / "cache")},
         "train": {"learning_rate": 2e-2, "per_device_batch_size": 2, "max_steps": 3, "save_steps": 3,
@@ -113,12 +114,12 @@ def test_continue_from_llava_hf_export_and_export_again(released, demo_data, tmp
             assert k in changed, k
     # frozen: the whole vision tower, embeddings, norms and the output head are bit-identical
     assert not any("vision_tower" in k or "embed_tokens" in k or "norm" in k or "lm_head" in k for k in changed)
-    assert AutoProcessor_pads(out)
+    assert _processor_pads(out)  # the exported processor still pads to square
     card = (Path(out) / "README.md").read_text()
     assert f"Started from the released LLaVA: `{released}`" in card and f"base_model: {released}" in card
 
 
-def AutoProcessor_pads(folder) -> bool:  # noqa: N802 (reads like the class it asks)
+def _processor_pads(folder) -> bool:
     from transformers import AutoProcessor
 
     return bool(AutoProcessor.from_pretrained(folder).image_processor.do_pad)
@@ -170,3 +171,12 @@ def test_model_llava_config_errors(released, tiny_llama, demo_data, tmp_path):
     cfg = _cfg(released, demo_data, tmp_path)
     assert cfg.is_llava and cfg.resolved_phase == "finetune"
     assert json.loads((Path(released) / "config.json").read_text())["model_type"] == "llava"
+
+
+def test_hub_id_offline_without_cache_is_one_line(monkeypatch, tmp_path, demo_data):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(UserError, match="no cached copy exists"):
+        build_model(_cfg("nobody-h7/no-such-llava", demo_data, tmp_path))

@@ -121,8 +121,13 @@ def test_xtuner_stop_words(name):
     assert get_template(name).stop_words == XTUNER_STOP_WORDS[name]
 
 
-def test_xtuner_deprecated_spelling_accepted():
-    assert get_template("deepseekcoder") is get_template("deepseek_coder")
+@pytest.mark.parametrize("alias,name", [("deepseekcoder", "deepseek_coder"), ("phi3_chat", "phi3")])
+def test_xtuner_spellings_accepted_in_configs(tok, alias, name):
+    from llava_ft.config import config_from_dict
+
+    assert get_template(alias) is get_template(name)
+    cfg = config_from_dict({"model": {"llm": "x"}, "data": {"template": alias, "sources": [{"path": "a.json"}]}})
+    assert encode_record(RECORD, tok, cfg.data.template, 4096).sample == encode_record(RECORD, tok, name, 4096).sample
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_TEXT))
