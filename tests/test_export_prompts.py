@@ -152,3 +152,33 @@ def test_llava_exports_have_cards(tmp_path, tiny_llama, tiny_clip):
         if fmt == "llava-hf":
             tok = AutoTokenizer.from_pretrained(out)
             assert _ids_from_chat_template(tok) == _ids_like_training(tok, "vicuna")
+
+
+def test_merge_of_a_foreign_adapter_gets_a_card(tmp_path, tiny_llama):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from llava_ft.convert import merge_adapter
+
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=2, target_modules=["q_proj"]))
+    peft.save_pretrained(str(tmp_path / "adapter"))  # no llava_ft.json: not ours
+    merged = merge_adapter(tiny_llama, tmp_path / "adapter", tmp_path / "merged")
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert f"Merged: adapter `{tmp_path / 'adapter'}` into base `{tiny_llama}`" in card
+    assert f"base_model: {tiny_llama}" in card and "Template: unknown" in card
+    assert AutoTokenizer.from_pretrained(merged).chat_template == AutoTokenizer.from_pretrained(tiny_llama).chat_template
+
+
+def test_card_notes_a_chat_template_that_cannot_be_compared(tmp_path, tiny_tokenizer, capsys):
+    """An `hf` run whose tokenizer template refuses system turns still gets its card (with a note)."""
+    from llava_ft.convert.model_card import write_model_card
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + tok.chat_template)
+    facts = {"llm": "base", "template": "hf", "step": 7, "recipe": "r"}
+    path = write_model_card(tmp_path, {"template": "hf", "card": facts}, "hf_model", tokenizer=tok,
+                            export_command="llava_ft convert x")
+    card = path.read_text()
+    assert "could not be compared with training" in card and "System role not supported" in card
+    assert "Steps: 7" in card and "note:" in capsys.readouterr().out

@@ -66,10 +66,10 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
     try:
         merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         extra.save_pretrained(str(tmp))
+        origin = {"base": str(base), "adapter": str(adapter)}
         if meta:
-            origin = {"base": str(base), "adapter": str(adapter)}
             write_meta(tmp, {**meta, "format": "hf_model", "merged_from": origin})
-            write_model_card(tmp, meta, "hf_model", tokenizer=None if is_clip else extra, merged_from=origin)
+        write_model_card(tmp, meta, "hf_model", tokenizer=None if is_clip else extra, merged_from=origin)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

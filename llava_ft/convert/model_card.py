@@ -100,6 +100,68 @@ def run_facts(cfg, pth, step: Optional[int]) -> dict:
 _PIPELINES = {"llava-hf": "image-text-to-text", "xtuner": "image-text-to-text"}  # else text-generation
 
 
+def _model_lines(facts: dict, merged_from: Optional[dict]) -> list:
+    lines = []
+    if facts.get("llava"):
+        lines.append(f"- Started from the released LLaVA: `{facts['llava']}` (its LLM, vision tower and projector)")
+    llm = "the LLaVA's LLM" if facts.get("llava") else f"`{facts.get('llm')}`"
+    how = [f"trained: {facts['llm_trained']}"] if facts.get("llm_trained") else []
+    if facts.get("llm_lora"):
+        how.append(f"LoRA r={facts['llm_lora']['r']} alpha={facts['llm_lora']['alpha']}")
+    if facts.get("quantization"):
+        how.append(f"quantization: {facts['quantization']}")
+    lines.append(f"- Base LLM: {llm}" + (f" ({', '.join(how)})" if how else ""))
+    if facts.get("visual_encoder") and not facts.get("llava"):
+        lines.append(f"- Vision tower: `{facts['visual_encoder']}`")
+    if merged_from:
+        lines.append(f"- Merged: adapter `{merged_from['adapter']}` into base `{merged_from['base']}`")
+    return lines
+
+
+def _prompt_lines(facts: dict, tokenizer_saved: bool, note: Optional[str]) -> list:
+    if not facts.get("template"):
+        return ["- Template: unknown (the adapter was not exported by llava_ft)"]
+    system = f", system prompt: {facts['system']!r}" if facts.get("system") else ""
+    lines = [f"- Template: `{facts['template']}`{system}"]
+    if not tokenizer_saved:
+        lines.append("- No tokenizer in this folder: `llava_ft chat` reads the template from `llava_ft.json`.")
+    elif note is None:
+        lines.append("- The tokenizer's `chat_template` is the training template: `apply_chat_template` builds "
+                     "the token ids the model was trained on.")
+    else:
+        lines.append(f"- The tokenizer's `chat_template` is the training template. Note: {note}.")
+    return lines
+
+
+def _data_lines(facts: dict) -> list:
+    d = facts.get("data") or {}
+    lines = []
+    for src in d.get("sources") or []:
+        size = f": {src['records']} records, {src.get('kept', src['records'])} kept" if "records" in src else ""
+        repeat = f", repeated x{src['repeat']}" if src.get("repeat", 1) != 1 else ""
+        lines.append(f"- `{src.get('path')}`{size}{repeat}")
+    if "samples" in d:
+        lines.append(f"- In all: {d.get('records')} records -> {d['samples']} training samples, {d.get('tokens')} "
+                     f"tokens (max_length {facts.get('max_length')})")
+    return lines or ["- Not recorded"]
+
+
+def _training_lines(facts: dict, export_command: str) -> list:
+    lines = []
+    if facts.get("recipe") or facts.get("config"):
+        lines.append(f"- Recipe: `{facts.get('recipe')}`" + (f" ({facts['config']})" if facts.get("config") else ""))
+    if facts.get("step") is not None:
+        lines.append(f"- Steps: {facts['step']}")
+    if facts.get("final_loss") is not None:
+        lines.append(f"- Final training loss: {facts['final_loss']:.4f} (step {facts.get('final_loss_step')})")
+    if facts.get("eval_loss") is not None:
+        lines.append(f"- Eval loss: {facts['eval_loss']:.4f} (step {facts.get('eval_loss_step')})")
+    if facts.get("train_command"):
+        lines.append(f"- Trained with: `{facts['train_command']}`")
+    lines.append(f"- Exported with: `{export_command}`")
+    return lines
+
+
 def render_model_card(facts: dict, export: str, export_command: str, tokenizer_saved: bool = True,
                       chat_template_note: Optional[str] = None, merged_from: Optional[dict] = None) -> str:
     """README.md text: Hub metadata block, then the run summary (see module docstring)."""
@@ -114,49 +176,14 @@ def render_model_card(facts: dict, export: str, export_command: str, tokenizer_s
         library_name="peft" if export == "peft_adapter" else "transformers",
         pipeline_tag=_PIPELINES.get(export, "text-generation"), tags=tags,
     )
-    lines = ["---", data.to_yaml(), "---", "",
-             f"# {facts.get('recipe') or Path(str(facts.get('checkpoint'))).parent.name}", "",
-             f"Fine-tuned with llava_ft ({facts.get('phase')}); exported as `{export}`.", "", "## Model", ""]
-    if facts.get("llava"):
-        lines.append(f"- Started from the released LLaVA: `{facts['llava']}` (its LLM, vision tower and projector)")
-    llm = "the LLaVA's LLM" if facts.get("llava") else f"`{facts.get('llm')}`"
-    lines.append(f"- Base LLM: {llm} (trained: {facts.get('llm_trained')}"
-                 + (f", LoRA r={facts['llm_lora']['r']} alpha={facts['llm_lora']['alpha']}" if facts.get("llm_lora")
-                    else "") + f", quantization: {facts.get('quantization')})")
-    if facts.get("visual_encoder") and not facts.get("llava"):
-        lines.append(f"- Vision tower: `{facts['visual_encoder']}`")
-    if merged_from:
-        lines.append(f"- Merged: adapter `{merged_from['adapter']}` into base `{merged_from['base']}`")
-    lines += ["", "## Prompt", "",
-              f"- Template: `{facts.get('template')}`" + (f", system prompt: {facts['system']!r}" if facts.get("system")
-                                                          else "")]
-    if not tokenizer_saved:
-        lines.append("- No tokenizer in this folder: `llava_ft chat` reads the template from `llava_ft.json`.")
-    elif chat_template_note is None:
-        lines.append("- The tokenizer's `chat_template` is the training template: `apply_chat_template` builds "
-                     "the token ids the model was trained on.")
-    else:
-        lines.append(f"- The tokenizer's `chat_template` is the training template. Note: {chat_template_note}.")
-    d = facts.get("data") or {}
-    lines += ["", "## Training data", ""]
-    for src in d.get("sources") or []:
-        size = f": {src['records']} records, {src.get('kept', src['records'])} kept" if "records" in src else ""
-        repeat = f", repeated x{src['repeat']}" if src.get("repeat", 1) != 1 else ""
-        lines.append(f"- `{src.get('path')}`{size}{repeat}")
-    if "samples" in d:
-        lines.append(f"- In all: {d.get('records')} records -> {d['samples']} training samples, {d.get('tokens')} "
-                     f"tokens (max_length {facts.get('max_length')})")
-    lines += ["", "## Training", ""]
-    if facts.get("recipe") or facts.get("config"):
-        lines.append(f"- Recipe: `{facts.get('recipe')}`" + (f" ({facts['config']})" if facts.get("config") else ""))
-    lines.append(f"- Steps: {facts.get('step')}")
-    if facts.get("final_loss") is not None:
-        lines.append(f"- Final training loss: {facts['final_loss']:.4f} (step {facts.get('final_loss_step')})")
-    if facts.get("eval_loss") is not None:
-        lines.append(f"- Eval loss: {facts['eval_loss']:.4f} (step {facts.get('eval_loss_step')})")
-    if facts.get("train_command"):
-        lines.append(f"- Trained with: `{facts['train_command']}`")
-    lines.append(f"- Exported with: `{export_command}`")
+    title = facts.get("recipe") or Path(str(facts.get("checkpoint") or "model")).parent.name or "model"
+    phase = f" ({facts['phase']})" if facts.get("phase") else ""
+    lines = ["---", data.to_yaml(), "---", "", f"# {title}", "",
+             f"Fine-tuned with llava_ft{phase}; exported as `{export}`.",
+             "", "## Model", "", *_model_lines(facts, merged_from),
+             "", "## Prompt", "", *_prompt_lines(facts, tokenizer_saved, chat_template_note),
+             "", "## Training data", "", *_data_lines(facts),
+             "", "## Training", "", *_training_lines(facts, export_command)]
     if facts.get("eval_outputs"):
         lines += ["", "## Eval answers at this step", "", "```", facts["eval_outputs"].rstrip(), "```"]
     return "\n".join(lines) + "\n"
@@ -167,16 +194,25 @@ def write_model_card(folder, meta: dict, export: str, tokenizer=None, merged_fro
     """Write `folder/README.md` from `meta["card"]` (atomically, replacing the boilerplate card PEFT or
     transformers may have saved). With the `tokenizer` saved beside it, its chat template is checked
     against the training ids (llava_ft.convert.chat_template.chat_template_mismatch) and any difference
-    is printed and noted in the card. None when `meta` has no card facts (a folder from an older export)."""
+    is printed and noted in the card. None when there is nothing to say (no card facts, not a merge)."""
+    from jinja2 import TemplateError
+
     from llava_ft.convert.chat_template import chat_template_mismatch
     from llava_ft.engine.checkpoint import atomic_write_text
+    from llava_ft.errors import UserError
 
-    facts = meta.get("card")
+    facts = meta.get("card") or {}
+    if not facts and merged_from:  # an adapter from elsewhere: say at least what was merged
+        facts = {"llm": merged_from["base"], "checkpoint": merged_from["adapter"]}
     if not facts:
         return None
     note = None
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        note = chat_template_mismatch(tokenizer, meta.get("template") or facts["template"], meta.get("system"))
+    template = meta.get("template") or facts.get("template")
+    if tokenizer is not None and template and getattr(tokenizer, "chat_template", None):
+        try:
+            note = chat_template_mismatch(tokenizer, template, meta.get("system"))
+        except (UserError, TemplateError, ValueError) as err:  # e.g. an `hf` template refusing a system turn
+            note = f"its ids could not be compared with training ({type(err).__name__}: {str(err).splitlines()[0]})"
         if note:
             print(f"[llava_ft] note: {note}", flush=True)
     path = Path(folder) / "README.md"
