@@ -79,6 +79,9 @@ class ModelConfig:
     image_aspect: str = "pad"
     image_grid_pinpoints: Optional[list] = None  # [[height, width], ...], multiples of the tower's input
     max_image_tiles: Optional[int] = None  # drop pinpoints needing more tiles than this
+    # A released LlavaForConditionalGeneration (folder or hub id): LLM, tower, projector, tokenizer and
+    # processor settings all come from it (model.llm / visual_encoder / visual_select_layer are then ignored).
+    llava: Optional[str] = None
 
 
 @dataclass
@@ -153,7 +156,7 @@ class Config:
 
     @property
     def is_llava(self) -> bool:
-        return bool(self.model.visual_encoder)
+        return bool(self.model.visual_encoder or self.model.llava)
 
     @property
     def resolved_phase(self) -> str:
@@ -290,9 +293,9 @@ def _validate(cfg: Config, where: str) -> None:
             raise UserError(f"{where}: 'data.sources.{i}.path' is empty; set it to a .json/.jsonl/.parquet file")
         if src.repeat < 1:
             raise UserError(f"{where}: 'data.sources.{i}.repeat' must be >= 1, got {src.repeat}")
-    from llava_ft.templates import TEMPLATES  # local import: templates import nothing from config
+    from llava_ft.templates import ALIASES, TEMPLATES  # local import: templates import nothing from config
 
-    names = list(TEMPLATES) + ["hf"]
+    names = list(TEMPLATES) + list(ALIASES) + ["hf"]  # XTuner spellings (phi3_chat, ...) are accepted too
     if cfg.data.template not in names:
         raise UserError(
             f"{where}: 'data.template' is {cfg.data.template!r}; allowed: {', '.join(names)}."
@@ -320,6 +323,10 @@ def _validate(cfg: Config, where: str) -> None:
                         "(AnyRes keeps the aspect ratio by tiling); set one of them")
     if cfg.model.max_image_tiles is not None and cfg.model.max_image_tiles <= 0:
         raise UserError(f"{where}: 'model.max_image_tiles' must be > 0, got {cfg.model.max_image_tiles}")
+    if cfg.model.llava:
+        from llava_ft.model.llava_hf_import import check_llava_settings  # local: no model imports at load time
+
+        check_llava_settings(cfg.model, where)
     if cfg.model.quantization != "none" and not cfg.model.llm_lora.enabled and not cfg.model.freeze_llm:
         raise UserError(
             f"{where}: a {cfg.model.quantization} LLM cannot be trained fully; set model.llm_lora.enabled=true "

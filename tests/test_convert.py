@@ -161,7 +161,7 @@ def test_pretrain_checkpoint_exports_projector_only(tmp_path, tiny_llama, tiny_s
     pth = write_random_checkpoint(tmp_path / "run", _raw(tiny_llama, visual_encoder=tiny_siglip, freeze_llm=True))
     out = tmp_path / "xt"
     pth_to_hf(None, pth, out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "llava_ft.json", "projector"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.yaml", "llava_ft.json", "projector"]
 
 
 @pytest.mark.parametrize("tower", ["tiny_clip", "tiny_siglip"])

@@ -16,6 +16,8 @@ from typing import Union
 
 import torch
 
+from llava_ft.convert.chat_template import training_chat_template
+from llava_ft.convert.model_card import write_model_card
 from llava_ft.errors import UserError
 from llava_ft.fileio import publish_dir, staging_dir
 from llava_ft.inference.artifacts import read_meta, write_meta
@@ -44,13 +46,18 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
     except (ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"adapter {adapter} does not fit base {base}: {str(err).splitlines()[0]}") from None
     merged = model.merge_and_unload()
+    meta = read_meta(adapter_dir)
+    if meta.get("template") and not is_clip:
+        # The merged model prompts like training even when the adapter folder predates chat templates.
+        extra.chat_template = training_chat_template(extra, meta["template"], meta.get("system"))
     tmp = staging_dir(save_dir)
     try:
         merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         extra.save_pretrained(str(tmp))
-        meta = read_meta(adapter_dir)
+        origin = {"base": str(base), "adapter": str(adapter)}
         if meta:
-            write_meta(tmp, {**meta, "format": "hf_model", "merged_from": {"base": str(base), "adapter": str(adapter)}})
+            write_meta(tmp, {**meta, "format": "hf_model", "merged_from": origin})
+        write_model_card(tmp, meta, "hf_model", tokenizer=None if is_clip else extra, merged_from=origin)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

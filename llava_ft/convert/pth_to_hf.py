@@ -27,6 +27,8 @@ from typing import Optional, Union
 import torch
 
 from llava_ft import IMAGE_TOKEN
+from llava_ft.convert.chat_template import training_chat_template
+from llava_ft.convert.model_card import write_model_card
 from llava_ft.errors import UserError
 from llava_ft.fileio import publish_dir, staging_dir
 from llava_ft.inference.artifacts import write_meta
@@ -44,10 +46,11 @@ def _load_config(config):
 
 def _meta(cfg, fmt: str, pth, step=None) -> dict:
     from llava_ft.config import config_to_dict
+    from llava_ft.convert.model_card import run_facts
 
     return {"format": fmt, "template": cfg.data.template, "system": cfg.data.system,
             "pad_image_to_square": bool(cfg.data.pad_image_to_square), "source": str(pth), "step": step,
-            "config": config_to_dict(cfg)}
+            "config": config_to_dict(cfg), "card": run_facts(cfg, pth, step)}
 
 
 def _cast(module: torch.nn.Module, fp32: bool) -> None:
@@ -83,11 +86,17 @@ def pth_to_hf(config, pth, save_dir, fmt: str = "xtuner", fp32: bool = False,
                 model.llm.save_pretrained(str(tmp), max_shard_size=max_shard_size)
             else:
                 raise UserError(f"{pth}: the run trained nothing in the LLM (freeze_llm without LoRA); nothing to export")
+            tok.chat_template = training_chat_template(tok, cfg.data.template, cfg.data.system)
             tok.save_pretrained(str(tmp))
-            write_meta(tmp, _meta(cfg, "peft_adapter" if m.llm_lora.enabled else "hf_model", pth, meta.get("step")))
+            kind = "peft_adapter" if m.llm_lora.enabled else "hf_model"
+            run_meta = _meta(cfg, kind, pth, meta.get("step"))
+            write_meta(tmp, run_meta)
+            write_model_card(tmp, run_meta, kind, tokenizer=tok)
         else:
             _save_xtuner_llava(model, tok, cfg, tmp, fp32, max_shard_size)
-            write_meta(tmp, _meta(cfg, "xtuner", pth, meta.get("step")))
+            run_meta = _meta(cfg, "xtuner", pth, meta.get("step"))
+            write_meta(tmp, run_meta)
+            write_model_card(tmp, run_meta, "xtuner", tokenizer=tok if (tmp / "llm").is_dir() else None)
             from llava_ft.config import save_config
 
             save_config(cfg, tmp / "config.yaml")
@@ -108,6 +117,7 @@ def _save_xtuner_llava(model, tok, cfg, out: Path, fp32: bool, max_shard_size) -
     elif not m.freeze_llm:
         _cast(model.llm, fp32)
         model.llm.save_pretrained(str(out / "llm"), max_shard_size=max_shard_size)
+        tok.chat_template = training_chat_template(tok, cfg.data.template, cfg.data.system)
         tok.save_pretrained(str(out / "llm"))
     ve = model.visual_encoder
     if m.visual_encoder_lora.enabled:
@@ -163,7 +173,8 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
                         "instead (drop --format)")
     from llava_ft.model.vision import detect_kind
 
-    kind = detect_kind(str(cfg.model.visual_encoder), cfg.model.visual_encoder_type)
+    # A run started from model.llava has a CLIP/SigLIP tower (checked when it loaded).
+    kind = "llava" if cfg.model.llava else detect_kind(str(cfg.model.visual_encoder), cfg.model.visual_encoder_type)
     if kind == "open_clip":
         raise UserError(f"--format llava-hf: the vision tower {cfg.model.visual_encoder} is an OpenCLIP model, which "
                         "has no transformers equivalent for LlavaForConditionalGeneration. Export the XTuner layout "
@@ -173,6 +184,7 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
                                             dtype="fp32" if fp32 else None)
     llm = _merged(model.llm)
     ve = model.visual_encoder
+    kind = ve.kind
     vision = _merged(ve.model)
     image_id = add_image_token(tok, llm)
     strategy = "default" if kind == "clip" else "full"
@@ -225,7 +237,9 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
         hf.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         processor.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        write_meta(tmp, _meta(cfg, "llava-hf", pth, meta.get("step")))
+        run_meta = _meta(cfg, "llava-hf", pth, meta.get("step"))
+        write_meta(tmp, run_meta)
+        write_model_card(tmp, run_meta, "llava-hf", tokenizer=tok)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

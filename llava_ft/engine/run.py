@@ -203,6 +203,10 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
         dataset, collator, stats = build_train_data(cfg, model, tokenizer)
     if is_main:
         _print_data_stats(stats)
+        from llava_ft.convert.model_card import RUN_INFO, current_command, run_info
+        from llava_ft.fileio import write_json
+
+        write_json(Path(work_dir) / RUN_INFO, run_info(current_command(), stats))  # for model cards
     args = args or training_arguments(cfg, work_dir, ds_config)
     callbacks = [JsonlLogCallback(work_dir), LossPlotCallback(work_dir), EvalChatCallback(work_dir, cfg, tokenizer)]
     callbacks += list(extra_callbacks or ())

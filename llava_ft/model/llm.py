@@ -96,12 +96,14 @@ def load_tokenizer(model_cfg: Any):
     return tokenizer
 
 
-def load_llm(model_cfg: Any, device_map: Optional[Any] = None, for_training: bool = True, verbose: bool = True):
+def load_llm(model_cfg: Any, device_map: Optional[Any] = None, for_training: bool = True, verbose: bool = True,
+             load_kwargs: Optional[dict] = None):
     """Load `model_cfg.llm` as a causal LM -> (model, tokenizer), ready for LoRA/full training.
 
     `for_training` with quantization prepares the k-bit model for training (fp32 norms, input grads).
     Gradient checkpointing is enabled here when `model_cfg.gradient_checkpointing` (non-reentrant, so it
-    works with frozen inputs and LoRA).
+    works with frozen inputs and LoRA). `load_kwargs` go to `from_pretrained` as well (e.g. `config` and
+    `key_mapping` to read the LLM out of a LlavaForConditionalGeneration checkpoint).
     """
     from transformers import AutoModelForCausalLM
 
@@ -121,6 +123,7 @@ def load_llm(model_cfg: Any, device_map: Optional[Any] = None, for_training: boo
         kwargs["quantization_config"] = quant
     if device_map is not None:
         kwargs["device_map"] = device_map
+    kwargs.update(load_kwargs or {})
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
