@@ -23,7 +23,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 from llava_ft.demo.assets import _fresh_dir, _publish, demo_texts
 
@@ -69,19 +69,19 @@ def training_corpus(seed: int = 0) -> list[str]:
     return lines
 
 
-def train_sentencepiece(vocab_size: int = VOCAB_SIZE, seed: int = 0) -> bytes:
+def train_sentencepiece(vocab_size: int = VOCAB_SIZE, seed: int = 0, spm_options: Optional[dict] = None) -> bytes:
     """Serialized sentencepiece ModelProto, InternLM2-style, with the chat placeholders as its last pieces.
 
     Settings follow InternLM2's tokenizer.model as far as its published files show: BPE with byte fallback,
     digits split, identity normalisation (no NFKC), whitespace kept as is (no dummy prefix, no collapsing of
-    repeated spaces), ids unk 0 / bos 1 / eos 2 and no pad piece.
+    repeated spaces), ids unk 0 / bos 1 / eos 2 and no pad piece. `spm_options` overrides trainer settings
+    (e.g. `{"add_dummy_prefix": True, "remove_extra_whitespaces": True}` for a Llama-style normaliser).
     """
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_corpus(seed)), model_writer=buf,
+    options = dict(
         model_type="bpe", vocab_size=vocab_size - len(PLACEHOLDERS),
         byte_fallback=True, split_digits=True, character_coverage=0.9995,
         normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
@@ -89,6 +89,8 @@ def train_sentencepiece(vocab_size: int = VOCAB_SIZE, seed: int = 0) -> bytes:
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
         max_sentence_length=8192,
     )
+    options.update(spm_options or {})
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(training_corpus(seed)), model_writer=buf, **options)
     proto = model_pb2.ModelProto()
     proto.ParseFromString(buf.getvalue())
     # Upstream's chat placeholders are user-defined pieces at the very end of the vocabulary; the trainer
@@ -131,10 +133,10 @@ def tokenizer_config(vocab_size: int = VOCAB_SIZE) -> dict:
     }
 
 
-def write_internlm2_tokenizer_files(folder: PathLike, seed: int = 0) -> None:
+def write_internlm2_tokenizer_files(folder: PathLike, seed: int = 0, spm_options: Optional[dict] = None) -> None:
     """Write the tokenizer files into `folder` (a fresh folder being built, published by renaming it)."""
     folder = Path(folder)
-    (folder / "tokenizer.model").write_bytes(train_sentencepiece(seed=seed))
+    (folder / "tokenizer.model").write_bytes(train_sentencepiece(seed=seed, spm_options=spm_options))
     config = tokenizer_config()
     (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n",
                                                   encoding="utf-8")
@@ -145,8 +147,8 @@ def write_internlm2_tokenizer_files(folder: PathLike, seed: int = 0) -> None:
         (folder / name).write_text(_RAISING_MODULE, encoding="utf-8")
 
 
-def build_internlm2_tokenizer(out_dir: PathLike, seed: int = 0) -> str:
+def build_internlm2_tokenizer(out_dir: PathLike, seed: int = 0, spm_options: Optional[dict] = None) -> str:
     """Build the tokenizer folder at `out_dir` (replaced atomically when complete) and return its path."""
     tmp = _fresh_dir(out_dir)
-    write_internlm2_tokenizer_files(tmp, seed=seed)
+    write_internlm2_tokenizer_files(tmp, seed=seed, spm_options=spm_options)
     return _publish(tmp, out_dir)
