@@ -11,6 +11,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import pytest
 import sentencepiece as spm
@@ -241,3 +243,23 @@ def test_internlm2_chat_template_ids_equal_xtuner(internlm2_tok):
     # The chat markers are single special ids, and only the first turn starts with BOS (SUFFIX_AS_EOS).
     im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert want_ids.count(1) == 1 and want_ids.count(im_start) == 7 and want_ids.count(im_end) == 7
+
+
+def test_missing_sentencepiece_and_protobuf_is_one_line(internlm2_tok, tmp_path):
+    # A fresh interpreter where neither package can be imported (as after a bare install without them).
+    code = (
+        "import sys\n"
+        "for name in ('sentencepiece', 'google.protobuf'):\n"
+        "    sys.modules[name] = None\n"
+        "from llava_ft.errors import UserError\n"
+        "from llava_ft.model.internlm2_tokenizer import load_internlm2_tokenizer\n"
+        "try:\n"
+        f"    load_internlm2_tokenizer({internlm2_tok!r})\n"
+        "except UserError as err:\n"
+        "    print('USER ERROR:', err)\n"
+    )
+    env = dict(os.environ, LLAVA_FT_CACHE=str(tmp_path / "empty_cache"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith("USER ERROR:")]
+    assert line and "pip install sentencepiece protobuf" in line[0], out.stdout + out.stderr[-2000:]
