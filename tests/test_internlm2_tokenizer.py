@@ -263,3 +263,31 @@ def test_missing_sentencepiece_and_protobuf_is_one_line(internlm2_tok, tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     line = [x for x in out.stdout.splitlines() if x.startswith("USER ERROR:")]
     assert line and "pip install sentencepiece protobuf" in line[0], out.stdout + out.stderr[-2000:]
+
+
+def test_saved_tokenizer_reloads_natively_with_the_same_ids(internlm2_tok, tmp_path):
+    # What exports (pth_to_hf, merge) write: a plain fast tokenizer folder, loaded by AutoTokenizer as is.
+    from transformers import AutoTokenizer
+
+    tok = load_internlm2_tokenizer(internlm2_tok)
+    tok.save_pretrained(tmp_path / "saved")
+    assert not is_internlm2_tokenizer(str(tmp_path / "saved"))
+    again = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    texts = varied_strings(60)
+    assert [again(t).input_ids for t in texts] == [tok(t).input_ids for t in texts]
+    assert (again.bos_token_id, again.eos_token_id, again.pad_token_id) == (1, 2, 2)
+
+
+def test_older_revision_without_added_tokens_decoder(internlm2_tok, tmp_path):
+    # Early InternLM2 revisions named no chat tokens: the placeholders are then plain user-defined pieces,
+    # which sentencepiece emits whole, and "<|im_start|>" is ordinary text.
+    folder = shutil.copytree(internlm2_tok, tmp_path / "old")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["added_tokens_decoder"], config["additional_special_tokens"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").unlink()
+    tok = load_internlm2_tokenizer(str(folder))
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    for text in ["[UNUSED_TOKEN_146]user\nhi[UNUSED_TOKEN_145]\n", "<|im_start|>user", " 你好 😀 "] + varied_strings(50):
+        if not any(s in text for s in ("<s>", "</s>", "<unk>")):
+            assert tok(text).input_ids == [1] + sp.encode(text), text
