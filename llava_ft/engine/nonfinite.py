@@ -67,7 +67,6 @@ class NonFiniteGuard(TrainerCallback):
         self._bad_loss: Optional[torch.Tensor] = None  # OR of "loss not finite" over this step's forwards
         self._bad_grad = False
         self._hook = None
-        self._device = torch.device("cpu")
 
     # ---- observation --------------------------------------------------------------------------------
     def _on_forward(self, module, args, output):
@@ -78,7 +77,6 @@ class NonFiniteGuard(TrainerCallback):
             return
         bad = ~torch.isfinite(loss.detach()).all()
         self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
-        self._device = loss.device
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.limit > 0 and model is not None and self._hook is None:
@@ -97,7 +95,7 @@ class NonFiniteGuard(TrainerCallback):
         bad_grad = self._bad_grad and not getattr(optimizer, "step_was_skipped", False)
         self._bad_loss, self._bad_grad = None, False
         what = " and ".join(w for w, b in (("loss", bad_loss), ("gradient norm", bad_grad)) if b)
-        if _any_rank(bool(what), self._device):
+        if _any_rank(bool(what), args.device):
             self.bad_steps.append((step, what or "loss or gradient norm (on another rank)"))
         else:
             self.bad_steps = []
@@ -108,7 +106,7 @@ class NonFiniteGuard(TrainerCallback):
         # DefaultFlowCallback (first in the list) has decided by now whether this step saves.
         if control.should_save and model is not None:
             params = [p.detach() for p in model.parameters() if p.requires_grad and not hasattr(p, "ds_id")]
-            if _any_rank(not _all_finite(params), self._device):
+            if _any_rank(not _all_finite(params), args.device):
                 self._stop(args, state, f"training stopped at step {step}: the trainable weights hold NaN/inf, "
                                         f"so iter_{step}.pth was not saved; {WHAT_TO_CHECK}."
                                         f"{self._last_good(args)}")
