@@ -83,6 +83,35 @@ def test_conversion_variants(tmp_path, monkeypatch, variant):
                               atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("quantization,layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_quantized_loading_of_converted_weights(tiny_internlm2, quantization, layer):
+    model, _ = _load(tiny_internlm2, quantization=quantization)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == layer
+    with torch.no_grad():
+        got = model(input_ids=IDS).logits.float().flatten()
+        want = _reference(tiny_internlm2)(input_ids=IDS).logits.flatten()
+    assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.95  # quantized, not garbled
+
+
+def test_full_run_exports_internlm2_layout(tiny_internlm2, tmp_path):
+    from llava_ft.convert import pth_to_hf
+    from llava_ft.inference import build_from_checkpoint
+    from llava_ft.inference.testing import write_random_checkpoint
+
+    raw = {"model": {"llm": tiny_internlm2, "dtype": "fp32"},
+           "data": {"template": "internlm2_chat", "sources": [{"path": "unused.json"}]}}
+    pth = write_random_checkpoint(tmp_path / "run", raw, scale=0.02)
+    with pytest.raises(UserError, match="always written in the Llama layout"):
+        pth_to_hf(None, pth, tmp_path / "x", fmt="llava-hf", layout="internlm2")
+    out = pth_to_hf(None, pth, tmp_path / "hf", layout="internlm2")
+    assert "model.layers.1.attention.wqkv.weight" in _weights(out)
+    assert (Path(out) / "modeling_internlm2.py").is_file() and (Path(out) / "tokenizer.model").is_file()
+    ref, _, _ = build_from_checkpoint(pth)
+    back, _ = _load(out)
+    with torch.no_grad():
+        assert torch.allclose(back(input_ids=IDS).logits, ref(input_ids=IDS).logits, atol=1e-5)
+
+
 def test_export_in_internlm2_layout_is_bit_equal(tiny_internlm2, tmp_path):
     """A zero-effect LoRA (fresh adapter, B = 0) merged with --layout internlm2 gives back the input exactly."""
     from peft import LoraConfig, get_peft_model
@@ -134,6 +163,9 @@ def test_text_workflow_on_internlm2(tiny_internlm2, demo_data, tmp_path, capsys)
     state = torch.load(wd / "iter_2.pth", weights_only=True)["state_dict"]
     assert state and all(torch.isfinite(v).all() for v in state.values())
     assert any("q_proj" in k for k in state)  # LoRA on the Llama modules
+    assert (wd / "eval_outputs_iter_2.txt").read_text().strip()  # eval-chat during training
+    assert main(["log-dataset", cfg, "--show", "text", "-n", "1"]) == 0
+    assert "<|im_start|>user" in capsys.readouterr().out
 
     adapter = tmp_path / "adapter"
     assert main(["convert", "pth_to_hf", cfg, str(wd / "iter_2.pth"), str(adapter)]) == 0
