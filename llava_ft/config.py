@@ -59,7 +59,8 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # defaults to `llm`
     dtype: str = "auto"  # auto: bf16 where the device supports it, fp32 on CPU
     quantization: str = "none"  # 4bit = NF4 + double quant (QLoRA)
-    attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on a GPU, else sdpa
+    attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on a GPU, else sdpa (eager if unsupported)
+    trust_remote_code: bool = False  # run a model folder's own Python code (auto_map); InternLM2 never needs it
     gradient_checkpointing: bool = False
     freeze_llm: bool = False  # true: LLM weights never train (LoRA, if enabled, still does)
     llm_lora: LoraSettings = field(default_factory=LoraSettings)
@@ -122,6 +123,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = 3  # stop after this many consecutive NaN/inf loss or grad-norm steps (0: guard off)
     save_steps: int = 500
     save_total_limit: int = 2
     logging_steps: int = 10
@@ -314,6 +316,9 @@ def _validate(cfg: Config, where: str) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"{where}: '{key}' must be > 0, got {value}")
+    if cfg.train.max_nonfinite_steps < 0:
+        raise UserError(f"{where}: 'train.max_nonfinite_steps' must be >= 0 (0 turns the NaN guard off), "
+                        f"got {cfg.train.max_nonfinite_steps}")
     if cfg.train.learning_rate <= 0:
         raise UserError(f"{where}: 'train.learning_rate' must be > 0, got {cfg.train.learning_rate}")
     if not 0 <= cfg.train.warmup_ratio < 1:

@@ -17,6 +17,12 @@ when it trained in 4-bit, every LoRA is merged, and the result is saved as `Llav
 with its processor (image processor, tokenizer with `<image>` added, chat template from the run's
 prompt template). The modules are moved, not copied, into transformers' Llava classes, so the weight
 names on disk are whatever the installed transformers writes and reads back.
+
+Layouts: llava_ft runs an InternLM2 LLM as Llama, so adapters target the Llama layout (q/k/v_proj, ...)
+and `llava_ft.json` records it (`llm_layout: llama`); they load onto the InternLM2 base through llava_ft
+(which converts it the same way), and an adapter for InternLM2's own layout is refused when loaded.
+Full LLM weights are written in the Llama layout by default; `layout="internlm2"` writes them in
+InternLM2's own names and config (base's auto_map files copied). llava-hf exports are always Llama.
 """
 from __future__ import annotations
 
@@ -44,13 +50,44 @@ def _load_config(config):
     return load_config(str(config))
 
 
-def _meta(cfg, fmt: str, pth, step=None) -> dict:
+def _meta(cfg, fmt: str, pth, step=None, layout: str = "llama") -> dict:
     from llava_ft.config import config_to_dict
     from llava_ft.convert.model_card import run_facts
+    from llava_ft.model.internlm2 import is_internlm2
 
-    return {"format": fmt, "template": cfg.data.template, "system": cfg.data.system,
+    meta = {"format": fmt, "template": cfg.data.template, "system": cfg.data.system,
             "pad_image_to_square": bool(cfg.data.pad_image_to_square), "source": str(pth), "step": step,
-            "config": config_to_dict(cfg), "card": run_facts(cfg, pth, step)}
+            "llm_layout": layout, "config": config_to_dict(cfg), "card": run_facts(cfg, pth, step)}
+    if is_internlm2(cfg.model.llm):
+        meta["llm_architecture"] = "internlm2"  # the base checkpoint's own architecture (run as Llama)
+    return meta
+
+
+def _check_layout(layout: str, cfg, fmt: str) -> None:
+    from llava_ft.model.internlm2 import LAYOUTS, is_internlm2
+
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "llama":
+        return
+    if fmt == "llava-hf":
+        raise UserError("--format llava-hf is always written in the Llama layout (transformers' Llava classes "
+                        "hold a transformers text model); drop --layout internlm2")
+    if not is_internlm2(cfg.model.llm):
+        raise UserError(f"--layout internlm2 needs an InternLM2 base; model.llm {cfg.model.llm} is not one")
+    m = cfg.model
+    if m.llm_lora.enabled or m.freeze_llm:
+        raise UserError("--layout internlm2 applies to fully trained LLM weights; this run trained a LoRA adapter, "
+                        "which targets the Llama layout: export it as is, then `llava_ft convert merge BASE "
+                        "ADAPTER OUT --layout internlm2`")
+
+
+def _save_full_llm(llm, out: Path, max_shard_size, layout: str, base: str) -> None:
+    llm.save_pretrained(str(out), max_shard_size=max_shard_size)
+    if layout == "internlm2":
+        from llava_ft.model.internlm2 import save_internlm2_layout
+
+        save_internlm2_layout(out, base)
 
 
 def _cast(module: torch.nn.Module, fp32: bool) -> None:
@@ -59,18 +96,21 @@ def _cast(module: torch.nn.Module, fp32: bool) -> None:
 
 
 def pth_to_hf(config, pth, save_dir, fmt: str = "xtuner", fp32: bool = False,
-              max_shard_size: Union[str, int] = "2GB") -> str:
+              max_shard_size: Union[str, int] = "2GB", layout: str = "llama") -> str:
     """Export `pth` (trained with `config`; None = the config saved in the checkpoint). Returns save_dir."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     cfg = _load_config(config)
     if fmt == "llava-hf":
+        if layout != "llama":
+            _check_layout(layout, cfg, fmt)
         return export_llava_hf(cfg, pth, save_dir, fp32=fp32, max_shard_size=max_shard_size)
     from llava_ft.checkpoint import load_iter_and_config
     from llava_ft.inference.loader import build_from_checkpoint
 
     _, meta, saved = load_iter_and_config(str(pth), need_config=cfg is None)
     cfg = cfg or saved
+    _check_layout(layout, cfg, fmt)
     m = cfg.model
     llm_full = not m.freeze_llm and not m.llm_lora.enabled
     # Full weights are saved unquantized; adapters and projectors do not depend on the base's precision.
@@ -80,21 +120,22 @@ def pth_to_hf(config, pth, save_dir, fmt: str = "xtuner", fp32: bool = False,
     try:
         if not cfg.is_llava:
             _cast(model.llm, fp32)
+            tok.chat_template = training_chat_template(tok, cfg.data.template, cfg.data.system)
             if m.llm_lora.enabled:
                 model.llm.save_pretrained(str(tmp))
+                tok.save_pretrained(str(tmp))
             elif llm_full:
-                model.llm.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+                tok.save_pretrained(str(tmp))  # before: the InternLM2 layout replaces it with the base's files
+                _save_full_llm(model.llm, tmp, max_shard_size, layout, m.llm)
             else:
                 raise UserError(f"{pth}: the run trained nothing in the LLM (freeze_llm without LoRA); nothing to export")
-            tok.chat_template = training_chat_template(tok, cfg.data.template, cfg.data.system)
-            tok.save_pretrained(str(tmp))
             kind = "peft_adapter" if m.llm_lora.enabled else "hf_model"
-            run_meta = _meta(cfg, kind, pth, meta.get("step"))
+            run_meta = _meta(cfg, kind, pth, meta.get("step"), layout)
             write_meta(tmp, run_meta)
             write_model_card(tmp, run_meta, kind, tokenizer=tok)
         else:
-            _save_xtuner_llava(model, tok, cfg, tmp, fp32, max_shard_size)
-            run_meta = _meta(cfg, "xtuner", pth, meta.get("step"))
+            _save_xtuner_llava(model, tok, cfg, tmp, fp32, max_shard_size, layout)
+            run_meta = _meta(cfg, "xtuner", pth, meta.get("step"), layout)
             write_meta(tmp, run_meta)
             write_model_card(tmp, run_meta, "xtuner", tokenizer=tok if (tmp / "llm").is_dir() else None)
             from llava_ft.config import save_config
@@ -106,7 +147,7 @@ def pth_to_hf(config, pth, save_dir, fmt: str = "xtuner", fp32: bool = False,
     return publish_dir(tmp, save_dir)
 
 
-def _save_xtuner_llava(model, tok, cfg, out: Path, fp32: bool, max_shard_size) -> None:
+def _save_xtuner_llava(model, tok, cfg, out: Path, fp32: bool, max_shard_size, layout: str = "llama") -> None:
     m = cfg.model
     projector = model.projector
     projector.save_pretrained(out / "projector",
@@ -116,9 +157,9 @@ def _save_xtuner_llava(model, tok, cfg, out: Path, fp32: bool, max_shard_size) -
         model.llm.save_pretrained(str(out / "llm_adapter"))
     elif not m.freeze_llm:
         _cast(model.llm, fp32)
-        model.llm.save_pretrained(str(out / "llm"), max_shard_size=max_shard_size)
         tok.chat_template = training_chat_template(tok, cfg.data.template, cfg.data.system)
         tok.save_pretrained(str(out / "llm"))
+        _save_full_llm(model.llm, out / "llm", max_shard_size, layout, m.llm)
     ve = model.visual_encoder
     if m.visual_encoder_lora.enabled:
         _cast(ve.model, fp32)

@@ -163,6 +163,7 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
 
     from llava_ft.engine import distributed as dist
     from llava_ft.engine.callbacks import EvalChatCallback, JsonlLogCallback, LossPlotCallback
+    from llava_ft.engine.nonfinite import NonFiniteGuard
     from llava_ft.engine.trainer import LlavaFtTrainer
     from llava_ft.model.builder import build_model, trainable_summary
 
@@ -209,6 +210,7 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
         write_json(Path(work_dir) / RUN_INFO, run_info(current_command(), stats))  # for model cards
     args = args or training_arguments(cfg, work_dir, ds_config)
     callbacks = [JsonlLogCallback(work_dir), LossPlotCallback(work_dir), EvalChatCallback(work_dir, cfg, tokenizer)]
+    callbacks.append(NonFiniteGuard(cfg.train.max_nonfinite_steps))  # stops NaN runs before they save
     callbacks += list(extra_callbacks or ())
     trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                              callbacks=callbacks, llava_cfg=cfg, work_dir=work_dir)

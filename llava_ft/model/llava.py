@@ -20,6 +20,7 @@ parameter groups for per-module learning rates (`module_of(param_name)`).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -78,6 +79,23 @@ class LlavaFtModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the LLM's forward takes loss kwargs (`num_items_in_batch`). transformers.Trainer reads this
+        to decide who normalises the loss over gradient accumulation; `forward` drops them otherwise."""
+        cached = self.__dict__.get("_accepts_loss_kwargs")
+        if cached is None:
+            base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+            declared = getattr(base, "accepts_loss_kwargs", None)
+            if isinstance(declared, bool):
+                cached = declared
+            else:
+                params = inspect.signature(base.forward).parameters.values()
+                cached = any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "num_items_in_batch"
+                             for p in params)
+            self.__dict__["_accepts_loss_kwargs"] = cached
+        return cached
 
     @property
     def is_llava(self) -> bool:
@@ -258,6 +276,8 @@ class LlavaFtModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None, pixel_values=None,
                 image_sizes=None, **kwargs):
         """Same outputs as the LLM's forward (loss when labels are given, logits)."""
+        if "num_items_in_batch" in kwargs and not self.accepts_loss_kwargs:
+            kwargs.pop("num_items_in_batch")  # an LLM whose forward lacks it (e.g. older remote code)
         if self.visual_encoder is None:
             if pixel_values is not None:
                 raise UserError("pixel_values given to a text-only model (no visual_encoder configured)")
