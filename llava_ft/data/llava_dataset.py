@@ -3,6 +3,7 @@
     ds = LlavaDataset(prepared.dataset, ve, cfg.data)   # ve: VisualEncoder (preprocess, image_mean)
     item = ds[i]   # {"id", "input_ids", "labels", "length", "modality_length",
                    #  "pixel_values": float tensor [n_images, 3, H, W] or None when the sample has no image}
+                   # (+ "position_ids" for packed blocks: a row is then a whole block of samples)
     ds.num_bad_images  # images found unreadable during training (summed over DataLoader workers)
     ds["modality_length"], ds.column_names   # columns of the prepared dataset (for the sampler)
 
@@ -90,7 +91,8 @@ class LlavaDataset(Dataset):
 
     def _item(self, index: int) -> dict:
         row = self.data[index]
-        item = {k: row[k] for k in ("id", "input_ids", "labels", "length", "modality_length") if k in row}
+        keys = ("id", "input_ids", "labels", "length", "modality_length", "position_ids")  # + packed blocks
+        item = {k: row[k] for k in keys if k in row}
         item["pixel_values"] = self.load_pixels(row)
         return item
 

@@ -201,6 +201,9 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
         dataset, collator, stats = build_train_data(cfg, model, tokenizer)
     if is_main:
         _print_data_stats(stats)
+        if cfg.data.pack_to_max_length and cfg.train.group_by_length:
+            print("[llava_ft] packed data: train.group_by_length does not apply (blocks are all ~max_length); "
+                  "blocks are shuffled per epoch instead", flush=True)
     args = args or _training_arguments(cfg, work_dir, ds_config)
     callbacks = [JsonlLogCallback(work_dir), LossPlotCallback(work_dir), EvalChatCallback(work_dir, cfg, tokenizer)]
     callbacks += list(extra_callbacks or ())
