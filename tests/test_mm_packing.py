@@ -214,3 +214,75 @@ def test_packing_keeps_whole_samples_and_their_images(tiny_llama, tiny_clip, mix
             start += k
         assert start == len(block["input_ids"])
     assert 0 < packed.stats["packing"]["image_blocks"] <= packed.stats["packing"]["blocks"]
+
+
+# ---- training with packing (slow: real runs through the engine) ------------------------------------------
+
+def packed_stats(output: str) -> dict:
+    line = next(ln for ln in output.splitlines() if "[llava_ft] data:" in ln and "packed:" in ln)
+    return json.loads(line.split("packed:", 1)[1].split("; from cache")[0])
+
+
+@pytest.mark.slow
+def test_two_phase_run_with_packing_learns(tmp_path, capsys):
+    """Pretrain (projector only) then finetune (QLoRA + projector), both packed, on image + text-only data."""
+    import yaml
+
+    from llava_ft.config import load_config
+    from llava_ft.demo.assets import build_demo_workspace
+    from llava_ft.engine.run import run_training
+
+    p = build_demo_workspace(tmp_path / "ws")
+    text = {"path": p["self_cognition"], "format": "openai"}
+    common = {"template": "qwen_chat", "max_length": 256, "pack_to_max_length": True, "cache_dir": str(tmp_path / "c")}
+    train = {"per_device_batch_size": 2, "max_steps": 10, "logging_steps": 1, "save_steps": 10, "warmup_ratio": 0.0,
+             "lr_scheduler": "constant", "seed": 0}
+    model = {"llm": p["llm"], "visual_encoder": p["visual_encoder"], "freeze_llm": True, "dtype": "fp32"}
+    phases = {
+        "pretrain": {"model": model, "train": dict(train, learning_rate=1e-2),
+                     "data": dict(common, sources=[{"path": p["pretrain"], "format": "llava",
+                                                    "image_folder": p["image_folder"]}, text])},
+        "finetune": {"model": dict(model, quantization="4bit", llm_lora={"enabled": True, "r": 8, "alpha": 16}),
+                     "train": dict(train, learning_rate=2e-3),
+                     "data": dict(common, sources=[{"path": p["finetune"], "format": "llava",
+                                                    "image_folder": p["image_folder"]}, text])},
+    }
+    results = {}
+    for phase, body in phases.items():
+        if phase == "finetune":
+            body["model"]["pretrained_pth"] = results["pretrain"].last_checkpoint
+        path = tmp_path / f"{phase}.yaml"
+        path.write_text(yaml.safe_dump(dict(body, name=phase)))
+        results[phase] = run_training(load_config(str(path)), work_dir=str(tmp_path / phase), command=phase)
+        out = capsys.readouterr().out
+        stats = packed_stats(out)
+        assert stats["padding_ratio"] < 0.15 and 0 < stats["image_blocks"] <= stats["blocks"] < stats["samples"]
+        assert "train.group_by_length does not apply" in out
+        curve = [h["loss"] for h in results[phase].log_history if "loss" in h]
+        assert len(curve) == 10
+        assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, (phase, curve)
+    state = torch.load(results["pretrain"].last_checkpoint, weights_only=True)["state_dict"]
+    assert state and all(k.startswith("projector.") for k in state)
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_with_packing_is_exact(tmp_path):
+    """SIGKILL at step 10, resume from the step-8 checkpoint in the middle of an epoch of packed blocks."""
+    from test_distributed import ONE_PROCESS, SAVE, assert_same_weights, iter_state, losses, run_cli, write_configs
+    from test_resume_exact import run_killed
+
+    configs = write_configs(tmp_path / "cfg")
+    steps = 16  # 27 blocks, batch 1 x accumulation 2: 13 steps an epoch, so the run crosses into epoch 2
+    overrides = [ONE_PROCESS, "model.llm_lora.dropout=0.1", "data.pack_to_max_length=true",
+                 "train.per_device_batch_size=1", f"train.max_steps={steps}"]
+    ref, work = str(tmp_path / "ref"), str(tmp_path / "work")
+    proc = run_cli(["finetune", configs["llava"], *overrides, "--work-dir", ref])
+    stats = packed_stats(proc.stdout + proc.stderr)
+    steps_per_epoch = stats["blocks"] // 2  # batch 1 x accumulation 2
+    assert SAVE * 2 < steps_per_epoch < steps  # resumes mid-epoch, and the run crosses into the next epoch
+    run_killed(tmp_path, configs["llava"], work, "none", overrides)
+    proc = run_cli(["finetune", configs["llava"], *overrides, "--work-dir", work, "--resume", "auto"])
+    assert f"resuming from {work}/checkpoint-{SAVE * 2}" in proc.stdout + proc.stderr
+    assert losses(work) == pytest.approx(losses(ref), rel=1e-6)
+    assert len(losses(ref)) == steps
+    assert_same_weights(iter_state(work, steps), iter_state(ref, steps), atol=1e-6)
