@@ -11,7 +11,8 @@ Images are opened in `__getitem__`, i.e. inside DataLoader worker processes, nev
 sample must have exactly one image per IMAGE_TOKEN_INDEX in its input_ids (else UserError naming the
 sample id). A truncated or corrupt image met during training:
   * skip_bad_samples=true: logged with sample id and path, counted, and the sample replaced by the next
-    sample (in index order) whose images all load -- the run goes on;
+    sample (in index order) whose images all load -- the run goes on (a packed row is one block of
+    samples: the whole block is replaced);
   * skip_bad_samples=false: BadImageError naming sample id and path. `images.verify_images` (which the
     engine runs before training in that mode) normally finds such files before step 1.
 """
