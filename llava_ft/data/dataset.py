@@ -38,7 +38,7 @@ from llava_ft.templates import HF_TEMPLATE, get_template
 log = logging.getLogger(__name__)
 
 # Bump when encoding/packing output changes, so old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: packing takes LLaVA data, masks each sample's first label
 _BATCH = 1000
 _FEATURES = datasets.Features({
     "id": datasets.Value("string"),

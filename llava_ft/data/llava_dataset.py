@@ -4,6 +4,7 @@
     item = ds[i]   # {"id", "input_ids", "labels", "length", "modality_length",
                    #  "pixel_values": float tensor [n_images, 3, H, W] or None when the sample has no image;
                    #  AnyRes: "pixel_values" [all views, 3, S, S] + "image_sizes" [n_images, 2]}
+                   # (+ "position_ids" for packed blocks: a row is then a whole block of samples)
     ds.num_bad_images  # images found unreadable during training (summed over DataLoader workers)
     ds["modality_length"], ds.column_names   # columns of the prepared dataset (for the sampler)
 
@@ -11,7 +12,8 @@ Images are opened in `__getitem__`, i.e. inside DataLoader worker processes, nev
 sample must have exactly one image per IMAGE_TOKEN_INDEX in its input_ids (else UserError naming the
 sample id). A truncated or corrupt image met during training:
   * skip_bad_samples=true: logged with sample id and path, counted, and the sample replaced by the next
-    sample (in index order) whose images all load -- the run goes on;
+    sample (in index order) whose images all load -- the run goes on (a packed row is one block of
+    samples: the whole block is replaced);
   * skip_bad_samples=false: BadImageError naming sample id and path. `images.verify_images` (which the
     engine runs before training in that mode) normally finds such files before step 1.
 """
@@ -102,7 +104,8 @@ class LlavaDataset(Dataset):
 
     def _item(self, index: int) -> dict:
         row = self.data[index]
-        item = {k: row[k] for k in ("id", "input_ids", "labels", "length", "modality_length") if k in row}
+        keys = ("id", "input_ids", "labels", "length", "modality_length", "position_ids")  # + packed blocks
+        item = {k: row[k] for k in keys if k in row}
         pixels = self.load_pixels(row)
         if isinstance(pixels, tuple):
             pixels, item["image_sizes"] = pixels

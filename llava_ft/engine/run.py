@@ -208,6 +208,9 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
         from llava_ft.fileio import write_json
 
         write_json(Path(work_dir) / RUN_INFO, run_info(current_command(), stats))  # for model cards
+        if cfg.data.pack_to_max_length and cfg.train.group_by_length:
+            print("[llava_ft] packed data: train.group_by_length does not apply (blocks are all ~max_length); "
+                  "blocks are shuffled per epoch instead", flush=True)
     args = args or training_arguments(cfg, work_dir, ds_config)
     callbacks = [JsonlLogCallback(work_dir), LossPlotCallback(work_dir), EvalChatCallback(work_dir, cfg, tokenizer)]
     callbacks.append(NonFiniteGuard(cfg.train.max_nonfinite_steps))  # stops NaN runs before they save
