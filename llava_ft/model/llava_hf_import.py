@@ -108,7 +108,8 @@ def _projector_state(folder: str, name: str, config) -> dict:
         if f"{layer}.weight" not in state:
             raise UserError(f"model.llava={name!r}: no multi_modal_projector weights found in {folder}")
         if f"{layer}.bias" not in state:  # multimodal_projector_bias=False: a zero bias is the same map
-            state[f"{layer}.bias"] = torch.zeros(state[f"{layer}.weight"].shape[0], dtype=state[f"{layer}.weight"].dtype)
+            weight = state[f"{layer}.weight"]
+            state[f"{layer}.bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
     return state
 
 
