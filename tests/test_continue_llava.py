@@ -39,7 +39,8 @@ def _cfg(llava, demo_data, tmp_path, **model):
     return config_from_dict({
         "name": "continued",
         "model": {"llava": llava, "freeze_llm": True, "llm_lora": LORA, "dtype": "fp32", **model},
-        "data": {"sources": [{"path": demo_data["finetune"], "format": "llava", "image_folder": demo_data["image_folder"]}],
+        "data": {"sources": [{"path": demo_data["finetune"], "format": "llava",
+                              "image_folder": demo_data["image_folder"]}],
                  "template": "vicuna", "max_length": 256, "cache_dir": str(tmp_path / "cache")},
         "train": {"learning_rate": 2e-2, "per_device_batch_size": 2, "max_steps": 3, "save_steps": 3,
                   "logging_steps": 1, "warmup_ratio": 0.0, "seed": 0},

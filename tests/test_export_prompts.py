@@ -3,6 +3,7 @@
 that says what the run was (base, tower, template, data and sizes, recipe, steps, loss, eval, commands)."""
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -12,6 +13,8 @@ from llava_ft.convert.chat_template import chat_template_mismatch, training_chat
 from llava_ft.data.encode import encode_prompt, encode_record
 from llava_ft.templates import TEMPLATES
 from llava_ft.testing.family_tokenizers import build_family_tokenizer
+
+LORA_SMALL = {"enabled": True, "r": 4, "alpha": 8}
 
 # Not the checker's probe: a different conversation, with a system prompt, three rounds.
 CONVO = [
@@ -166,7 +169,9 @@ def test_merge_of_a_foreign_adapter_gets_a_card(tmp_path, tiny_llama):
     card = (tmp_path / "merged" / "README.md").read_text()
     assert f"Merged: adapter `{tmp_path / 'adapter'}` into base `{tiny_llama}`" in card
     assert f"base_model: {tiny_llama}" in card and "Template: unknown" in card
-    assert AutoTokenizer.from_pretrained(merged).chat_template == AutoTokenizer.from_pretrained(tiny_llama).chat_template
+    # without a known training template the base tokenizer's own chat template is kept
+    assert AutoTokenizer.from_pretrained(merged).chat_template == \
+        AutoTokenizer.from_pretrained(tiny_llama).chat_template
 
 
 def test_card_notes_a_chat_template_that_cannot_be_compared(tmp_path, tiny_tokenizer, capsys):
@@ -182,3 +187,21 @@ def test_card_notes_a_chat_template_that_cannot_be_compared(tmp_path, tiny_token
     card = path.read_text()
     assert "could not be compared with training" in card and "System role not supported" in card
     assert "Steps: 7" in card and "note:" in capsys.readouterr().out
+
+
+def test_card_reads_losses_up_to_the_exported_step(tmp_path, tiny_llama):
+    """Final loss and eval loss are the last logged at or before the exported step (a later log line, e.g.
+    from a run that went on, is not this checkpoint's)."""
+    from llava_ft.convert import pth_to_hf
+    from llava_ft.inference.testing import write_random_checkpoint
+
+    pth = write_random_checkpoint(tmp_path / "run", {
+        "name": "losses", "model": {"llm": tiny_llama, "llm_lora": LORA_SMALL},
+        "data": {"template": "vicuna", "sources": [{"path": "d.json"}]}})
+    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.5}, {"step": 3, "loss": 1.25},
+            {"step": 4, "loss": 0.5, "eval_loss": 0.25}]
+    (tmp_path / "run" / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pth_to_hf(None, pth, tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Final training loss: 1.2500 (step 3)" in card and "Eval loss: 1.5000 (step 2)" in card
+    assert "Steps: 3" in card and "`d.json`" in card and "Trained with" not in card  # no run_info.json here

@@ -108,7 +108,8 @@ def _projector_state(folder: str, name: str, config) -> dict:
         if f"{layer}.weight" not in state:
             raise UserError(f"model.llava={name!r}: no multi_modal_projector weights found in {folder}")
         if f"{layer}.bias" not in state:  # multimodal_projector_bias=False: a zero bias is the same map
-            state[f"{layer}.bias"] = torch.zeros(state[f"{layer}.weight"].shape[0], dtype=state[f"{layer}.weight"].dtype)
+            weight = state[f"{layer}.weight"]
+            state[f"{layer}.bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
     return state
 
 
@@ -173,8 +174,10 @@ def load_released_llava(cfg, for_training: bool = True) -> ReleasedLlava:
     vc, tc = config.vision_config, config.text_config
     if verbose:
         grid = vc.image_size // vc.patch_size
+        from llava_ft.model.vision import HF_TYPES
+
         print(f"[llava_ft] model.llava {m.llava}: LlavaForConditionalGeneration -> LLM {tc.model_type} "
-              f"({tc.num_hidden_layers} layers), {vc.model_type} tower (feature layer {config.vision_feature_layer}, "
+              f"({tc.num_hidden_layers} layers), {HF_TYPES.get(vc.model_type, vc.model_type)} tower (feature layer {config.vision_feature_layer}, "
               f"{config.vision_feature_select_strategy}: {grid * grid} tokens per image), projector "
               f"{vc.hidden_size}->{tc.hidden_size} gelu, tokenizer with <image>, image processor", flush=True)
         replaced = [f"model.{k}={getattr(m, k)}" for k in ("llm", "visual_encoder") if getattr(m, k)]
