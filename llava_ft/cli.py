@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "answer a QA set (jsonl or MMBench TSV) and report accuracy"),
     "serve": ("serve", "OpenAI-compatible API + web chat page"),
     "data": ("data", "data tools: repeat, replace, check, stats, convert, demo"),
-    "demo": ("demo", "run the whole mission end to end on the built-in CPU demo"),
+    "demo": ("demo", "run the whole workflow end to end on the built-in CPU demo"),
 }
 
 

@@ -13,7 +13,7 @@ tokenizer's own chat template" and is handled by `llava_ft.data.encode` and infe
 
 Use:
     tpl = get_template("qwen_chat")
-    prompt = render_for_generation(tpl, [{"role": "user", "content": "Hi"}], system="Be brief.")
+    tpl.format_instruction("Hi", 1)      # the text of a user turn; llava_ft.data.encode builds token ids
 """
 from __future__ import annotations
 
@@ -141,27 +141,6 @@ def get_template(name: str) -> Template:
     close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.4)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise UserError(f"unknown prompt template '{name}'; valid templates: {', '.join(valid)}.{hint}")
-
-
-def render_for_generation(template: Template, messages: list, system: Optional[str] = None,
-                          eos_token: Optional[str] = None) -> str:
-    """Prompt text for generation: every turn rendered as in training, ending where the next answer starts.
-
-    `messages` are `{"role": "system"|"user"|"assistant", "content": str}`; a system message overrides
-    `system`. Past assistant answers are followed by SUFFIX, then `eos_token` (if given and the template
-    does not use SUFFIX as EOS), then SEP — the text form of what training saw. No BOS is added: the
-    caller's tokenizer adds it (or use `llava_ft.data.encode.encode_prompt` for exact training token ids).
-    """
-    parts: list[str] = []
-    for turn in conversation_turns(messages, system):
-        parts.append(template.format_system(turn["system"]) + template.format_instruction(turn["input"], turn["round"]))
-        if turn["output"] is None:
-            break
-        parts.append(turn["output"] + template.suffix)
-        if not template.suffix_as_eos and eos_token:
-            parts.append(eos_token)
-        parts.append(template.sep)
-    return "".join(parts)
 
 
 def conversation_turns(messages: list, system: Optional[str] = None) -> list[dict]:

@@ -13,6 +13,10 @@ or remote image while disabled, 404 unknown model, 413 body/image/pixel count ov
 (with Retry-After). Generation runs in one thread (`llava_ft.serve.worker`); a request waits in a bounded line and
 gives its place up when the client disconnects; requests that wait together with the same sampling
 settings are answered in one batched generate call (up to `max_batch`), each still streamed on its own.
+
+Layout: `create_app` builds a `ServerState` (model, worker, image loader, limits) on `app.state.server`
+and includes one APIRouter per concern (health, models, chat completions, the page); each route is one
+function that reads the state from its request, and `require_key` is a router dependency.
 """
 from __future__ import annotations
 
@@ -23,10 +27,11 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -89,148 +94,210 @@ def _chunk(cid: str, created: int, model: str, delta: dict, finish_reason=None, 
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+@dataclass
+class ServerState:
+    """What every route shares, kept on `app.state.server` (one model, one generation worker)."""
+
+    chat_model: Any
+    model_name: str
+    api_key: Optional[str]
+    worker: GenerationWorker
+    loader: ImageLoader
+    max_body_bytes: int
+    max_images: int
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def supports_images(self) -> bool:
+        return bool(getattr(self.chat_model, "supports_images", False))
+
+    @property
+    def context_length(self) -> Optional[int]:
+        return getattr(self.chat_model, "context_length", None)
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created_at, "owned_by": "llava_ft"}
+
+    def check_model(self, requested: str) -> None:
+        if requested != self.model_name:
+            raise ApiError(404, f"model '{requested}' not found; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+
+
 def create_app(chat_model, model_name: str, api_key: Optional[str] = None, max_queue: int = 16,
                max_batch: int = 8, image_dir: Optional[str] = None, allow_remote_images: bool = False,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_images: int = DEFAULT_MAX_IMAGES) -> FastAPI:
     """Build the app around a loaded `ChatModel` (see docs/architecture.md, Inference)."""
-    from llava_ft.inference import GenerationSettings
-
     worker = GenerationWorker(chat_model, max_queue=max_queue, max_batch=max_batch)
     loader = ImageLoader(image_dir=image_dir, allow_remote=allow_remote_images,
                          max_bytes=min(max_image_bytes, max_body_bytes), max_pixels=max_image_pixels)
-    created_at = int(time.time())
-    supports_images = bool(getattr(chat_model, "supports_images", False))
-    context_length = getattr(chat_model, "context_length", None)
-
-    @asynccontextmanager
-    async def lifespan(_app):
-        worker.start()
-        yield
-        await run_in_threadpool(worker.stop)
-
-    app = FastAPI(title="llava_ft serve", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="llava_ft serve", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = ServerState(chat_model, model_name, api_key, worker, loader, max_body_bytes, max_images)
     app.state.worker = worker
     app.state.model_name = model_name
+    for exc_class, handler in ((ApiError, _api_error), (StarletteHTTPException, _http_error),
+                               (RequestValidationError, _validation_error), (Exception, _unexpected)):
+        app.add_exception_handler(exc_class, handler)
+    for router in (health_routes, model_routes, chat_routes, page_routes):
+        app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
 
-    # ---- errors: every failure answers in OpenAI's shape ---------------------------------------
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_request, err: ApiError):
-        return _error_response(err)
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    worker = app.state.server.worker
+    worker.start()
+    yield
+    await run_in_threadpool(worker.stop)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request, err: StarletteHTTPException):
-        return JSONResponse(error_body(err.status_code, str(err.detail)), status_code=err.status_code,
-                            headers=getattr(err, "headers", None))
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request, err: RequestValidationError):
-        return JSONResponse(error_body(400, f"invalid request: {err.errors()[:1]}"), status_code=400)
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_request, err: Exception):
-        log.exception("unhandled error")
-        return JSONResponse(error_body(500, f"internal error: {type(err).__name__}", code="internal_error"),
-                            status_code=500)
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        # constant-time compare: the key must not leak through response timing
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+# ---- errors: every failure answers in OpenAI's shape -------------------------------------------
 
-    def model_card() -> dict:
-        return {"id": model_name, "object": "model", "created": created_at, "owned_by": "llava_ft"}
+async def _api_error(_request, err: ApiError):
+    return _error_response(err)
 
-    # ---- routes ----------------------------------------------------------------------------------
 
-    @app.get("/health")
-    async def health():
-        ok = worker.alive
-        body = {"status": "ok" if ok else "generation thread stopped", "model": model_name,
-                "supports_images": supports_images, "auth_required": api_key is not None,
-                "context_length": context_length, "queue": worker.stats()}
-        return JSONResponse(body, status_code=200 if ok else 503)
+async def _http_error(_request, err: StarletteHTTPException):
+    return JSONResponse(error_body(err.status_code, str(err.detail)), status_code=err.status_code,
+                        headers=getattr(err, "headers", None))
 
-    @app.get("/v1/models")
-    async def list_models(request: Request):
-        check_key(request)
-        return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str, request: Request):
-        check_key(request)
-        if model_id != model_name:
-            raise ApiError(404, f"model '{model_id}' not found; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
-        return model_card()
+async def _validation_error(_request, err: RequestValidationError):
+    return JSONResponse(error_body(400, f"invalid request: {err.errors()[:1]}"), status_code=400)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        check_key(request)
-        req = parse_request(await _read_body(request, max_body_bytes))
-        if req.model != model_name:
-            raise ApiError(404, f"model '{req.model}' not found; this server serves '{model_name}'",
-                           param="model", code="model_not_found")
-        messages, urls = to_chat_inputs(req)
-        if urls and not supports_images:
-            raise ApiError(400, f"model '{model_name}' is a text model and does not accept images",
-                           param="messages", code="images_not_supported")
-        if len(urls) > max_images:
-            raise ApiError(400, f"{len(urls)} images in one request; the limit is {max_images}",
-                           param="messages")
-        images = []
-        for url in urls:
-            data = await loader.load_bytes(url)
-            images.append(await run_in_threadpool(loader.decode, data))  # decoding is CPU work: off the loop
+
+async def _unexpected(_request, err: Exception):
+    log.exception("unhandled error")
+    return JSONResponse(error_body(500, f"internal error: {type(err).__name__}", code="internal_error"),
+                        status_code=500)
+
+
+def require_key(request: Request) -> None:
+    """Route dependency: the `Authorization: Bearer KEY` header when the server has a key."""
+    api_key = _state(request).api_key
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    # constant-time compare: the key must not leak through response timing
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+# ---- health and models -------------------------------------------------------------------------
+
+health_routes = APIRouter()
+model_routes = APIRouter(dependencies=[Depends(require_key)])
+
+
+@health_routes.get("/health")
+async def health(request: Request):
+    state = _state(request)
+    ok = state.worker.alive
+    body = {"status": "ok" if ok else "generation thread stopped", "model": state.model_name,
+            "supports_images": state.supports_images, "auth_required": state.api_key is not None,
+            "context_length": state.context_length, "queue": state.worker.stats()}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@model_routes.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [_state(request).model_card()]}
+
+
+@model_routes.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request):
+    state = _state(request)
+    state.check_model(model_id)
+    return state.model_card()
+
+
+# ---- chat completions --------------------------------------------------------------------------
+
+chat_routes = APIRouter(dependencies=[Depends(require_key)])
+
+
+@chat_routes.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    from llava_ft.inference import GenerationSettings
+
+    state = _state(request)
+    req = parse_request(await _read_body(request, state.max_body_bytes))
+    state.check_model(req.model)
+    messages, urls = to_chat_inputs(req)
+    if urls and not state.supports_images:
+        raise ApiError(400, f"model '{state.model_name}' is a text model and does not accept images",
+                       param="messages", code="images_not_supported")
+    if len(urls) > state.max_images:
+        raise ApiError(400, f"{len(urls)} images in one request; the limit is {state.max_images}",
+                       param="messages")
+    images = []
+    for url in urls:
+        data = await state.loader.load_bytes(url)
+        images.append(await run_in_threadpool(state.loader.decode, data))  # decoding is CPU work: off the loop
+    try:
+        settings = GenerationSettings(**settings_kwargs(req, state.context_length))
+    except (TypeError, ValueError) as err:
+        raise ApiError(400, f"invalid generation settings: {err}")
+    job = Job(messages, images, settings, loop=asyncio.get_running_loop())
+    state.worker.submit(job)  # ApiError 503 when the line is full
+    answer = _Answer(state, job, request, f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()))
+    if req.stream:
+        # Wait for the first event before answering, so a request the model rejects (prompt longer
+        # than the context, ...) still gets its 4xx status instead of a 200 stream holding an error.
         try:
-            settings = GenerationSettings(**settings_kwargs(req, context_length))
-        except (TypeError, ValueError) as err:
-            raise ApiError(400, f"invalid generation settings: {err}")
-        job = Job(messages, images, settings, loop=asyncio.get_running_loop())
-        worker.submit(job)  # ApiError 503 when the line is full
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        if req.stream:
-            # Wait for the first event before answering, so a request the model rejects (prompt longer
-            # than the context, ...) still gets its 4xx status instead of a 200 stream holding an error.
-            try:
-                first = await _next_event(job, request)
-            except BaseException:
-                worker.cancel(job)
-                raise
-            if first is None:
-                return Response(status_code=499)
-            if first[0] == "error":
-                return _error_response(first[1])
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _ClosingStreamingResponse(
-                _sse(job, first, request, cid, created, include_usage), media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _collect(job, request, cid, created)
+            first = await answer.next_event()
+        except BaseException:
+            state.worker.cancel(job)
+            raise
+        if first is None:
+            return Response(status_code=499)
+        if first[0] == "error":
+            return _error_response(first[1])
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _ClosingStreamingResponse(
+            answer.sse(first, include_usage), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await answer.collect()
 
-    async def _next_event(job: Job, request: Request):
+
+@dataclass
+class _Answer:
+    """One accepted request's answer, read from its job's events: whole (`collect`) or streamed (`sse`).
+    Leaving either before the end (error, client gone) cancels the job."""
+
+    state: ServerState
+    job: Job
+    request: Request
+    cid: str
+    created: int
+
+    async def next_event(self):
         """The job's next event; None when the client has gone away (the job is then cancelled)."""
         while True:
             try:
-                return await asyncio.wait_for(job.events.get(), timeout=POLL_S)
+                return await asyncio.wait_for(self.job.events.get(), timeout=POLL_S)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    worker.cancel(job)
+                if await self.request.is_disconnected():
+                    self.state.worker.cancel(self.job)
                     return None
 
-    async def _collect(job: Job, request: Request, cid: str, created: int):
+    def chunk(self, delta: dict, finish_reason=None, usage=None) -> str:
+        return _chunk(self.cid, self.created, self.state.model_name, delta, finish_reason, usage=usage)
+
+    async def collect(self):
         parts: list[str] = []
         finished = False
         try:
             while True:
-                event = await _next_event(job, request)
+                event = await self.next_event()
                 if event is None:
                     return Response(status_code=499)  # nobody reads it; closes the connection cleanly
                 kind, payload = event
@@ -241,50 +308,52 @@ def create_app(chat_model, model_name: str, api_key: Optional[str] = None, max_q
                     return _error_response(payload)
                 else:
                     finished = True
-                    return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+                    return {"id": self.cid, "object": "chat.completion", "created": self.created,
+                            "model": self.state.model_name,
                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
                                          "finish_reason": payload.finish_reason, "logprobs": None}],
                             "usage": payload.as_dict()}
         finally:
             if not finished:
-                worker.cancel(job)
+                self.state.worker.cancel(self.job)
 
-    async def _sse(job: Job, first: tuple, request: Request, cid: str, created: int, include_usage: bool):
+    async def sse(self, first: tuple, include_usage: bool):
         finished = False
         try:
-            yield _chunk(cid, created, model_name, {"role": "assistant", "content": ""})
+            yield self.chunk({"role": "assistant", "content": ""})
             event = first
             while True:
                 if event is None:
-                    event = await _next_event(job, request)
+                    event = await self.next_event()
                 if event is None:
                     return
                 kind, payload = event
                 event = None
                 if kind == "delta":
-                    yield _chunk(cid, created, model_name, {"content": payload})
+                    yield self.chunk({"content": payload})
                     continue
                 finished = True
                 if kind == "error":
                     yield f"data: {json.dumps(payload.body())}\n\n"
                 else:
                     usage = payload.as_dict()
-                    yield _chunk(cid, created, model_name, {}, payload.finish_reason, usage=usage)
+                    yield self.chunk({}, payload.finish_reason, usage=usage)
                     if include_usage:  # OpenAI's form: a last chunk with no choices and the usage
-                        yield ("data: " + json.dumps({"id": cid, "object": "chat.completion.chunk",
-                                                      "created": created, "model": model_name,
+                        yield ("data: " + json.dumps({"id": self.cid, "object": "chat.completion.chunk",
+                                                      "created": self.created, "model": self.state.model_name,
                                                       "choices": [], "usage": usage}) + "\n\n")
                 yield "data: [DONE]\n\n"
                 return
         finally:
             if not finished:
-                worker.cancel(job)
+                self.state.worker.cancel(self.job)
 
-    # ---- the web page ----------------------------------------------------------------------------
 
-    @app.get("/", include_in_schema=False)
-    async def index():
-        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+# ---- the web page ------------------------------------------------------------------------------
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return app
+page_routes = APIRouter()
+
+
+@page_routes.get("/", include_in_schema=False)
+async def index():
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})

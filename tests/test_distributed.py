@@ -37,7 +37,7 @@ STEPS, SAVE = 12, 4
 
 def write_configs(root: Path) -> dict:
     """Tiny LLaVA QLoRA finetune and QLoRA text configs over the demo workspace."""
-    from llava_ft.demo.assets import build_demo_workspace
+    from llava_ft.testing.assets import build_demo_workspace
 
     p = build_demo_workspace(root / "ws")
     train = {"per_device_batch_size": 3, "gradient_accumulation_steps": 1, "max_steps": STEPS,

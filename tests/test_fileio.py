@@ -36,7 +36,7 @@ def _tree_modes(root: Path) -> dict:
 def test_training_work_dir_and_exports_are_0644_files_in_0755_folders(umask_022, tmp_path, tiny_llama, tiny_clip,
                                                                         demo_data):
     from llava_ft.convert import pth_to_hf
-    from llava_ft.inference.testing import write_random_checkpoint
+    from llava_ft.testing.checkpoints import write_random_checkpoint
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({

@@ -5,8 +5,8 @@ is read with `ast`, without importing anything. The layers, lowest first:
 
     0  llava_ft (constants), errors, versions, fileio, config, templates, checkpoint   what everything shares
     1  model, data                                                                      built from a config
-    2  engine, inference, convert, datatools                                            use models and data
-    3  serve, demo, testing                                                             put those together
+    2  engine, inference, convert, datatools, testing                                   use models and data
+    3  serve, demo                                                                      put those together
     4  commands, cli, __main__                                                          what users type
 
 A module may import from its own layer or a lower one; the packages of one layer may use each other as
@@ -25,8 +25,8 @@ PACKAGE = REPO / "llava_ft"
 LAYERS = [
     {"", "errors", "versions", "fileio", "config", "templates", "checkpoint"},
     {"model", "data"},
-    {"engine", "inference", "convert", "datatools"},
-    {"serve", "demo", "testing"},
+    {"engine", "inference", "convert", "datatools", "testing"},
+    {"serve", "demo"},
     {"commands", "cli", "__main__"},
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

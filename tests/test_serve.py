@@ -1,8 +1,8 @@
 """Tests for `serve/`: the OpenAI-compatible API against live servers on loopback.
 
 Real tiny models (tests/conftest.py fixtures) loaded with `llava_ft.inference.load_chat_model`, a real
-uvicorn server in a thread (`llava_ft.serve.testing.serve_in_thread`) and the official `openai` client. Each server
-answer is compared with what the same ChatModel says when called directly (greedy), so the tests check
+uvicorn server in a thread (`llava_ft.testing.server.serve_in_thread`) and the official `openai` client.
+Each server answer is compared with what the same ChatModel says when called directly (greedy), so the tests check
 that the API returns the model's answer, not just something shaped like one.
 
     python -m pytest tests/test_serve.py -x -q            # the slow load test too: add -m slow or nothing
@@ -30,7 +30,7 @@ from PIL import Image  # noqa: E402
 
 from llava_ft.inference import GenerationSettings, load_chat_model  # noqa: E402
 from llava_ft.serve.app import create_app  # noqa: E402
-from llava_ft.serve.testing import serve_in_thread  # noqa: E402
+from llava_ft.testing.server import serve_in_thread  # noqa: E402
 
 KEY = "sk-test-key"
 # A prompt the tiny random Llama answers greedily without emitting EOS (checked for 1000 tokens in

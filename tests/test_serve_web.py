@@ -28,7 +28,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from llava_ft.inference import GenerationSettings, load_chat_model  # noqa: E402
 from llava_ft.serve.app import create_app  # noqa: E402
-from llava_ft.serve.testing import serve_in_thread  # noqa: E402
+from llava_ft.testing.server import serve_in_thread  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")

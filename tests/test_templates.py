@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 from llava_ft import IGNORE_INDEX
 from llava_ft.data.encode import encode_prompt, encode_record
 from llava_ft.errors import UserError
-from llava_ft.templates import TEMPLATES, get_template, render_for_generation, template_names
+from llava_ft.templates import TEMPLATES, get_template, template_names
 
 USER_NAMES = ["default", "internlm2_chat", "internlm_chat", "qwen_chat", "llama2_chat", "llama3_chat", "vicuna",
               "zephyr", "mistral", "mixtral", "gemma", "phi3", "chatml"]
@@ -172,17 +172,6 @@ def test_generation_prompt_is_training_prefix(tok, name):
     assert train_ids[:len(prompt_ids)] == prompt_ids
     answer = tok.decode(train_ids[len(prompt_ids):])
     assert answer.startswith("See you")
-
-
-def test_render_for_generation_text(tok):
-    tpl = get_template("qwen_chat")
-    text = render_for_generation(tpl, [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-                                       {"role": "user", "content": "Q2"}], system="S")
-    assert text == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1"
-                    "<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\n")
-    text = render_for_generation(get_template("default"), [{"role": "user", "content": "Q"}, {"role": "assistant",
-                                 "content": "A"}, {"role": "user", "content": "R"}], eos_token="</s>")
-    assert text == "<|User|>:Q\n<|Bot|>:A</s>\n<|User|>:R\n<|Bot|>:"
 
 
 def test_config_system_applies_when_record_has_none(tok):

@@ -159,7 +159,7 @@ def test_open_clip_vision_lora_survives_the_xtuner_export(tmp_path, tiny_llama):
     features as the checkpoint; without the adapter they differ (so the adapter really is applied)."""
     from llava_ft.convert.pth_to_hf import pth_to_hf
     from llava_ft.inference import load_chat_model
-    from llava_ft.inference.testing import write_random_checkpoint
+    from llava_ft.testing.checkpoints import write_random_checkpoint
 
     _tiny_open_clip(tmp_path)
     ve_cfg = {"visual_encoder": "TinyViT-test", "open_clip_pretrained": str(tmp_path / "tiny.pt")}

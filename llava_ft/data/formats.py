@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Iterator, Optional
 
 from llava_ft import IMAGE_TOKEN
@@ -242,10 +241,3 @@ def iter_records(source: DataSource) -> Iterator[dict]:
             fmt = detect_format(row, where, source.image_folder)
         yield to_record(row, fmt, where, index, source.image_folder, base_dir)
 
-
-_IMAGE_RE = re.compile(re.escape(IMAGE_TOKEN))
-
-
-def count_image_markers(record: dict) -> int:
-    """Number of `<image>` markers in a canonical record's messages."""
-    return sum(len(_IMAGE_RE.findall(m["content"])) for m in record.get("messages", ()))

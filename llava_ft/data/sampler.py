@@ -3,7 +3,6 @@
     sampler = LengthGroupedSampler(dataset["modality_length"], batch_size=16, world_size=8, grad_accum=2,
                                    seed=42)
     sampler.set_epoch(epoch)       # Trainer/accelerate call this every epoch
-    sampler.set_skip(k)            # resume mid-epoch: the next iteration starts after the first k indices
 
 Algorithm (LLaVA's `get_modality_length_grouped_indices`, made deterministic, resumable and safe when only
 one modality is present -- LLaVA #715 crashed there):
@@ -21,9 +20,9 @@ order: batch j goes to rank j % world_size. So the world_size consecutive batche
 from the same sorted megabatch and have similar lengths on every rank. Each rank builds the same
 sampler (same seed, same epoch), so no communication is needed. On resume, Trainer/accelerate skip the
 first batches of the epoch themselves (`skip_first_batches`), which works because the order is a pure
-function of (seed, epoch); `set_skip` is for loaders that do not.
+function of (seed, epoch).
 
-`group_by_length=False` gives a plain seeded shuffle with the same epoch/skip behaviour.
+`group_by_length=False` gives a plain seeded shuffle with the same epoch behaviour.
 """
 from __future__ import annotations
 
@@ -90,32 +89,19 @@ class LengthGroupedSampler(Sampler[int]):
         self.seed = int(seed)
         self.group_by_length = group_by_length
         self.epoch = 0
-        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def set_skip(self, num_samples: int) -> None:
-        """Start the next iteration after the first `num_samples` indices of the current epoch."""
-        self.skip = max(0, int(num_samples))
-
     def indices(self, epoch: int | None = None) -> list[int]:
-        """The full order of `epoch` (default: the current one), before any skip."""
+        """The full order of `epoch` (default: the current one)."""
         seed = self.seed + (self.epoch if epoch is None else int(epoch))
         if not self.group_by_length:
             return _perm(len(self.modality_lengths), torch.Generator().manual_seed(seed))
         return length_grouped_indices(self.modality_lengths, self.megabatch_size, seed)
 
     def __iter__(self) -> Iterator[int]:
-        order = self.indices()
-        skip, self.skip = self.skip, 0  # a skip applies to one iteration only
-        return iter(order[skip:])
+        return iter(self.indices())
 
     def __len__(self) -> int:
-        return max(0, len(self.modality_lengths) - self.skip)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "seed": self.seed, "skip": self.skip}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.seed, self.skip = int(state["epoch"]), int(state["seed"]), int(state.get("skip", 0))
+        return len(self.modality_lengths)

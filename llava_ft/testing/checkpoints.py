@@ -1,4 +1,4 @@
-"""Test helper: an `iter_N.pth` with random (non-zero) trained weights, without running a training loop.
+"""An `iter_N.pth` with random (non-zero) trained weights, without running a training loop.
 
     pth = write_random_checkpoint(tmp / "run", {"model": {...}, "data": {...}}, seed=0)
 
