@@ -8,9 +8,9 @@ import sys
 import pexpect
 import pytest
 
-from llava_ft.demo.assets import draw_shape
+from llava_ft.testing.assets import draw_shape
 from llava_ft.inference import GenerationSettings, load_chat_model
-from llava_ft.inference.testing import write_random_checkpoint
+from llava_ft.testing.checkpoints import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")

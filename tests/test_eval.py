@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from llava_ft.demo.assets import draw_shape
+from llava_ft.testing.assets import draw_shape
 from llava_ft.errors import UserError
 from llava_ft.inference import GenerationSettings, load_chat_model
 from llava_ft.inference.evaluate import evaluate, extract_choice, load_qa, normalize
-from llava_ft.inference.testing import write_random_checkpoint
+from llava_ft.testing.checkpoints import write_random_checkpoint
 
 MAX_NEW = 6
 

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
-from llava_ft.demo.assets import draw_shape
+from llava_ft.testing.assets import draw_shape
 from llava_ft.errors import UserError
 from llava_ft.inference import GenerationSettings, detect_artifact, load_chat_model
-from llava_ft.inference.testing import write_random_checkpoint
+from llava_ft.testing.checkpoints import write_random_checkpoint
 
 GREEDY = GenerationSettings(max_new_tokens=12, temperature=0.0)
 Q = [{"role": "user", "content": "What shape is it?"}]

@@ -96,7 +96,7 @@ def test_quantized_loading_of_converted_weights(tiny_internlm2, quantization, la
 def test_full_run_exports_internlm2_layout(tiny_internlm2, tmp_path):
     from llava_ft.convert import pth_to_hf
     from llava_ft.inference import build_from_checkpoint
-    from llava_ft.inference.testing import write_random_checkpoint
+    from llava_ft.testing.checkpoints import write_random_checkpoint
 
     raw = {"model": {"llm": tiny_internlm2, "dtype": "fp32"},
            "data": {"template": "internlm2_chat", "sources": [{"path": "unused.json"}]}}

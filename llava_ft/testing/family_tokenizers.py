@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from llava_ft.demo.assets import demo_texts
+from llava_ft.testing.assets import demo_texts
 
 # The pre-tokenizer split patterns of the Llama-3 and Qwen2 tokenizer.json files (public configuration).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
