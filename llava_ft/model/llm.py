@@ -230,13 +230,7 @@ def load_causal_lm(source: str, *, dtype, attn_implementation: str = "auto", qua
     source = resolve_llm_source(source, what, verbose=verbose)
     check_remote_code(source, trust_remote_code, what)
     try:
-        try:
-            cls = model_class(source, trust_remote_code)
-        except (ValueError, ImportError, OSError):
-            raise
-        except Exception:  # an odd config: from_pretrained below reports it in its own words
-            cls = None
-        attn, why = choose_attention(attn_implementation, cls)
+        attn, why = choose_attention(attn_implementation, model_class(source, trust_remote_code))
         if describe is not None:
             describe(attn, why)
         kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
