@@ -239,7 +239,18 @@ def test_llava_workflow_on_internlm2(tiny_internlm2, tiny_clip, demo_data, tmp_p
 
     assert main(["chat", str(tmp_path / "fin"), "--image", image, "--prompt", "What colour is the shape?",
                  "--max-new-tokens", "4", "--temperature", "0", "--no-streamer"]) == 0
-    assert capsys.readouterr().out.strip()
+    answer = capsys.readouterr().out.splitlines()[-1]  # after the run's [llava_ft] loading lines
+    assert answer.strip()
+    xtuner = tmp_path / "xtuner"  # XTuner layout: projector/ + llm_adapter/ (+ tower adapter), LLM from the run
+    assert main(["convert", "pth_to_hf", fin, str(tmp_path / "fin" / "iter_2.pth"), str(xtuner)]) == 0
+    capsys.readouterr()
+    assert main(["chat", str(xtuner), "--image", image, "--prompt", "What colour is the shape?", "--bits", "4",
+                 "--max-new-tokens", "4", "--temperature", "0", "--no-streamer"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == answer
+    predictions = tmp_path / "predictions.jsonl"
+    assert main(["eval", str(tmp_path / "fin"), "--data", demo_data["eval"], "--image-folder",
+                 demo_data["image_folder"], "--max-new-tokens", "3", "--output", str(predictions)]) == 0
+    assert len(predictions.read_text().splitlines()) == 15
 
     out = tmp_path / "llava_hf"
     assert main(["convert", "pth_to_hf", fin, str(tmp_path / "fin" / "iter_2.pth"), str(out),
