@@ -154,7 +154,7 @@ def _remote_code_message(source: str, model_type, what: str) -> str:
 
 
 def _model_code_frame(err: BaseException) -> Optional[str]:
-    """The file of a model's own code (hub module cache or the model folder) where `err` was raised."""
+    """The file of a model's own code (transformers runs it from its module cache) where `err` was raised."""
     for frame in reversed(traceback.extract_tb(err.__traceback__)):
         name = frame.filename.replace(os.sep, "/")
         if "/transformers_modules/" in name:
@@ -178,7 +178,8 @@ def explain_load_error(err: BaseException, source: str, what: str = "model.llm",
                              "exist in this environment; that code was written for another transformers version "
                              "(use a revision made for this one, or a model transformers supports natively)")
     if isinstance(err, ImportError) and quantization is not None:
-        return UserError(f"loading '{source}' with quantization={quantization} needs a missing package: {first}")
+        how = f" with quantization={quantization}" if quantization != "none" else ""
+        return UserError(f"loading '{source}'{how} needs a missing package: {first}")
     if isinstance(err, OSError):
         return UserError(f"could not load model '{source}': {first} "
                          "(no such local folder, and not downloadable from the hub)")
