@@ -61,6 +61,13 @@ def test_internlm2_loads_as_llama_with_equal_logits(tiny_internlm2, tmp_path, mo
     assert cached.stat().st_mtime_ns == stamp
 
 
+def test_unwritable_cache_is_one_line(tiny_internlm2, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("LLAVA_FT_CACHE", str(tmp_path / "a_file" / "cache"))
+    with pytest.raises(UserError, match="set LLAVA_FT_CACHE to a writable folder"):
+        _load(tiny_internlm2)
+
+
 @pytest.mark.parametrize("variant", ["sharded_bias_dynamic_rope", "pytorch_bin"])
 def test_conversion_variants(tmp_path, monkeypatch, variant):
     from llava_ft.testing.internlm2 import build_tiny_internlm2
