@@ -154,7 +154,7 @@ def _remote_code_message(source: str, model_type, what: str) -> str:
 
 
 def _model_code_frame(err: BaseException) -> Optional[str]:
-    """The file of a model's own code (hub module cache or the model folder) where `err` was raised."""
+    """The file of a model's own code (transformers runs it from its module cache) where `err` was raised."""
     for frame in reversed(traceback.extract_tb(err.__traceback__)):
         name = frame.filename.replace(os.sep, "/")
         if "/transformers_modules/" in name:
@@ -178,7 +178,8 @@ def explain_load_error(err: BaseException, source: str, what: str = "model.llm",
                              "exist in this environment; that code was written for another transformers version "
                              "(use a revision made for this one, or a model transformers supports natively)")
     if isinstance(err, ImportError) and quantization is not None:
-        return UserError(f"loading '{source}' with quantization={quantization} needs a missing package: {first}")
+        how = f" with quantization={quantization}" if quantization != "none" else ""
+        return UserError(f"loading '{source}'{how} needs a missing package: {first}")
     if isinstance(err, OSError):
         return UserError(f"could not load model '{source}': {first} "
                          "(no such local folder, and not downloadable from the hub)")
@@ -231,13 +232,7 @@ def load_causal_lm(source: str, *, dtype, attn_implementation: str = "auto", qua
     source = resolve_llm_source(source, what, verbose=verbose)
     check_remote_code(source, trust_remote_code, what)
     try:
-        try:
-            cls = model_class(source, trust_remote_code)
-        except (ValueError, ImportError, OSError):
-            raise
-        except Exception:  # an odd config: from_pretrained below reports it in its own words
-            cls = None
-        attn, why = choose_attention(attn_implementation, cls)
+        attn, why = choose_attention(attn_implementation, model_class(source, trust_remote_code))
         if describe is not None:
             describe(attn, why)
         kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
