@@ -113,8 +113,15 @@ def _load_mmbench(p: Path) -> list:
 
 def evaluate(chat_model, items: list, settings, batch_size: int = 8) -> EvalReport:
     """Answer every item (left-padded batches) and score them."""
+    from llava_ft.inference.chat_model import ContextLengthError
+
     convs = [([{"role": "user", "content": it.question}], it.images) for it in items]
-    results = chat_model.generate_batch(convs, settings, batch_size=batch_size)
+    try:
+        results = chat_model.generate_batch(convs, settings, batch_size=batch_size)
+    except ContextLengthError as err:
+        item = items[getattr(err, "index", 0)]
+        raise UserError(f"question {item.id}: {err.summary}; shorten that question or remove it from --data"
+                        ) from None
     preds = []
     em = contains = choice_hits = n_choice = 0
     for it, res in zip(items, results):
