@@ -56,8 +56,10 @@ def _quiet_transformers() -> None:
 class Session:
     """One conversation: history, images waiting for the next message, and how to answer."""
 
-    def __init__(self, chat_model, settings, system, stream: bool, out=sys.stdout):
-        self.cm, self.settings, self.system, self.stream, self.out = chat_model, settings, system, stream, out
+    def __init__(self, chat_model, settings, system, stream: bool, out=None):
+        # sys.stdout looked up now, not when the module was imported (it may have been replaced since)
+        self.cm, self.settings, self.system, self.stream = chat_model, settings, system, stream
+        self.out = out if out is not None else sys.stdout
         self.cap_noted = False
         self.reset()
 
