@@ -143,10 +143,13 @@ class EvalChatCallback(TrainerCallback):
             return []
         from PIL import Image
 
+        from llava_ft.data.images import normalize_image
+
         path = images[index] if len(images) > 1 else images[0]
         try:
             with Image.open(path) as im:
-                pil = im.convert("RGB")
+                im.load()
+                pil = normalize_image(im)  # as training and chat see the image (EXIF, transparency, 16-bit)
         except OSError as err:
             raise UserError(f"evaluation.images: cannot open {path}: {err}") from None
         if self.cfg.data.pad_image_to_square:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from llava_ft.data.images import normalize_image
 from llava_ft.data.jsonio import iter_raw
 from llava_ft.errors import UserError
 
@@ -102,7 +103,10 @@ def _load_mmbench(p: Path) -> list:
         images = []
         if row.get("image"):
             try:
-                images = [Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")]
+                img = Image.open(io.BytesIO(base64.b64decode(row["image"])))
+                img.load()
+                # Converted like a training image (EXIF, transparency on white, 16-bit grey), not .convert("RGB")
+                images = [normalize_image(img)]
             except Exception as err:  # bad base64 or not an image
                 raise UserError(f"{p}:{lineno}: the image column is not a base64 image ({err})") from None
         items.append(QAItem(str(row.get("index", lineno)), question, row["answer"].strip(), images, choices))
