@@ -70,8 +70,8 @@ class Session:
         try:
             return self.cm.fit(messages, images, self.settings.max_new_tokens)
         except ContextLengthError as err:
-            raise UserError(f"{err.summary}; shorten the message, attach fewer images (--image, /image) or use a shorter "
-                            "--system (earlier turns are already dropped; /reset starts over)") from None
+            raise UserError(f"{err.summary}; shorten the message, attach fewer images (--image, /image) or use a "
+                            "shorter --system (earlier turns are already dropped; /reset starts over)") from None
 
     def reset(self) -> None:
         self.messages: list = [{"role": "system", "content": self.system}] if self.system else []

@@ -56,11 +56,17 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
     except (ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"adapter {adapter} does not fit base {base}: {str(err).splitlines()[0]}") from None
     merged = model.merge_and_unload()
+    meta = read_meta(adapter_dir)
+    if not is_clip and meta.get("template"):
+        from llava_ft.convert.turn_end import with_turn_end
+
+        # eos: the run template's end-of-turn tokens, so plain generate stops where llava_ft chat does
+        merged.generation_config = with_turn_end(merged.generation_config, extra, meta["template"],
+                                                 where=str(save_dir))
     tmp = _staging(save_dir)
     try:
         merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         extra.save_pretrained(str(tmp))
-        meta = read_meta(adapter_dir)
         if meta:
             write_meta(tmp, {**meta, "format": "hf_model", "merged_from": {"base": str(base), "adapter": str(adapter)}})
     except BaseException:
