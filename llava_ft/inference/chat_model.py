@@ -241,7 +241,8 @@ class ChatModel:
         return max(0, min(int(max_new_tokens), self.context_length - int(prompt_tokens)))
 
     # ---- generation ----------------------------------------------------------------------------
-    def _gen_kwargs(self, settings: GenerationSettings) -> dict:
+    def _eos_ids(self) -> list:
+        """The tokenizer's EOS plus the model's generation_config eos ids (exports list end-of-turn tokens)."""
         tok = self.tokenizer
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         gen_cfg = getattr(self.model, "generation_config", None)
@@ -249,6 +250,11 @@ class ChatModel:
         for e in ([model_eos] if isinstance(model_eos, int) else (model_eos or [])):
             if e not in eos:
                 eos.append(e)
+        return eos
+
+    def _gen_kwargs(self, settings: GenerationSettings) -> dict:
+        tok = self.tokenizer
+        eos = self._eos_ids()
         pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
         kw = dict(max_new_tokens=int(settings.max_new_tokens), eos_token_id=eos or None, pad_token_id=pad,
                   repetition_penalty=float(settings.repetition_penalty))
@@ -462,9 +468,10 @@ class ChatModel:
         return cut_at_stop(text, stops)[0]
 
     def _finish_reason(self, ids: list, text: str, stops, settings: GenerationSettings) -> str:
-        eos = self.tokenizer.eos_token_id
-        full = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if (ids and ids[-1] == eos) or cut_at_stop(full, stops)[1] or len(ids) < settings.max_new_tokens:
+        # Any eos id (an export's <|im_end|> too), and stop words in the raw text: a stop word that is a
+        # special token is missing from the shown text.
+        full = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if (ids and ids[-1] in self._eos_ids()) or cut_at_stop(full, stops)[1] or len(ids) < settings.max_new_tokens:
             return "stop"
         return "length"
 
