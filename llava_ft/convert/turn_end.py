@@ -55,24 +55,26 @@ def _as_list(value) -> list:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-def turn_end_ids(tokenizer, template, base_eos=None, where: str = "export") -> list:
+def turn_end_ids(tokenizer, template, base_eos=None, where: str = "convert") -> list:
     """eos ids for generation: `base_eos` (the base's), the tokenizer's EOS, the template's one-token end words."""
     ids = _as_list(base_eos)
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
+    name = getattr(template, "name", template)
     for word in turn_end_words(template):
         tid = single_token_id(tokenizer, word)
         if tid is None:
-            log.warning("%s: the template's end-of-turn word %r is several tokens in this tokenizer, so it cannot "
-                        "be listed in generation_config.json eos_token_id; plain transformers generate will not "
-                        "stop there (pass stop_strings=[%r] and tokenizer= to generate; llava_ft chat stops there "
-                        "by itself)", where, word, word)
+            n = len(tokenizer.encode(word, add_special_tokens=False))
+            log.warning("%s: template %s ends a turn with %r, which this tokenizer splits into %d tokens, so it "
+                        "cannot be an eos_token_id in generation_config.json and plain transformers generate will "
+                        "not stop there (pass stop_strings=[%r] and tokenizer= to generate; llava_ft chat and "
+                        "serve stop there by themselves)", where, name, word, n, word)
         else:
             ids.append(tid)
     return list(dict.fromkeys(ids))
 
 
-def with_turn_end(generation_config, tokenizer, template, where: str = "export"):
+def with_turn_end(generation_config, tokenizer, template, where: str = "convert"):
     """A copy of `generation_config` (a GenerationConfig, or None for a fresh one) whose eos_token_id lists the
     template's end-of-turn tokens (see module docstring); a single id stays an int."""
     from transformers import GenerationConfig
@@ -85,8 +87,3 @@ def with_turn_end(generation_config, tokenizer, template, where: str = "export")
         gen.pad_token_id = int(tokenizer.pad_token_id)
     return gen
 
-
-def save_turn_end_config(folder, generation_config, tokenizer, template, where: str = "export") -> None:
-    """Write generation_config.json with the end-of-turn eos list into `folder` (e.g. a PEFT adapter folder,
-    which PEFT saves without one)."""
-    with_turn_end(generation_config, tokenizer, template, where).save_pretrained(str(folder))
