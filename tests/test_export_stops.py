@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           LogitsProcessorList)
 
 from llava_ft.convert import merge_adapter, pth_to_hf
+from llava_ft.demo.assets import draw_shape
+from llava_ft.inference import load_chat_model
 from llava_ft.inference.testing import write_random_checkpoint
 from llava_ft.testing.variants import with_special_tokens
 
@@ -78,9 +81,6 @@ def test_llava_hf_and_xtuner_layout_stop_at_im_end(tmp_path, end_llm, tiny_clip)
     assert _eos_list(out) == [tok.eos_token_id, end_id]
     model = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
     _assert_stops(model, tok, "chatml")  # a text-only prompt
-    from llava_ft.demo.assets import draw_shape
-    import random
-
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
                                                                         {"type": "text", "text": "Colour?"}]}],
                                          add_generation_prompt=True)
@@ -89,6 +89,12 @@ def test_llava_hf_and_xtuner_layout_stop_at_im_end(tmp_path, end_llm, tiny_clip)
 
     xt = pth_to_hf(None, pth, tmp_path / "xt")
     assert _eos_list(Path(xt) / "llm_adapter") == [tok.eos_token_id, end_id]
+    # the XTuner layout's llm_adapter/ merged on its own: the template comes from the layout's llava_ft.json
+    merged = merge_adapter(end_llm, Path(xt) / "llm_adapter", tmp_path / "merged_llm")
+    assert _eos_list(merged) == [tok.eos_token_id, end_id]
+    _assert_stops(AutoModelForCausalLM.from_pretrained(merged).eval(), AutoTokenizer.from_pretrained(merged),
+                  "chatml")
+    assert load_chat_model(merged).template.name == "chatml"
 
 
 def test_text_adapter_merged_and_full_exports_stop_at_the_turn_end(tmp_path, end_llm):

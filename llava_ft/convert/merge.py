@@ -57,6 +57,8 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
         raise UserError(f"adapter {adapter} does not fit base {base}: {str(err).splitlines()[0]}") from None
     merged = model.merge_and_unload()
     meta = read_meta(adapter_dir)
+    if not meta and not is_clip and (adapter_dir.parent / "projector").is_dir():
+        meta = read_meta(adapter_dir.parent)  # llm_adapter/ of an XTuner layout: the run's meta sits beside it
     if not is_clip and meta.get("template"):
         from llava_ft.convert.turn_end import with_turn_end
 
