@@ -6,7 +6,9 @@
 The base is loaded unquantized in its saved dtype (or fp32 with `fp32=True`), so an adapter trained on a
 4-bit base merges into real weights. The tokenizer (LLM) or image processor (vision tower) is saved beside
 the weights: from the adapter folder when it holds one (e.g. `pth_to_hf` saved it), else from the base.
-`llava_ft.json` (prompt template, system) is carried over so `llava_ft chat OUT` prompts as in training.
+`llava_ft.json` (prompt template, system; for an XTuner `llm_adapter/`, the layout's) is carried over so
+`llava_ft chat OUT` prompts as in training, and the merged generation_config.json lists the template's
+end-of-turn tokens as eos (`convert/turn_end.py`).
 """
 from __future__ import annotations
 
