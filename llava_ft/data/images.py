@@ -1,6 +1,7 @@
 """Image loading for LLaVA data: any file mode -> RGB, pad-to-square, and a fast pre-training check.
 
     img = load_image(path, sample_id="42")            # PIL RGB; BadImageError (a UserError) names id + path
+    img = normalize_image(pil)                        # the same conversion for an image decoded elsewhere
     img = expand2square(img, ve.image_mean)           # pad with the processor's mean colour (LLaVA-1.5)
     problems = verify_images(dataset, num_threads=16) # [ImageProblem(sample_id, path, reason)], no full decode
 
@@ -64,13 +65,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def normalize_image(img: Image.Image) -> Image.Image:
+    """THE conversion of a decoded image to what the model sees: EXIF orientation applied, then `to_rgb`.
+
+    Training (`load_image`), chat and eval (`llava_ft.inference.images`) and serve (`serve.images`) all end
+    here, so one file gives the same pixels everywhere (the orientation first: compositing makes a new
+    image without the EXIF block)."""
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
 def load_image(path: str, sample_id="?") -> Image.Image:
     """Open, fully decode and convert to RGB; any failure is a BadImageError naming sample and path."""
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file must fail here, not later inside the processor
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return normalize_image(img)
     except FileNotFoundError:
         raise BadImageError(sample_id, path, "file not found (check data.sources.*.image_folder)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:

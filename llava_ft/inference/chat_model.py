@@ -17,6 +17,8 @@ never shown: streamed text is held back while it could still be the start of a s
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -26,6 +28,8 @@ import torch
 from llava_ft import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava_ft.errors import UserError
 from llava_ft.inference.stops import cut_at_stop, holdback
+
+log = logging.getLogger("llava_ft")
 
 
 @dataclass
@@ -47,6 +51,34 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (EOS or a stop word) | "length" (max_new_tokens reached)
+
+
+@dataclass
+class FittedConversation:
+    """What `ChatModel.fit` returns: the conversation trimmed to the context and the answer's token budget."""
+
+    messages: list
+    images: list
+    dropped_turns: int
+    prompt_tokens: int
+    max_new_tokens: int  # the requested max_new_tokens, capped at context - prompt
+
+
+class ContextLengthError(UserError):
+    """The prompt alone fills the model's context: no room is left for an answer.
+
+    Carries the numbers so each front end can say what to change in its own terms (serve answers 400
+    `context_length_exceeded`, chat names its flags)."""
+
+    def __init__(self, prompt_tokens: int, context_length: int, n_images: int = 0, image_tokens: int = 0,
+                 advice: str = "shorten the messages or send fewer images"):
+        self.prompt_tokens, self.context_length = int(prompt_tokens), int(context_length)
+        self.n_images, self.image_tokens = int(n_images), int(image_tokens)
+        images = (f", of which {n_images} image(s) take {n_images * image_tokens}" if n_images and image_tokens
+                  else "")
+        self.summary = (f"the prompt is {self.prompt_tokens} tokens{images}, and the model's context is "
+                        f"{self.context_length} tokens: no room is left for an answer")
+        super().__init__(f"{self.summary}; {advice}")
 
 
 @dataclass
@@ -153,34 +185,48 @@ class ChatModel:
         length = len(ids) + len(images) * max(self.num_image_tokens - 1, 0)
         return _Prompt(ids, pixel_values, length)
 
-    def fit_history(self, messages: list, images: Sequence = (), max_new_tokens: int = 0):
-        """Drop the oldest user/assistant turns (and their images) until prompt + answer fit the context.
+    def fit(self, messages: list, images: Sequence = (), max_new_tokens: int = 0) -> FittedConversation:
+        """Drop the oldest user/assistant turns (and their images) until the prompt leaves room for the answer.
 
-        Returns (messages, images, n_dropped_turns). The system message and the last user turn are kept;
-        when even that does not fit, UserError says how long it is.
+        The room kept for the answer is `max_new_tokens`, but at most half the context: a max_new_tokens as
+        large as the context (512 on a 512-token model) must not wipe the history (and its image) at every
+        turn. The answer is then capped at context - prompt (`.max_new_tokens`). The system message and the
+        last user turn are always kept; when they alone fill the context, ContextLengthError.
         """
         images = list(images or ())
         msgs = [dict(m) for m in messages]
+        room = max(1, min(int(max_new_tokens), self.context_length // 2))
         dropped = 0
         while True:
             prompt = self.encode(msgs, images)
-            if prompt.length + max_new_tokens <= self.context_length:
-                return msgs, images, dropped
+            if prompt.length + room <= self.context_length:
+                break
             first = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
             nxt = next((i for i, m in enumerate(msgs) if i > (first or 0) and m["role"] == "user"), None)
             if first is None or nxt is None:
-                raise UserError(f"the prompt is {prompt.length} tokens and the answer may take {max_new_tokens}, "
-                                f"more than the model's context of {self.context_length}; shorten the message "
-                                "or lower max_new_tokens")
+                self._check_fits(prompt)
+                break  # the last turn alone fits, with less room than asked: the answer is capped
             gone = msgs[first:nxt]
             # Images belong to markers in order; drop the ones the removed turns carried.
             n_img = _images_in(gone, msgs, images)
             images = images[n_img:]
             del msgs[first:nxt]
             dropped += 1
+        return FittedConversation(msgs, images, dropped, prompt.length,
+                                  self.answer_budget(prompt.length, max_new_tokens))
+
+    def fit_history(self, messages: list, images: Sequence = (), max_new_tokens: int = 0):
+        """`fit` as a tuple (messages, images, n_dropped_turns)."""
+        fitted = self.fit(messages, images, max_new_tokens)
+        return fitted.messages, fitted.images, fitted.dropped_turns
+
+    def answer_budget(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Tokens an answer may take: `max_new_tokens`, capped at what the context leaves after the prompt."""
+        return max(0, min(int(max_new_tokens), self.context_length - int(prompt_tokens)))
 
     # ---- generation ----------------------------------------------------------------------------
-    def _gen_kwargs(self, settings: GenerationSettings) -> dict:
+    def _eos_ids(self) -> list:
+        """The tokenizer's EOS plus the model's generation_config eos ids (exports list end-of-turn tokens)."""
         tok = self.tokenizer
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         gen_cfg = getattr(self.model, "generation_config", None)
@@ -188,6 +234,11 @@ class ChatModel:
         for e in ([model_eos] if isinstance(model_eos, int) else (model_eos or [])):
             if e not in eos:
                 eos.append(e)
+        return eos
+
+    def _gen_kwargs(self, settings: GenerationSettings) -> dict:
+        tok = self.tokenizer
+        eos = self._eos_ids()
         pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
         kw = dict(max_new_tokens=int(settings.max_new_tokens), eos_token_id=eos or None, pad_token_id=pad,
                   repetition_penalty=float(settings.repetition_penalty))
@@ -229,27 +280,45 @@ class ChatModel:
     def _generate(self, inputs: dict, **kw) -> torch.Tensor:
         """New tokens only, [batch, new_len], for either backend."""
         if self.hf_llava:
+            extra = {}
             pv = inputs.get("pixel_values")
             if pv is not None:
-                pv = pv.to(self.model.dtype)
+                extra["pixel_values"] = pv.to(self.model.dtype)
+            # No pixel_values key at all for a text-only prompt: transformers >= 5.24 runs the vision tower
+            # on any `pixel_values` key passed to generate, None included, and crashes on it.
             out = self.model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                      pixel_values=pv, **kw)
+                                      **extra, **kw)
             return out[:, inputs["input_ids"].shape[1]:]
         return self.model.generate(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"), **kw)
 
-    def _check_fits(self, prompt: _Prompt, settings: GenerationSettings) -> None:
+    def _check_fits(self, prompt: _Prompt, settings: Optional[GenerationSettings] = None) -> None:
         if prompt.length >= self.context_length:
-            raise UserError(f"the prompt is {prompt.length} tokens, more than the model's context of "
-                            f"{self.context_length}; drop earlier turns (chat does this itself) or shorten it")
+            n_images = sum(1 for t in prompt.ids if t == IMAGE_TOKEN_INDEX)
+            raise ContextLengthError(prompt.length, self.context_length, n_images, self.num_image_tokens)
+
+    def _fit_settings(self, prompt: _Prompt, settings: GenerationSettings) -> GenerationSettings:
+        """`settings` with max_new_tokens capped at context - prompt (ContextLengthError when nothing is left).
+
+        Generating past the context would run positions the model never saw (or fail), so a too-large
+        max_new_tokens is capped, not refused; the answer then ends with finish_reason "length"."""
+        self._check_fits(prompt)
+        budget = self.answer_budget(prompt.length, settings.max_new_tokens)
+        if budget >= settings.max_new_tokens:
+            return settings
+        if not getattr(self, "_cap_logged", False):
+            self._cap_logged = True  # said once per model: a server would otherwise log it per request
+            log.warning("max_new_tokens %d does not fit beside a %d-token prompt in the model's %d-token context; "
+                        "answers are capped at context - prompt (%d here). This is said once.",
+                        settings.max_new_tokens, prompt.length, self.context_length, budget)
+        return dataclasses.replace(settings, max_new_tokens=budget)
 
     def stream_chat(self, messages: list, images: Sequence = (),
                     settings: Optional[GenerationSettings] = None) -> ChatStream:
         """Generate an answer; iterate for text deltas as tokens arrive. `.result` is set at the end."""
         from transformers import TextIteratorStreamer
 
-        settings = settings or GenerationSettings()
         prompt = self.encode(messages, images)
-        self._check_fits(prompt, settings)
+        settings = self._fit_settings(prompt, settings or GenerationSettings())
         inputs = self._to_model_inputs([prompt])
         stops = self.stop_words + tuple(settings.stop or ())
 
@@ -316,21 +385,33 @@ class ChatModel:
         stops = self.stop_words + tuple(settings.stop or ())
         results: list = []
         prompts = [self.encode(m, im) for m, im in conversations]
-        for p in prompts:
-            self._check_fits(p, settings)
-        kw = self._gen_kwargs(settings)
-        for start in range(0, len(prompts), max(1, batch_size)):
+        # Each row's own max_new_tokens, capped at what the context leaves after its prompt.
+        row_settings = []
+        for i, p in enumerate(prompts):
+            try:
+                row_settings.append(self._fit_settings(p, settings))
+            except ContextLengthError as err:
+                if len(prompts) > 1:
+                    err.args = (f"conversation {i}: {err}",)
+                err.index = i
+                raise
+        batch_size = max(1, batch_size)
+        for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
+            budgets = row_settings[start:start + batch_size]
+            kw = self._gen_kwargs(dataclasses.replace(settings, max_new_tokens=max(
+                b.max_new_tokens for b in budgets)))
             inputs = self._to_model_inputs(chunk)
             with self._lock:
                 if settings.seed is not None:
                     torch.manual_seed(int(settings.seed))
                 new = self._generate(inputs, **kw)
-            for p, row in zip(chunk, new.tolist()):
-                row = _strip_after_eos(row, kw["eos_token_id"] or [], kw["pad_token_id"])
+            for p, row, row_set in zip(chunk, new.tolist(), budgets):
+                # A row with a smaller budget than the batch's longest ran on (discarded here).
+                row = _strip_after_eos(row, kw["eos_token_id"] or [], kw["pad_token_id"])[:row_set.max_new_tokens]
                 text = self._decode_answer(row, stops)
                 results.append(ChatResult(text, p.length, len(row),
-                                          self._finish_reason(row, text, stops, settings)))
+                                          self._finish_reason(row, text, stops, row_set)))
         return results
 
     def stream_batch(self, requests: Sequence) -> list:
@@ -342,9 +423,7 @@ class ChatModel:
         if len({batch_key(r.settings) for r in requests}) != 1 or batch_key(requests[0].settings) is None:
             raise ValueError("stream_batch needs requests with the same sampling settings and no seed")
         prompts = [self.encode(r.messages, r.images) for r in requests]
-        for p, r in zip(prompts, requests):
-            self._check_fits(p, r.settings)
-        max_new = [int(r.settings.max_new_tokens) for r in requests]
+        max_new = [int(self._fit_settings(p, r.settings).max_new_tokens) for p, r in zip(prompts, requests)]
         kw = self._gen_kwargs(requests[0].settings)
         kw.pop("stop_strings", None)  # per row, in the streamer: rows have different stop words
         kw.pop("tokenizer", None)
@@ -373,9 +452,10 @@ class ChatModel:
         return cut_at_stop(text, stops)[0]
 
     def _finish_reason(self, ids: list, text: str, stops, settings: GenerationSettings) -> str:
-        eos = self.tokenizer.eos_token_id
-        full = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if (ids and ids[-1] == eos) or cut_at_stop(full, stops)[1] or len(ids) < settings.max_new_tokens:
+        # Any eos id (an export's <|im_end|> too), and stop words in the raw text: a stop word that is a
+        # special token is missing from the shown text.
+        full = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if (ids and ids[-1] in self._eos_ids()) or cut_at_stop(full, stops)[1] or len(ids) < settings.max_new_tokens:
             return "stop"
         return "length"
 
