@@ -110,7 +110,8 @@ class LlavaDataset(Dataset):
                 self._known_bad.add(candidate)
                 with self._bad.get_lock():
                     self._bad.value += 1
-                log.warning("skipping bad image (%d so far): %s; using sample %d instead of %d",
-                            self._bad.value, err, (candidate + 1) % n, index)
+                # The reason only: the error's own advice (set skip_bad_samples) is what the user already did.
+                log.warning("skipping bad image (%d so far): sample %s: image %s: %s; using sample %d instead of %d",
+                            self._bad.value, err.sample_id, err.path, err.reason, (candidate + 1) % n, index)
         raise UserError(f"{MAX_REPLACEMENTS} consecutive samples from index {index} have unreadable images; "
                         "check data.sources.*.image_folder and run `llava_ft data check`")
