@@ -30,6 +30,7 @@ _CHUNK = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 # What `surrogateescape` turns an undecodable byte 0x80..0xff into.
 _ESCAPED = re.compile("[\udc80-\udcff]")
+_JSON_WS = re.compile(r"[ \t\n\r]*")  # the whitespace JSON allows between values
 
 
 @dataclass
@@ -141,62 +142,68 @@ def iter_raw(path: str | os.PathLike, on_error: Optional[Callable[[JsonProblem],
 
 
 def _iter_json_list(path: Path, fail: Callable[..., None]) -> Iterator[RawRecord]:
-    """Incremental parse of `[item, item, ...]` with json.JSONDecoder.raw_decode over a sliding buffer."""
+    """Incremental parse of `[item, item, ...]` with json.JSONDecoder.raw_decode over a sliding buffer.
+
+    The buffer is read through a position (`raw_decode(buf, pos)`) and compacted only when a chunk is
+    added, so each record costs its own size, not a copy of the whole buffer.
+    """
     decoder = json.JSONDecoder()
     # newline="": keep '\r\n' as two characters so character counts map back to byte offsets.
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         buf = ""
-        line = 1  # line number of buf[0]
+        pos = 0  # next character to parse
+        line = 1  # line number of buf[pos]
         consumed = 0  # characters of the file before buf[0]
         eof = False
 
         def more() -> bool:
-            nonlocal buf, eof
+            nonlocal buf, pos, consumed, eof
             if eof:
                 return False
             chunk = f.read(_CHUNK)
             if not chunk:
                 eof = True
                 return False
-            buf += chunk
+            consumed += pos
+            buf = buf[pos:] + chunk
+            pos = 0
             return True
 
-        def drop(n: int) -> None:
-            nonlocal buf, line, consumed
-            line += buf.count("\n", 0, n)
-            consumed += n
-            buf = buf[n:]
+        def advance(to: int) -> None:
+            nonlocal pos, line
+            line += buf.count("\n", pos, to)
+            pos = to
 
         def skip_ws() -> None:
             while True:
-                drop(len(buf) - len(buf.lstrip()))
-                if buf or not more():
+                advance(_JSON_WS.match(buf, pos).end())
+                if pos < len(buf) or not more():
                     return
 
         def bad_bytes(upto: int) -> bool:
-            """Report the first undecodable byte in buf[:upto]; True if there was one."""
-            found = _ESCAPED.search(buf, 0, upto)
+            """Report the first undecodable byte in buf[pos:upto]; True if there was one."""
+            found = _ESCAPED.search(buf, pos, upto)
             if found is None:
                 return False
             byte, offset = _char_to_byte(path, consumed + found.start())
-            fail(line + buf.count("\n", 0, found.start()), _utf8_message(byte, offset), "not_utf8")
+            fail(line + buf.count("\n", pos, found.start()), _utf8_message(byte, offset), "not_utf8")
             return True
 
         skip_ws()
-        if not buf.startswith("["):
-            if not bad_bytes(1):
+        if not buf.startswith("[", pos):
+            if not bad_bytes(pos + 1):
                 fail(line, "expected '[' at the start of a JSON list")
             return
-        drop(1)
+        advance(pos + 1)
         skip_ws()
-        if buf.startswith("]"):
+        if buf.startswith("]", pos):
             return
         index = 0
         while True:
             skip_ws()
             while True:
                 try:
-                    value, end = decoder.raw_decode(buf)
+                    value, end = decoder.raw_decode(buf, pos)
                     # a number or literal cut at the buffer's end would decode short: make sure it ended
                     if end == len(buf) and more():
                         continue
@@ -205,22 +212,22 @@ def _iter_json_list(path: Path, fail: Callable[..., None]) -> Iterator[RawRecord
                     if more():
                         continue
                     if not bad_bytes(err.pos + 1):
-                        fail(line + buf.count("\n", 0, err.pos), err.msg)
+                        fail(line + buf.count("\n", pos, err.pos), err.msg)
                     return
             # A record with a non-UTF-8 byte is reported (skipped when on_error is given); reading goes on.
             if not bad_bytes(end):
                 yield RawRecord(index, line, value)
                 index += 1
-            drop(end)
+            advance(end)
             skip_ws()
-            if buf.startswith(","):
-                drop(1)
+            if buf.startswith(",", pos):
+                advance(pos + 1)
                 continue
-            if buf.startswith("]"):
-                drop(1)
+            if buf.startswith("]", pos):
+                advance(pos + 1)
                 skip_ws()
-                if buf:
+                if pos < len(buf):
                     fail(line, "extra data after the closing ']'")
                 return
-            fail(line, "expected ',' or ']' after a list item" if buf else "the list is not closed with ']'")
+            fail(line, "expected ',' or ']' after a list item" if pos < len(buf) else "the list is not closed with ']'")
             return

@@ -46,10 +46,16 @@ def _source(src) -> DataSource:
     return src if isinstance(src, DataSource) else DataSource(**src)
 
 
+def folder_prefix(folder: str) -> str:
+    """`folder` as an absolute path ending in the separator, for `outside_folder`."""
+    return os.path.join(os.path.abspath(folder), "")
+
+
 def outside_folder(path: str, folder: str) -> bool:
-    """True when `path` (already joined with `folder`) does not lie inside `folder`."""
-    folder = os.path.abspath(folder)
-    return os.path.commonpath([os.path.abspath(path), folder]) != folder
+    """True when `path` (absolute, as the readers resolve image paths) does not lie inside `folder`.
+
+    A plain prefix test against `folder_prefix(folder)`: it runs once per image of the data set."""
+    return not os.path.abspath(path).startswith(folder_prefix(folder))
 
 
 def check_sources(data_cfg: DataConfig) -> None:
@@ -83,15 +89,16 @@ def read_sources(data_cfg: DataConfig, check_images: bool = False, num_threads: 
     image_rows: list = []
     for src in map(_source, data_cfg.sources):
         records: list = []
+        prefix = folder_prefix(src.image_folder) if src.image_folder is not None else None
         for rec in iter_records(src, on_problem=problems.add):
             mismatch = _marker_problem(rec, src.path) if "messages" in rec else None
             if mismatch:
                 problems.add(REASON_MISMATCH, mismatch)
                 continue
             images = rec.get("images") or []
-            if src.image_folder is not None:
+            if prefix is not None:
                 for image in images:
-                    if outside_folder(image, src.image_folder):
+                    if not image.startswith(prefix):  # images are absolute and normalised (formats._images)
                         out.outside_image_folder += 1
                         out.outside_example = out.outside_example or f"sample {rec['id']}: {image}"
             if images and check_images and not data_cfg.skip_bad_samples:

@@ -10,8 +10,8 @@ the data is read and checked (llava_ft.data.read: missing files or image folders
 records and, for LLaVA, unreadable images are reported before any model loads), the config is saved, the
 model loads, the dataset is encoded and its counts printed (training refuses to start on an empty
 dataset) and only then does training start. The run ends with one line totalling the bad samples
-skipped or dropped, images found unreadable during training included. `command` ('train' | 'pretrain' | 'finetune') adds the phase checks
-of `llava_ft pretrain` / `llava_ft finetune`.
+skipped or dropped, images found unreadable during training included. `command` ('train' | 'pretrain' |
+'finetune') adds the phase checks of `llava_ft pretrain` / `llava_ft finetune`.
 """
 from __future__ import annotations
 
