@@ -47,3 +47,22 @@ def test_bad_byte_in_first_chunk_and_in_a_json_named_jsonl(tmp_path):
     seen = []
     recs = list(iter_records(DataSource(path=str(p)), on_problem=lambda reason, msg: seen.append((reason, msg))))
     assert len(recs) == 1 and seen[0][0] == "not_utf8" and seen[0][1].startswith(f"{p}:1: byte 0xe9")
+
+
+def test_other_files_read_at_once_name_the_bad_byte_too(tmp_path):
+    """Same class of defect: a YAML config, an eval JSONL and an MMBench .tsv with a latin-1 byte."""
+    from llava_ft.config import load_config
+    from llava_ft.inference.evaluate import load_qa
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_bytes(b"\xef\xbb\xbfmodel:\n  llm: x\ndata:\n  system: caf\xe9\n")
+    with pytest.raises(UserError, match=r"cfg.yaml:4: byte 0xe9 at byte offset 38 is not UTF-8"):
+        load_config(str(cfg))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_bytes(b'{"question": "q", "answer": "a"}\n{"question": "caf\xe9", "answer": "a"}\n')
+    with pytest.raises(UserError, match=rf"qa.jsonl:2: byte 0xe9 at byte offset {qa.read_bytes().index(233)} "):
+        load_qa(qa)
+    tsv = tmp_path / "mmb.tsv"
+    tsv.write_bytes(b"index\tquestion\tA\tB\tanswer\n0\tcaf\xe9?\tx\ty\tA\n")
+    with pytest.raises(UserError, match=rf"mmb.tsv:2: byte 0xe9 at byte offset {tsv.read_bytes().index(233)} "):
+        load_qa(tsv)

@@ -58,6 +58,18 @@ def _utf8_message(byte: int, offset: int) -> str:
             "(e.g. `iconv -f latin1 -t utf-8 IN > OUT`) or delete that line")
 
 
+def decode_utf8(data: bytes, path) -> str:
+    """A whole file's bytes as text (a UTF-8 BOM dropped); a non-UTF-8 byte is a UserError naming file,
+    line and byte offset (for files read at once: YAML configs, MMBench .tsv)."""
+    start = len(_BOM) if data.startswith(_BOM) else 0
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = start + err.start
+        line = data.count(b"\n", 0, at) + 1
+        raise UserError(f"{path}:{line}: {_utf8_message(data[at], at)}") from None
+
+
 def _char_to_byte(path: Path, chars: int) -> tuple[int, int]:
     """(byte value, file offset) of character number `chars` of a file read with utf-8-sig/surrogateescape.
 
