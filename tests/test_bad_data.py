@@ -125,3 +125,14 @@ def test_missing_file_and_missing_image_folder(tmp_path):
     path.write_text(json.dumps({"conversations": conv("hi", "ho")}) + "\n")
     with pytest.raises(UserError, match=r"data.sources\[0\].image_folder '.*no_imgs' is not a folder"):
         read_sources(data_cfg(tmp_path, str(path), src={"image_folder": str(tmp_path / "no_imgs")}))
+
+
+def test_a_json_list_cut_by_a_syntax_error_is_never_skipped(tmp_path, tok):
+    good = json.dumps({"conversations": conv("hi", "ho")})
+    path = tmp_path / "list.json"
+    path.write_text(f"[{good},\n{good},\n{{oops}},\n{good}]")
+    with pytest.raises(UserError) as err:
+        read_sources(data_cfg(tmp_path, str(path), skip_bad_samples=True))
+    msg = str(err.value)
+    assert f"{path}:3: not valid JSON" in msg and "nothing after it in this JSON list can be read" in msg
+    assert "skip_bad_samples=true" not in msg  # the flag is on; it cannot help here

@@ -38,6 +38,7 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
     from peft import PeftModel
 
     from llava_ft.convert.pth_to_hf import _publish, _staging
+    from llava_ft.model.llm import peft_quiet
 
     adapter_dir = Path(adapter)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -52,7 +53,8 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
     else:
         model, extra = _load_llm(str(base), adapter_dir, kwargs)
     try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with peft_quiet():
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"adapter {adapter} does not fit base {base}: {str(err).splitlines()[0]}") from None
     merged = model.merge_and_unload()

@@ -17,7 +17,8 @@ or {"id", "text"}. Errors name the file and line (or record index) and say what 
 
 With `on_problem`, a record that cannot be read (invalid JSON or UTF-8, not an object, a bad role, a
 missing key, wrong types) is reported as (reason, message) and skipped instead of raising; problems with
-the file itself (missing, unsupported type) still raise.
+the file itself (missing, unsupported type) still raise. A syntax error inside a JSON list is reported with
+reason LIST_CUT: nothing after it can be read, so callers must not treat it as skippable.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ from llava_ft.errors import UserError
 
 FORMATS = tuple(f for f in DATA_FORMATS if f != "auto")
 OnProblem = Callable[[str, str], None]  # (reason, message naming file and line)
+# Reason of a JSON-list syntax error: the rest of that file is unreadable, so no flag may skip it.
+LIST_CUT = "json_list_cut"
 
 
 class RecordError(UserError):
@@ -81,7 +84,7 @@ def iter_raw(path: str, on_problem: Optional[OnProblem] = None) -> Iterator[tupl
             if single is not None:
                 yield f"{path}:1", single
                 return
-        on_error = None if on_problem is None else (lambda p: on_problem(p.kind, p.describe(path)))
+        on_error = None if on_problem is None else (lambda p: on_problem(LIST_CUT if p.stops else p.kind, p.describe(path)))
         # Streamed with line numbers by the shared reader (memory does not grow with the file).
         for rec in iter_json(path, container=container, on_error=on_error):
             if not isinstance(rec.value, dict):

@@ -45,12 +45,14 @@ class JsonProblem:
     line: int
     message: str
     kind: str = "invalid_json"  # or "not_utf8"
+    stops: bool = False  # a JSON list cannot be read past this point: the records after it are lost
 
     def describe(self, path) -> str:
         """The one-line message naming file and line (what iter_raw raises without `on_error`)."""
+        lost = "; nothing after it in this JSON list can be read" if self.stops else ""
         if self.kind == "not_utf8":
-            return f"{path}:{self.line}: {self.message}"
-        return f"{path}:{self.line}: not valid JSON ({self.message}); fix or delete that line and rerun"
+            return f"{path}:{self.line}: {self.message}{lost}"
+        return f"{path}:{self.line}: not valid JSON ({self.message}){lost}; fix or delete that line and rerun"
 
 
 def _utf8_message(byte: int, offset: int) -> str:
@@ -121,8 +123,8 @@ def iter_raw(path: str | os.PathLike, on_error: Optional[Callable[[JsonProblem],
     path = Path(path)
     container = container or detect_container(path)
 
-    def fail(line: int, message: str, kind: str = "invalid_json") -> None:
-        problem = JsonProblem(line, message, kind)
+    def fail(line: int, message: str, kind: str = "invalid_json", stops: bool = False) -> None:
+        problem = JsonProblem(line, message, kind, stops)
         if on_error is None:
             raise UserError(problem.describe(path))
         on_error(problem)
@@ -192,19 +194,19 @@ def _iter_json_list(path: Path, fail: Callable[..., None]) -> Iterator[RawRecord
                 if pos < len(buf) or not more():
                     return
 
-        def bad_bytes(upto: int) -> bool:
+        def bad_bytes(upto: int, stops: bool = True) -> bool:
             """Report the first undecodable byte in buf[pos:upto]; True if there was one."""
             found = _ESCAPED.search(buf, pos, upto)
             if found is None:
                 return False
             byte, offset = _char_to_byte(path, consumed + found.start())
-            fail(line + buf.count("\n", pos, found.start()), _utf8_message(byte, offset), "not_utf8")
+            fail(line + buf.count("\n", pos, found.start()), _utf8_message(byte, offset), "not_utf8", stops)
             return True
 
         skip_ws()
         if not buf.startswith("[", pos):
             if not bad_bytes(pos + 1):
-                fail(line, "expected '[' at the start of a JSON list")
+                fail(line, "expected '[' at the start of a JSON list", stops=True)
             return
         advance(pos + 1)
         skip_ws()
@@ -224,10 +226,10 @@ def _iter_json_list(path: Path, fail: Callable[..., None]) -> Iterator[RawRecord
                     if more():
                         continue
                     if not bad_bytes(err.pos + 1):
-                        fail(line + buf.count("\n", pos, err.pos), err.msg)
+                        fail(line + buf.count("\n", pos, err.pos), err.msg, stops=True)
                     return
             # A record with a non-UTF-8 byte is reported (skipped when on_error is given); reading goes on.
-            if not bad_bytes(end):
+            if not bad_bytes(end, stops=False):
                 yield RawRecord(index, line, value)
                 index += 1
             advance(end)
@@ -241,5 +243,6 @@ def _iter_json_list(path: Path, fail: Callable[..., None]) -> Iterator[RawRecord
                 if pos < len(buf):
                     fail(line, "extra data after the closing ']'")
                 return
-            fail(line, "expected ',' or ']' after a list item" if pos < len(buf) else "the list is not closed with ']'")
+            fail(line, "expected ',' or ']' after a list item" if pos < len(buf) else "the list is not closed with ']'",
+                 stops=True)
             return

@@ -9,10 +9,11 @@
 Images are opened in `__getitem__`, i.e. inside DataLoader worker processes, never all up front. Each
 sample must have exactly one image per IMAGE_TOKEN_INDEX in its input_ids (else UserError naming the
 sample id). A truncated or corrupt image met during training:
-  * skip_bad_samples=true: logged with sample id and path, counted, and the sample replaced by the next
-    sample (in index order) whose images all load -- the run goes on;
-  * skip_bad_samples=false: BadImageError naming sample id and path. `images.verify_images` (which the
-    engine runs before training in that mode) normally finds such files before step 1.
+  * skip_bad_samples=true: logged with sample id, path and reason (not the error's advice to set the
+    flag), counted (the engine's end-of-run summary includes `num_bad_images`), and the sample replaced by
+    the next sample (in index order) whose images all load -- the run goes on;
+  * skip_bad_samples=false: BadImageError naming sample id and path. `images.verify_images` (which
+    llava_ft.data.read runs before the model loads in that mode) normally finds such files first.
 """
 from __future__ import annotations
 

@@ -41,9 +41,10 @@ def format_counts(counts: dict) -> str:
 class DataProblems:
     """Collects (reason, message) pairs; see the module docstring."""
 
-    def __init__(self, skip: bool, cap: int = LIST_CAP):
+    def __init__(self, skip: bool, cap: int = LIST_CAP, fatal_reasons: frozenset = frozenset()):
         self.skip = skip
         self.cap = cap
+        self.fatal_reasons = fatal_reasons  # reported even when skipping (e.g. a JSON list cut short)
         self.counts: Counter = Counter()
         self.messages: list[str] = []
 
@@ -59,9 +60,12 @@ class DataProblems:
         return sum(self.counts.values())
 
     def finish(self, what: str = "bad record(s) in the training data") -> None:
-        """Raise one UserError naming every problem (up to the cap) unless problems are being skipped."""
-        if self.skip or not self.total:
+        """Raise one UserError naming every problem (up to the cap) unless problems are being skipped
+        (and none of them is of a fatal reason)."""
+        fatal = any(reason in self.fatal_reasons for reason in self.counts)
+        if not self.total or (self.skip and not fatal):
             return
         header = f"{self.total} {what} ({format_counts(self.counts)})"
-        raise UserError(format_listing(self.messages, header, self.total, self.cap)
-                        + f"\nFix or delete them, {SKIP_HINT}")
+        advice = (f"Fix or delete them, {SKIP_HINT}" if not self.skip else
+                  "A JSON list cannot be read past a syntax error, so it cannot be skipped: fix that position")
+        raise UserError(format_listing(self.messages, header, self.total, self.cap) + "\n" + advice)

@@ -11,7 +11,8 @@ data or bad records are reported in seconds, not after the model has loaded. Wit
 `data.skip_bad_samples` every problem of the pass is listed in one UserError (llava_ft.data.problems):
 invalid JSON or UTF-8, records the parser rejects (bad role, missing `conversations`, ...), `<image>`
 markers that do not match the record's images, and (LLaVA runs) unreadable image files. With the flag
-those records are skipped and counted; unreadable images are then found and skipped during training
+those records are skipped and counted (except a syntax error inside a JSON list, after which the rest of
+the file cannot be read: that stays an error, so a run never silently trains on part of a file); unreadable images are then found and skipped during training
 (llava_ft.data.llava_dataset), as checking every image up front is what the flag lets a user avoid.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Optional
 
 from llava_ft import IMAGE_TOKEN
 from llava_ft.config import DataConfig, DataSource
-from llava_ft.data.formats import iter_records, source_files
+from llava_ft.data.formats import LIST_CUT, iter_records, source_files
 from llava_ft.data.problems import DataProblems
 from llava_ft.errors import UserError
 
@@ -84,7 +85,7 @@ def _marker_problem(record: dict, path: str) -> Optional[str]:
 def read_sources(data_cfg: DataConfig, check_images: bool = False, num_threads: int = 16) -> SourceData:
     """Read and check every source of `data_cfg` (module docstring); raises UserError listing all problems."""
     check_sources(data_cfg)
-    problems = DataProblems(skip=data_cfg.skip_bad_samples)
+    problems = DataProblems(skip=data_cfg.skip_bad_samples, fatal_reasons=frozenset({LIST_CUT}))
     out = SourceData()
     image_rows: list = []
     for src in map(_source, data_cfg.sources):

@@ -11,6 +11,7 @@ raises `UserError` with one sentence instead of a stack trace.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any, Optional
@@ -179,14 +180,21 @@ def apply_lora(module: torch.nn.Module, lora_settings: Any, exclude: tuple = ("l
         raise UserError(f"LoRA target_modules {targets}: {str(err).splitlines()[0]}") from None
 
 
-def peft_wrap(module: torch.nn.Module, config):
-    """`peft.get_peft_model`, without the FutureWarning peft 0.21's PeftModel.__init__ triggers by reading
-    `is_gradient_checkpointing` (deprecated in transformers 5): not a call of ours to rename, so only that
-    one warning is silenced, here, for the LLM and the vision tower alike."""
-    from peft import get_peft_model
-
+@contextlib.contextmanager
+def peft_quiet():
+    """Around `get_peft_model` / `PeftModel.from_pretrained`: peft 0.21's PeftModel.__init__ reads
+    `is_gradient_checkpointing`, deprecated in transformers 5 (FutureWarning). Not a call of ours to rename,
+    so only that one warning is silenced, only inside the block."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def peft_wrap(module: torch.nn.Module, config):
+    """`peft.get_peft_model` inside `peft_quiet()` (the LLM and the vision tower alike)."""
+    from peft import get_peft_model
+
+    with peft_quiet():
         return get_peft_model(module, config)
 
 
