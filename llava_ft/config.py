@@ -402,9 +402,11 @@ def resolve_config_path(path_or_name: str) -> Path:
 
 def load_config(path_or_name: str, overrides: Optional[list] = None) -> Config:
     """Load a YAML recipe (file path or built-in name), apply overrides, validate."""
+    from llava_ft.data.jsonio import decode_utf8
+
     path = resolve_config_path(path_or_name)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(decode_utf8(path.read_bytes(), path)) or {}  # not the locale's encoding
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {err}") from None
     for override in overrides or []:

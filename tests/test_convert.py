@@ -88,6 +88,8 @@ def test_text_lora_adapter_loads_alone_and_merges(tmp_path, tiny_llama):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from llava_ft.model.llm import peft_quiet
+
     pth = write_random_checkpoint(tmp_path / "run", _raw(tiny_llama, template="qwen_chat",
                                                          llm_lora={"enabled": True, "r": 8, "alpha": 16}))
     adapter = pth_to_hf(None, pth, tmp_path / "hf")
@@ -97,7 +99,8 @@ def test_text_lora_adapter_loads_alone_and_merges(tmp_path, tiny_llama):
     ref, _, _ = build_from_checkpoint(pth)
     with torch.no_grad():
         want = ref(input_ids=ids).logits
-        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), adapter).eval()
+        with peft_quiet():
+            peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), adapter).eval()
         got = peft(input_ids=ids).logits
         base = AutoModelForCausalLM.from_pretrained(tiny_llama)(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5)

@@ -39,6 +39,7 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
     from peft import PeftModel
 
     from llava_ft.model.internlm2 import LAYOUTS, check_adapter_layout, save_internlm2_layout
+    from llava_ft.model.llm import peft_quiet
 
     adapter_dir = Path(adapter)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -63,7 +64,8 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
         check_adapter_layout(adapter_dir, str(base))
         model, extra = _load_llm(str(base), adapter_dir, kwargs, trust, attn)
     try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with peft_quiet():
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"adapter {adapter} does not fit base {base}: {str(err).splitlines()[0]}") from None
     merged = model.merge_and_unload()

@@ -3,7 +3,12 @@
     prepared = prepare_dataset(cfg.data, tokenizer, num_image_tokens=576)
     prepared.dataset   # datasets.Dataset: id, input_ids, labels, length, modality_length, images
                        #                   (+ position_ids when packed)
-    prepared.stats     # {"records", "samples", "dropped": {reason: n}, "cache_hit", ...}
+    prepared.stats     # {"records", "samples", "dropped": {reason: n}, "skipped": {reason: n}, "cache_hit", ...}
+    prepare_dataset(cfg.data, tokenizer, source_data=read_sources(cfg.data))   # reuse the read pass's records
+
+Records are read by llava_ft.data.read.read_sources (the engine runs it before loading the model and passes
+its result here); bad records are listed in one error, or skipped and counted as `skipped` when
+`data.skip_bad_samples` is on. `dropped` counts samples encoding drops (empty answer, too long, ...).
 
 The result is saved under `data.cache_dir` (default ~/.cache/llava_ft/datasets, env LLAVA_FT_CACHE)
 in a folder named by a hash of everything that changes it: each data file's path+size+mtime, format,
@@ -29,8 +34,9 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from llava_ft.config import DataConfig, DataSource, as_data_source
 from llava_ft.data.encode import encode_records
-from llava_ft.data.formats import iter_records, source_files
+from llava_ft.data.formats import source_files
 from llava_ft.data.packing import arrow_column, pack_samples
+from llava_ft.data.read import SourceData, read_sources
 from llava_ft.errors import UserError
 from llava_ft.fileio import staging_dir
 from llava_ft.templates import HF_TEMPLATE, get_template
@@ -106,10 +112,11 @@ def _encode_batch(batch: dict, tokenizer, template, data_cfg: DataConfig, num_im
     return out
 
 
-def _encode_source(src: DataSource, tokenizer, template, data_cfg: DataConfig, num_image_tokens: int):
-    raw = [json.dumps(r, ensure_ascii=False) for r in iter_records(src)]
-    if not raw:
-        raise UserError(f"data file '{src.path}' holds no records")
+def _encode_source(src: DataSource, raw: list, tokenizer, template, data_cfg: DataConfig, num_image_tokens: int):
+    if not raw:  # every record was bad and skipped
+        return datasets.Dataset.from_dict({k: [] for k in _FEATURES if k != "drop_reason"},
+                                          features=datasets.Features({k: v for k, v in _FEATURES.items()
+                                                                      if k != "drop_reason"})), 0, Counter()
     table = datasets.Dataset.from_dict({"record": raw})
     # new_fingerprint: skip datasets' hashing of the tokenizer/closure (slow, and we cache ourselves).
     encoded = table.map(
@@ -127,11 +134,13 @@ def _encode_source(src: DataSource, tokenizer, template, data_cfg: DataConfig, n
     return encoded, len(raw), reasons
 
 
-def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int) -> PreparedData:
+def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int,
+           source_data: Optional[SourceData] = None) -> PreparedData:
     template = HF_TEMPLATE if data_cfg.template == HF_TEMPLATE else get_template(data_cfg.template)
+    source_data = source_data or read_sources(data_cfg)
     parts, dropped, per_source, n_records = [], Counter(), [], 0
-    for src in map(as_data_source, data_cfg.sources):
-        encoded, n, reasons = _encode_source(src, tokenizer, template, data_cfg, num_image_tokens)
+    for src, raw in zip(map(as_data_source, data_cfg.sources), source_data.records):
+        encoded, n, reasons = _encode_source(src, raw, tokenizer, template, data_cfg, num_image_tokens)
         n_records += n
         dropped += reasons
         per_source.append({"path": src.path, "records": n, "kept": len(encoded), "repeat": src.repeat,
@@ -140,11 +149,15 @@ def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int) ->
         for reason, count in reasons.items():
             log.warning("%s: dropped %d sample(s): %s", src.path, count, reason)
     dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    stats = {"records": n_records, "dropped": dict(dropped), "dropped_total": sum(dropped.values()),
-             "sources": per_source}
+    skipped = source_data.skipped
+    stats = {"records": n_records + sum(skipped.values()), "dropped": dict(dropped),
+             "dropped_total": sum(dropped.values()), "skipped": dict(skipped),
+             "skipped_total": sum(skipped.values()), "sources": per_source,
+             "images_outside_folder": source_data.outside_image_folder}
     if len(dataset) == 0:
-        raise UserError(f"no training samples left after encoding: {n_records} record(s), all dropped "
-                        f"({dict(dropped)}); check data.template, data.max_length and that records have answers")
+        raise UserError(f"no training samples left after encoding: {stats['records']} record(s), all dropped "
+                        f"({dict(dropped)}) or skipped ({dict(skipped)}); check data.template, data.max_length "
+                        "and that records have answers")
     stats["samples"] = len(dataset)
     stats["tokens"] = int(pa.compute.sum(arrow_column(dataset, "length")).as_py())
     if data_cfg.pack_to_max_length:
@@ -154,8 +167,10 @@ def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int) ->
 
 
 def prepare_dataset(data_cfg: DataConfig, tokenizer, num_image_tokens: int = 0, seed: int = 42,
-                    use_cache: bool = True) -> PreparedData:
-    """Encode (or load from cache) every source of `data_cfg`; see the module docstring."""
+                    use_cache: bool = True, source_data: Optional[SourceData] = None) -> PreparedData:
+    """Encode (or load from cache) every source of `data_cfg`; see the module docstring.
+
+    `source_data`: the records read_sources already read (else they are read here on a cache miss)."""
     if not data_cfg.sources:
         raise UserError("data.sources is empty; add at least one {path: ...} entry")
     if data_cfg.template != HF_TEMPLATE:
@@ -168,7 +183,7 @@ def prepare_dataset(data_cfg: DataConfig, tokenizer, num_image_tokens: int = 0, 
             stats = json.load(fh)
         stats.update(cache_hit=True, cache_path=folder)
         return PreparedData(datasets.load_from_disk(folder), stats)
-    prepared = _build(data_cfg, tokenizer, num_image_tokens, seed)
+    prepared = _build(data_cfg, tokenizer, num_image_tokens, seed, source_data)
     prepared.stats.update(cache_hit=False, cache_path=folder if use_cache else None)
     if use_cache:
         _save(prepared, folder, stats_file)

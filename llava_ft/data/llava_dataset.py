@@ -11,11 +11,12 @@
 Images are opened in `__getitem__`, i.e. inside DataLoader worker processes, never all up front. Each
 sample must have exactly one image per IMAGE_TOKEN_INDEX in its input_ids (else UserError naming the
 sample id). A truncated or corrupt image met during training:
-  * skip_bad_samples=true: logged with sample id and path, counted, and the sample replaced by the next
-    sample (in index order) whose images all load -- the run goes on (a packed row is one block of
-    samples: the whole block is replaced);
-  * skip_bad_samples=false: BadImageError naming sample id and path. `images.verify_images` (which the
-    engine runs before training in that mode) normally finds such files before step 1.
+  * skip_bad_samples=true: logged with sample id, path and reason (not the error's advice to set the
+    flag), counted (the engine's end-of-run summary includes `num_bad_images`), and the sample replaced by
+    the next sample (in index order) whose images all load -- the run goes on (a packed row is one
+    block of samples: the whole block is replaced);
+  * skip_bad_samples=false: BadImageError naming sample id and path. `images.verify_images` (which
+    llava_ft.data.read runs before the model loads in that mode) normally finds such files first.
 """
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ class LlavaDataset(Dataset):
                 self._known_bad.add(candidate)
                 with self._bad.get_lock():
                     self._bad.value += 1
-                log.warning("skipping bad image (%d so far): %s; using sample %d instead of %d",
-                            self._bad.value, err, (candidate + 1) % n, index)
+                # The reason only: the error's own advice (set skip_bad_samples) is what the user already did.
+                log.warning("skipping bad image (%d so far): sample %s: image %s: %s; using sample %d instead of %d",
+                            self._bad.value, err.sample_id, err.path, err.reason, (candidate + 1) % n, index)
         raise UserError(f"{MAX_REPLACEMENTS} consecutive samples from index {index} have unreadable images; "
                         "check data.sources.*.image_folder and run `llava_ft data check`")

@@ -2,6 +2,7 @@
 
 Problem kinds (severity error unless noted):
   invalid_json        a line (JSONL) or position (JSON list) that is not valid JSON
+  not_utf8            a line or record with a byte that is not UTF-8 (the message gives the byte offset)
   malformed           a record the parser rejects (wrong keys/types, unknown role)
   empty_conversation  no messages, no assistant turn, or an empty answer
   roles_out_of_order  turns not (system?) user, assistant, user, assistant, ...
@@ -9,6 +10,8 @@ Problem kinds (severity error unless noted):
                       (images with no marker at all: warning, they are put at the start of the first turn)
   duplicate_id        (warning) an id seen before (the message names the first line)
   missing_image / unreadable_image / truncated_image
+  image_outside_folder  (warning) an image path that leaves the source's image_folder (`../x.png`, an
+                      absolute path); training uses it as given and prints how many there are
   too_long            longer than max_length after image expansion (error for image samples, which are
                       dropped; warning for text-only ones, which are cut). Needs a tokenizer.
   dropped             (warning) a sample the encoder would drop for another reason
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from llava_ft import IMAGE_TOKEN
+from llava_ft.data.read import outside_folder
 from llava_ft.fileio import write_json
 from llava_ft.datatools.sources import Plan, Problem, as_dict, encode_lengths, iter_canonical, load_tokenizer
 from llava_ft.errors import UserError
@@ -175,6 +179,11 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
                 report.problems.append(Problem(kind, severity, message, src.path, it.raw.line, rid))
             for image in it.record.get("images") or []:
                 image_refs.setdefault(image, []).append((it.raw.line, rid))
+                if src.image_folder is not None and outside_folder(image, src.image_folder):
+                    report.problems.append(Problem(
+                        "image_outside_folder", "warning",
+                        f"image {image} lies outside the image folder {os.path.abspath(src.image_folder)}",
+                        src.path, it.raw.line, rid))
             # a record already in error is not encoded: its drop would only repeat that error
             if tokenizer is not None and not any(severity == "error" for _, severity, _ in found):
                 pending.append(it)

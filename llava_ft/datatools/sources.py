@@ -124,7 +124,8 @@ def iter_canonical(path: str, fmt: str, image_folder: Optional[str],
     detected: Optional[str] = None if fmt == "auto" else fmt
 
     def json_problem(p) -> None:
-        on_problem(Problem("invalid_json", "error", p.message, path, p.line))
+        lost = "; nothing after it in this JSON list can be read" if p.stops else ""
+        on_problem(Problem(p.kind, "error", p.message + lost, path, p.line))  # invalid_json or not_utf8
 
     for raw in iter_raw(path, on_error=json_problem):
         rid = record_id(raw, path)

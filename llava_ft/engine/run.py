@@ -5,10 +5,13 @@
     result = run_training(load_config("configs/demo/tiny_text_qlora.yaml"), work_dir="work_dirs/x")
     result.last_checkpoint   # work_dirs/x/iter_<step>.pth
 
-Order matters for the user: the config is checked and saved, the resume point and DeepSpeed config are
-resolved, the dataset is encoded and its counts printed (training refuses to start on an empty dataset)
-and only then does training start. `command` ('train' | 'pretrain' | 'finetune') adds the phase checks
-of `llava_ft pretrain` / `llava_ft finetune`.
+Order matters for the user: the config is checked, the resume point and DeepSpeed config are resolved,
+the data is read and checked (llava_ft.data.read: missing files or image folders, undecodable data, bad
+records and, for LLaVA, unreadable images are reported before any model loads), the config is saved, the
+model loads, the dataset is encoded and its counts printed (training refuses to start on an empty
+dataset) and only then does training start. The run ends with one line totalling the bad samples
+skipped or dropped, images found unreadable during training included. `command` ('train' | 'pretrain' |
+'finetune') adds the phase checks of `llava_ft pretrain` / `llava_ft finetune`.
 """
 from __future__ import annotations
 
@@ -112,11 +115,18 @@ def training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
 
 
 def _print_data_stats(stats: dict) -> None:
+    from llava_ft.data.problems import format_counts
+
     dropped = stats.get("dropped") or {}
     line = (f"[llava_ft] data: {stats.get('records', '?')} records -> {stats.get('samples', '?')} samples, "
             f"{stats.get('tokens', '?')} tokens; dropped {stats.get('dropped_total', 0)}")
     if dropped:
-        line += " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(dropped.items())) + ")"
+        line += f" ({format_counts(dropped)})"
+    if stats.get("skipped"):
+        line += f"; skipped {stats.get('skipped_total', 0)} bad record(s) ({format_counts(stats['skipped'])})"
+    if stats.get("images_outside_folder"):
+        line += (f"; {stats['images_outside_folder']} image path(s) lie outside their image_folder "
+                 "(used as given)")
     if stats.get("packing"):
         line += f"; packed: {json.dumps(stats['packing'])}"
     if stats.get("cache_hit"):
@@ -124,29 +134,39 @@ def _print_data_stats(stats: dict) -> None:
     print(line, flush=True)
 
 
-def build_train_data(cfg: Config, model, tokenizer):
-    """-> (train dataset, collator, stats): text runs use TextCollator, LLaVA runs the multimodal pair."""
+def _print_bad_summary(stats: dict, dataset, skip_bad_samples: bool) -> None:
+    """The end-of-run line totalling what was skipped or dropped (silent when nothing was and the flag is off)."""
+    from llava_ft.data.problems import format_counts
+
+    bad_images = int(getattr(dataset, "num_bad_images", 0))
+    skipped, dropped = stats.get("skipped") or {}, stats.get("dropped") or {}
+    total = sum(skipped.values()) + sum(dropped.values()) + bad_images
+    if not total and not skip_bad_samples:
+        return
+    parts = [f"{sum(skipped.values())} bad record(s) skipped while reading"
+             + (f" ({format_counts(skipped)})" if skipped else ""),
+             f"{sum(dropped.values())} sample(s) dropped at encoding" + (f" ({format_counts(dropped)})" if dropped else ""),
+             f"{bad_images} unreadable image(s) skipped during training"]
+    print(f"[llava_ft] bad samples: {total} in all: " + ", ".join(parts), flush=True)
+
+
+def build_train_data(cfg: Config, model, tokenizer, source_data=None):
+    """-> (train dataset, collator, stats): text runs use TextCollator, LLaVA runs the multimodal pair.
+
+    `source_data`: the records read (and checked, images included) by llava_ft.data.read.read_sources."""
     from llava_ft.data.dataset import prepare_dataset
 
     from llava_ft.model.anyres import image_token_counter
 
     num_image_tokens = image_token_counter(model.visual_encoder) if cfg.is_llava else 0
-    prepared = prepare_dataset(cfg.data, tokenizer, num_image_tokens=num_image_tokens, seed=cfg.train.seed)
+    prepared = prepare_dataset(cfg.data, tokenizer, num_image_tokens=num_image_tokens, seed=cfg.train.seed,
+                               source_data=source_data)
     if len(prepared.dataset) == 0:
         raise UserError("no training samples left after encoding; see the dropped counts above")
     if cfg.is_llava:
         from llava_ft.data.llava_dataset import LlavaDataset
         from llava_ft.data.mm_collate import MultimodalCollator
 
-        if not cfg.data.skip_bad_samples:
-            from llava_ft.data.images import verify_images
-
-            # Find unreadable images before step 1 rather than hours into the run.
-            problems = verify_images(prepared.dataset)
-            if problems:
-                listed = "; ".join(str(p) for p in problems[:5])
-                raise UserError(f"{len(problems)} unreadable image(s): {listed}. Fix or remove them, or set "
-                                "data.skip_bad_samples=true to skip (and count) such samples")
         dataset = LlavaDataset(prepared.dataset, model.visual_encoder, cfg.data)
         collator = MultimodalCollator(tokenizer, image_shape=model.visual_encoder.image_shape)
         return dataset, collator, prepared.stats
@@ -188,6 +208,19 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
             # whole model. Not for 4/8-bit LLMs: bitsandbytes loading needs a device_map, which transformers
             # refuses under ZeRO-3 (their weights are small anyway).
             args = training_arguments(cfg, work_dir, ds_config)
+    # Data before model: a missing file or image folder, undecodable data and bad records (all of them, or
+    # skipped and counted) are reported in seconds. Rank 0 of each node reads (it encodes and caches below);
+    # the other ranks load that cache, so they only check that the files exist.
+    from llava_ft.data.read import check_sources, read_sources
+    from llava_ft.model.builder import resolve_pretrained_pth
+
+    if cfg.model.pretrained_pth:
+        resolve_pretrained_pth(cfg.model.pretrained_pth)  # a wrong path fails now, not after the LLM loads
+    if dist.local_rank() == 0:
+        source_data = read_sources(cfg.data, check_images=cfg.is_llava)
+    else:
+        check_sources(cfg.data)
+        source_data = None
     is_main = dist.is_main_process()
     if is_main:
         os.makedirs(work_dir, exist_ok=True)
@@ -201,7 +234,8 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
             print(f"[llava_ft] ZeRO-3: {sharded} weight tensors were built sharded (deepspeed.zero.Init); "
                   "each rank holds only its part", flush=True)
     with dist.main_process_first("tokenize"):  # rank 0 of each node encodes + caches; the others load the cache
-        dataset, collator, stats = build_train_data(cfg, model, tokenizer)
+        dataset, collator, stats = build_train_data(cfg, model, tokenizer, source_data)
+    source_data = None  # the encoded dataset holds what training needs; free the raw records
     if is_main:
         _print_data_stats(stats)
         from llava_ft.convert.model_card import RUN_INFO, current_command, run_info
@@ -220,6 +254,9 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
     if resume_from and is_main:
         print(f"[llava_ft] resuming from {resume_from}", flush=True)
     output = trainer.train(resume_from_checkpoint=resume_from)
+    stats["bad_images_in_training"] = int(getattr(dataset, "num_bad_images", 0))
+    if is_main:
+        _print_bad_summary(stats, dataset, cfg.data.skip_bad_samples)
     last = Path(work_dir) / "last_checkpoint"
     return TrainResult(
         work_dir=work_dir,

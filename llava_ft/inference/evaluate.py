@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from llava_ft.data.images import normalize_image
-from llava_ft.data.jsonio import iter_raw
+from llava_ft.data.jsonio import decode_utf8, iter_raw
 from llava_ft.errors import UserError
 from llava_ft.fileio import write_jsonl
 
@@ -87,8 +87,8 @@ def _load_mmbench(p: Path) -> list:
     from PIL import Image
 
     csv.field_size_limit(sys.maxsize)  # base64 images are long fields
-    with p.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+    text = decode_utf8(p.read_bytes(), p)  # a non-UTF-8 byte: file, line and byte offset, no traceback
+    rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"))
     items = []
     for lineno, row in enumerate(rows, 2):
         missing = [k for k in ("question", "answer", "A", "B") if not row.get(k)]

@@ -83,12 +83,14 @@ def _apply_adapter(model, adapter: str, base: str = "the base model"):
     from peft import PeftModel
 
     from llava_ft.model.internlm2 import check_adapter_layout
+    from llava_ft.model.llm import peft_quiet
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"adapter {adapter}: no adapter_config.json; give a PEFT adapter folder "
                         "(e.g. what `llava_ft convert pth_to_hf` wrote)")
     check_adapter_layout(adapter, base)
-    model = PeftModel.from_pretrained(model, adapter)
+    with peft_quiet():
+        model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model
 
@@ -261,7 +263,10 @@ def _load_xtuner_llava(folder, llm, visual_encoder, adapter, quant, dtype, devic
     if (root / "visual_encoder_adapter").is_dir():
         from peft import PeftModel
 
-        ve.model = PeftModel.from_pretrained(ve.model, str(root / "visual_encoder_adapter"))
+        from llava_ft.model.llm import peft_quiet
+
+        with peft_quiet():
+            ve.model = PeftModel.from_pretrained(ve.model, str(root / "visual_encoder_adapter"))
     projector = Projector.from_pretrained(root / "projector").to(compute)
     model = LlavaFtModel(llm_model, ve, projector)
     data = (meta.get("config") or {}).get("data")

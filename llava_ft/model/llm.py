@@ -18,9 +18,11 @@ from_pretrained call every workflow (train, merge, chat, eval, serve) goes throu
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -64,7 +66,8 @@ def check_model_source(name: str, what: str = "model.llm") -> str:
         raise UserError(f"'{what}' is empty; set it to a Hugging Face hub id or a local model folder")
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
-        if not os.path.isfile(os.path.join(expanded, "config.json")):
+        # A tokenizer-only folder (no config.json) is fine for model.tokenizer: AutoTokenizer loads it.
+        if what != "model.tokenizer" and not os.path.isfile(os.path.join(expanded, "config.json")):
             raise UserError(f"'{what}' folder {expanded} has no config.json; point it at a Hugging Face model folder")
         return expanded
     if os.path.exists(expanded) or _looks_like_path(name):
@@ -324,10 +327,9 @@ def load_llm(model_cfg: Any, device_map: Optional[Any] = None, for_training: boo
         if quant is not None:
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=model_cfg.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif model_cfg.gradient_checkpointing:
+            # Checkpointing is enabled below under its current name (peft would call the deprecated one).
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if model_cfg.gradient_checkpointing:
             enable_checkpointing(model)
     return model, tokenizer
 
@@ -348,7 +350,7 @@ def apply_lora(module: torch.nn.Module, lora_settings: Any, exclude: tuple = ("l
     `target_modules: all-linear` means every nn.Linear (and bnb Linear4bit/8bitLt) except those whose
     name ends in one of `exclude` (lm_head by default: XTuner and QLoRA leave the output layer alone).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     targets = lora_settings.target_modules
     if targets == "all-linear":
@@ -360,9 +362,27 @@ def apply_lora(module: torch.nn.Module, lora_settings: Any, exclude: tuple = ("l
     config = LoraConfig(r=lora_settings.r, lora_alpha=lora_settings.alpha, lora_dropout=lora_settings.dropout,
                         target_modules=targets, bias="none", task_type=task_type)
     try:
-        return get_peft_model(module, config)
+        return peft_wrap(module, config)
     except ValueError as err:
         raise UserError(f"LoRA target_modules {targets}: {str(err).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def peft_quiet():
+    """Around `get_peft_model` / `PeftModel.from_pretrained`: peft 0.21's PeftModel.__init__ reads
+    `is_gradient_checkpointing`, deprecated in transformers 5 (FutureWarning). Not a call of ours to rename,
+    so only that one warning is silenced, only inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def peft_wrap(module: torch.nn.Module, config):
+    """`peft.get_peft_model` inside `peft_quiet()` (the LLM and the vision tower alike)."""
+    from peft import get_peft_model
+
+    with peft_quiet():
+        return get_peft_model(module, config)
 
 
 def find_linear_names(module: torch.nn.Module, exclude: tuple = ("lm_head",)) -> list[str]:
