@@ -75,12 +75,14 @@ def _training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
     import torch
     from transformers import TrainingArguments
 
+    from llava_ft.engine.tracking import training_kwargs
     from llava_ft.model.llm import resolve_dtype
 
     t = cfg.train
     dtype = resolve_dtype(cfg.model.dtype)
     on_gpu = torch.cuda.is_available()
-    return TrainingArguments(
+    # training_kwargs adds train.report_to, the validation settings and train.trainer_args
+    return TrainingArguments(**training_kwargs(cfg, dict(
         output_dir=work_dir,
         per_device_train_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -102,13 +104,12 @@ def _training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
         data_seed=t.seed,
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
-        report_to="none",
         remove_unused_columns=False,  # the collators need `images`, the sampler `modality_length`
         dataloader_num_workers=t.dataloader_num_workers,
         deepspeed=deepspeed,
         disable_tqdm=False,
         use_cpu=not on_gpu,
-    )
+    )))
 
 
 def _print_data_stats(stats: dict) -> None:
@@ -124,14 +125,22 @@ def _print_data_stats(stats: dict) -> None:
     print(line, flush=True)
 
 
-def build_train_data(cfg: Config, model, tokenizer):
-    """-> (train dataset, collator, stats): text runs use TextCollator, LLaVA runs the multimodal pair."""
+def build_train_data(cfg: Config, model, tokenizer, with_eval: bool = False):
+    """-> (train dataset, collator, stats): text runs use TextCollator, LLaVA runs the multimodal pair.
+
+    with_eval=True: (train dataset, collator, stats, eval dataset or None), the eval data from
+    data.val_sources / data.val_split (llava_ft.engine.validation; stats["validation"] counts it).
+    """
     from llava_ft.data.dataset import prepare_dataset
+    from llava_ft.engine.validation import eval_split
 
     num_image_tokens = model.visual_encoder.num_image_tokens if cfg.is_llava else 0
     prepared = prepare_dataset(cfg.data, tokenizer, num_image_tokens=num_image_tokens, seed=cfg.train.seed)
     if len(prepared.dataset) == 0:
         raise UserError("no training samples left after encoding; see the dropped counts above")
+    train_hf, eval_hf, eval_info = eval_split(cfg, tokenizer, num_image_tokens, prepared.dataset)
+    if eval_info:
+        prepared.stats["validation"] = eval_info
     if cfg.is_llava:
         from llava_ft.data.llava_dataset import LlavaDataset
         from llava_ft.data.mm_collate import MultimodalCollator
@@ -140,17 +149,19 @@ def build_train_data(cfg: Config, model, tokenizer):
             from llava_ft.data.images import verify_images
 
             # Find unreadable images before step 1 rather than hours into the run.
-            problems = verify_images(prepared.dataset)
+            problems = [p for part in (prepared.dataset, eval_hf) if part is not None for p in verify_images(part)]
             if problems:
                 listed = "; ".join(str(p) for p in problems[:5])
                 raise UserError(f"{len(problems)} unreadable image(s): {listed}. Fix or remove them, or set "
                                 "data.skip_bad_samples=true to skip (and count) such samples")
-        dataset = LlavaDataset(prepared.dataset, model.visual_encoder, cfg.data)
+        dataset = LlavaDataset(train_hf, model.visual_encoder, cfg.data)
+        eval_dataset = None if eval_hf is None else LlavaDataset(eval_hf, model.visual_encoder, cfg.data)
         collator = MultimodalCollator(tokenizer, image_shape=model.visual_encoder.image_shape)
-        return dataset, collator, prepared.stats
-    from llava_ft.data.collate import TextCollator
+    else:
+        from llava_ft.data.collate import TextCollator
 
-    return prepared.dataset, TextCollator(tokenizer), prepared.stats
+        dataset, eval_dataset, collator = train_hf, eval_hf, TextCollator(tokenizer)
+    return (dataset, collator, prepared.stats, eval_dataset) if with_eval else (dataset, collator, prepared.stats)
 
 
 def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[str] = None,
@@ -198,14 +209,22 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
             print(f"[llava_ft] ZeRO-3: {sharded} weight tensors were built sharded (deepspeed.zero.Init); "
                   "each rank holds only its part", flush=True)
     with dist.main_process_first("tokenize"):  # rank 0 of each node encodes + caches; the others load the cache
-        dataset, collator, stats = build_train_data(cfg, model, tokenizer)
+        dataset, collator, stats, eval_dataset = build_train_data(cfg, model, tokenizer, with_eval=True)
     if is_main:
         _print_data_stats(stats)
+        if stats.get("validation"):
+            v = stats["validation"]
+            print(f"[llava_ft] validation: {v['samples']} samples from {v['from']}; eval_loss every "
+                  f"{cfg.evaluation.every_n_steps} steps and at the end", flush=True)
     args = args or _training_arguments(cfg, work_dir, ds_config)
     callbacks = [JsonlLogCallback(work_dir), LossPlotCallback(work_dir), EvalChatCallback(work_dir, cfg, tokenizer)]
+    if eval_dataset is not None:
+        from llava_ft.engine.validation import FinalEvalCallback
+
+        callbacks.append(FinalEvalCallback())
     callbacks += list(extra_callbacks or ())
-    trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                             callbacks=callbacks, llava_cfg=cfg, work_dir=work_dir)
+    trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                             data_collator=collator, callbacks=callbacks, llava_cfg=cfg, work_dir=work_dir)
     if resume_from and is_main:
         print(f"[llava_ft] resuming from {resume_from}", flush=True)
     output = trainer.train(resume_from_checkpoint=resume_from)

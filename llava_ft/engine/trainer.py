@@ -7,7 +7,9 @@
 - checkpoints: `iter_<step>.pth` with only the trainable weights (docs/architecture.md), written before
   Trainer's `checkpoint-<step>/` (optimizer, scheduler, RNG, trainer_state.json). The folder holds no
   model weights: resume loads them back from the iter file. Both are rotated with `save_total_limit`;
-- logs: `tokens_per_s` and `elapsed` added to every logged step.
+- logs: `tokens_per_s` and `elapsed` added to every logged step;
+- validation: Trainer's own eval loop; with `train.keep_best` a `validation.BestKeeper` keeps the best
+  weights as best_iter.pth (llava_ft.engine.validation).
 
 Built by `llava_ft.engine.run.run_training`; not meant to be constructed by users directly.
 """
@@ -34,6 +36,12 @@ class LlavaFtTrainer(Trainer):
         self._tokens_since_log = 0
         self._last_log_time = None
         self._start_time = None
+        self.best_keeper = None
+        if llava_cfg is not None and llava_cfg.train.keep_best == "eval_loss":
+            from llava_ft.engine.validation import BestKeeper
+
+            self.best_keeper = BestKeeper(self.work_dir)
+            self.add_callback(self.best_keeper)
 
     # ---- data order -------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -133,16 +141,26 @@ class LlavaFtTrainer(Trainer):
         if output_dir and self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
 
+    def checkpoint_meta(self) -> dict:
+        return {"step": self.state.global_step, "phase": self.llava_cfg.resolved_phase,
+                "llava_ft_version": __version__, "config": config_to_dict(self.llava_cfg)}
+
     def _save_checkpoint(self, model, trial):
         step = self.state.global_step
         sd = self.trainable_state_dict()
         if self.args.should_save:
-            meta = {"step": step, "phase": self.llava_cfg.resolved_phase, "llava_ft_version": __version__,
-                    "config": config_to_dict(self.llava_cfg)}
-            ckpt.save_iter_checkpoint(self.work_dir, step, sd, meta)
+            ckpt.save_iter_checkpoint(self.work_dir, step, sd, self.checkpoint_meta())
         super()._save_checkpoint(model, trial)
+        if self.best_keeper is not None:
+            self.best_keeper.after_save(self, step)  # before rotation: it links the iter file just written
         if self.args.should_save:
             ckpt.rotate_checkpoints(self.work_dir, self.llava_cfg.train.save_total_limit, keep=step)
+
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        if self.best_keeper is not None:
+            self.best_keeper.after_eval(self, metrics)
+        return metrics
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.is_deepspeed_enabled:

@@ -1,0 +1,27 @@
+"""The TrainingArguments kwargs llava_ft adds to its own: experiment tracking, validation, trainer_args.
+
+    from llava_ft.engine.tracking import training_kwargs
+    args = TrainingArguments(**training_kwargs(cfg, {"output_dir": ..., "learning_rate": ..., ...}))
+
+`train.report_to` goes to transformers' own integrations (tensorboard writes event files under
+<work_dir>/runs/, wandb/mlflow/... read their usual environment variables); the run is named after the
+config. `train.trainer_args` (checked at config load by llava_ft.trainer_args) is applied last, on fields
+that llava_ft never sets itself.
+"""
+from __future__ import annotations
+
+from llava_ft.engine.validation import eval_training_kwargs
+from llava_ft.trainer_args import report_list
+
+
+def training_kwargs(cfg, base: dict) -> dict:
+    """llava_ft's own kwargs (`base`) + report_to (+ run_name) + validation settings + trainer_args."""
+    kwargs = dict(base)
+    targets = report_list(cfg.train.report_to)
+    kwargs["report_to"] = "none" if targets == ["none"] else targets
+    extra = dict(cfg.train.trainer_args or {})
+    if targets != ["none"] and "run_name" not in extra and cfg.name:
+        kwargs["run_name"] = cfg.name  # the run's name in wandb / mlflow
+    kwargs.update(eval_training_kwargs(cfg))
+    kwargs.update(extra)
+    return kwargs
