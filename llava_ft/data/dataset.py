@@ -144,7 +144,8 @@ def _encode_dataset_source(src: DataSource, tokenizer, template, data_cfg: DataC
                        num_image_tokens=num_image_tokens),
         new_fingerprint=tag, desc=f"tokenizing {src.path}", **files,
     )
-    return _drop_marked(encoded, src, len(ds), os.path.join(scratch, f"{tag}-kept.arrow") if scratch else None)
+    return _drop_marked(encoded.with_format(None), src, len(ds),
+                        os.path.join(scratch, f"{tag}-kept.arrow") if scratch else None)
 
 
 def _drop_marked(encoded, src: DataSource, n_records: int, cache_file_name: Optional[str] = None):

@@ -1,7 +1,7 @@
 """Data sources read through the `datasets` library: Hub ids, data folders, parquet files, save_to_disk folders.
 
     if is_dataset_source(src):                  # anything but a plain .json/.jsonl file
-        ds, fmt = open_source(src)              # datasets.Dataset (columns mapped, images not decoded), format
+        ds, fmt = open_source(src)              # datasets.Dataset (columns mapped, Arrow format), format
         for where, record in iter_source_records(src): ...   # canonical records (llava_ft.data.formats)
         records = batch_records(batch, indices, src, fmt)     # the same, for a batch of `ds.map(batched=True)`
 
@@ -18,8 +18,8 @@ dataset_info `columns` does.
 
 Images inside the dataset: a `datasets.Image` column or a list of them under `image` / `images`
 (TRL's vision format is `messages` + `images`, with content parts `{"type": "image"}` /
-`{"type": "text", "text": ...}`). The Image features are cast to `decode=False`, so preparing the data
-never decodes a picture (only the number of images matters for token counts): a record keeps each image's
+`{"type": "text", "text": ...}`). Rows are read in Arrow format, so preparing the data never decodes a
+picture (only the number of images matters for token counts): a record keeps each image's
 encoded bytes in `image_data` (aligned with `images`, which then holds a readable label such as
 `org/ds[#12].images[0]` for messages) and `llava_ft.data.llava_dataset` decodes them lazily with
 `llava_ft.data.images.load_image_bytes`. Images given as path strings are resolved against `image_folder`
@@ -28,7 +28,7 @@ exactly like LLaVA json.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 from llava_ft import IMAGE_TOKEN
 from llava_ft.config import DataSource
@@ -123,23 +123,8 @@ def load_source(src: DataSource):
     return _load_dataset(src, hub=not os.path.exists(path))
 
 
-def _no_decode(feature):
-    """The feature with every datasets.Image inside it set to decode=False (bytes/path dicts, no PIL)."""
-    import datasets
-
-    if isinstance(feature, datasets.Image):
-        return datasets.Image(decode=False)
-    if isinstance(feature, datasets.List):
-        return datasets.List(_no_decode(feature.feature), length=feature.length)
-    if isinstance(feature, datasets.Sequence):
-        return datasets.Sequence(_no_decode(feature.feature), length=feature.length)
-    if isinstance(feature, dict):
-        return {k: _no_decode(v) for k, v in feature.items()}
-    return feature
-
-
 def map_columns(ds, src: DataSource):
-    """Rename the dataset's columns per `src.columns` ({llava_ft name: dataset column}) and stop image decoding."""
+    """Rename the dataset's columns per `src.columns` ({llava_ft name: dataset column}); Arrow-formatted."""
     columns = src.columns or {}
     missing = [col for col in columns.values() if col not in ds.column_names]
     if missing:
@@ -151,13 +136,9 @@ def map_columns(ds, src: DataSource):
         ds = ds.remove_columns(clash)  # the mapped column replaces a same-named one
     if renames:
         ds = ds.rename_columns(renames)
-    for col in IMAGE_COLUMNS:
-        if col in ds.column_names:
-            feature = ds.features[col]
-            undecoded = _no_decode(feature)
-            if undecoded != feature:
-                ds = ds.cast_column(col, undecoded)
-    return ds
+    # Rows are read in Arrow format (see `rows_of`): images stay {"bytes", "path"} and are never decoded.
+    # (A cast to Image(decode=False) would do it too, but for a list of images it rewrites the whole dataset.)
+    return ds.with_format("arrow")
 
 
 def detect_columns_format(ds, src: DataSource) -> str:
@@ -174,7 +155,7 @@ def detect_columns_format(ds, src: DataSource) -> str:
     elif len(ds) == 0:
         raise UserError(f"data source '{src.path}' holds no records")
     else:
-        fmt = detect_format(ds[0], f"{src.path}[#0]", src.image_folder)
+        fmt = detect_format(rows_of(ds[:1])[0], f"{src.path}[#0]", src.image_folder)
     print(f"[llava_ft] {src.path}: format auto -> {fmt} (columns: {', '.join(ds.column_names)})", flush=True)
     return fmt
 
@@ -266,17 +247,28 @@ def row_record(row: dict, fmt: str, where: str, index: int, src: DataSource) -> 
     return record
 
 
-def batch_records(batch: dict, indices: list, src: DataSource, fmt: str) -> list:
-    """Canonical records of a `ds.map(batched=True, with_indices=True)` batch."""
+def rows_of(batch) -> list:
+    """Python rows of a batch in Arrow format (a pyarrow Table) or as a dict of columns."""
+    if hasattr(batch, "to_pylist"):
+        return batch.to_pylist()
     names = list(batch)
-    return [row_record({k: batch[k][i] for k in names}, fmt, f"{src.path}[#{idx}]", idx, src)
-            for i, idx in enumerate(indices)]
+    return [{k: batch[k][i] for k in names} for i in range(len(batch[names[0]]) if names else 0)]
 
 
-def iter_source_records(src: DataSource, ds=None, fmt: Optional[str] = None) -> Iterator[tuple]:
+def batch_records(batch, indices: list, src: DataSource, fmt: str) -> list:
+    """Canonical records of a `ds.map(batched=True, with_indices=True)` batch of an opened source."""
+    return [row_record(row, fmt, f"{src.path}[#{idx}]", idx, src) for row, idx in zip(rows_of(batch), indices)]
+
+
+def iter_rows(ds, batch_size: int = 256) -> Iterator[dict]:
+    """Every row of an opened source as a dict (images as {"bytes", "path"}), read in batches."""
+    for batch in ds.iter(batch_size=batch_size):
+        yield from rows_of(batch)
+
+
+def iter_source_records(src: DataSource) -> Iterator[tuple]:
     """(where, canonical record) for every row of a dataset source."""
-    if ds is None:
-        ds, fmt = open_source(src)
-    for index, row in enumerate(ds):
+    ds, fmt = open_source(src)
+    for index, row in enumerate(iter_rows(ds)):
         where = f"{src.path}[#{index}]"
         yield where, row_record(row, fmt, where, index, src)
