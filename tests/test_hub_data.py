@@ -173,3 +173,15 @@ def test_llava_run_on_dataset_images_logs_eval_loss(demo_data, tiny_qwen2, tiny_
     saved = torch.load(tmp_path / "wd" / "iter_3.pth", weights_only=True)
     assert saved["state_dict"] and all(k.startswith("projector.") for k in saved["state_dict"])
     assert json.loads((tmp_path / "wd" / "train_log.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_column_mapping_on_json_files_and_format_line(reference, demo_data, tmp_path, capsys):
+    tok, ref = reference
+    records = json.loads(open(demo_data["finetune"]).read())
+    path = tmp_path / "renamed.jsonl"
+    path.write_text("".join(json.dumps({"id": r["id"], "dialog": r["conversations"], "pic": r["image"]}) + "\n"
+                            for r in records))
+    got = _prepare(path, tok, tmp_path, image_folder=demo_data["image_folder"],
+                   columns={"conversations": "dialog", "image": "pic"}).dataset
+    assert "renamed.jsonl: format auto -> llava (keys: id, conversations, image)" in capsys.readouterr().out
+    assert list(got["input_ids"]) == list(ref["input_ids"])

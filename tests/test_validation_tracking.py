@@ -16,8 +16,8 @@ from llava_ft.engine.validation import BEST_NAME, BEST_RECORD, hold_out
 from llava_ft.errors import UserError
 
 
-def _cfg(llm, sources, tmp_path, data=None, train=None, evaluation=None):
-    raw = {"name": "tiny_val", "model": {"llm": llm},
+def _cfg(llm, sources, tmp_path, data=None, train=None, evaluation=None, model=None):
+    raw = {"name": "tiny_val", "model": {"llm": llm, **(model or {})},
            "data": {"sources": sources, "template": "qwen_chat", "max_length": 64,
                     "cache_dir": str(tmp_path / "cache"), **(data or {})},
            "train": {"learning_rate": 1e-2, "per_device_batch_size": 2, "max_steps": 5, "save_steps": 5,
@@ -37,7 +37,9 @@ def _event_scalars(folder: Path) -> dict:
 
 
 def test_text_run_logs_eval_loss_to_jsonl_plot_and_tensorboard(tiny_qwen2, demo_data, tmp_path):
+    # QLoRA: evaluating in eval mode must leave the 4-bit layers trainable (bitsandbytes on CPU)
     cfg = _cfg(tiny_qwen2, [{"path": demo_data["self_cognition"]}], tmp_path,
+               model={"quantization": "4bit", "llm_lora": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0}},
                data={"val_split": 0.25},
                train={"report_to": "tensorboard", "trainer_args": {"include_num_input_tokens_seen": True}})
     wd = tmp_path / "wd"

@@ -238,9 +238,24 @@ def iter_records(source: DataSource) -> Iterator[dict]:
         raise UserError(f"unknown data format '{fmt}'; valid formats: auto, {', '.join(FORMATS)}")
     base_dir = os.path.dirname(os.path.abspath(source.path))
     for index, (where, row) in enumerate(iter_raw(source.path)):
+        if getattr(source, "columns", None):
+            row = rename_keys(row, source.columns)
         if fmt == "auto":
             fmt = detect_format(row, where, source.image_folder)
+            print(f"[llava_ft] {source.path}: format auto -> {fmt} (keys: {', '.join(row)})", flush=True)
         yield to_record(row, fmt, where, index, source.image_folder, base_dir)
+
+
+def rename_keys(row: dict, columns: dict) -> dict:
+    """`data.sources[].columns` on one record: {llava_ft name: the record's key} -> keys llava_ft reads."""
+    if not isinstance(row, dict):
+        return row
+    mapped = set(columns.values())
+    out = {k: v for k, v in row.items() if k not in mapped and k not in columns}
+    for name, key in columns.items():
+        if key in row:
+            out[name] = row[key]
+    return out
 
 
 _IMAGE_RE = re.compile(re.escape(IMAGE_TOKEN))

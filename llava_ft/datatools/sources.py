@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from llava_ft.data.formats import FORMATS, detect_format, to_record
+from llava_ft.data.formats import FORMATS, detect_format, rename_keys, to_record
 from llava_ft.data.jsonio import RawRecord, iter_raw
 from llava_ft.errors import UserError
 
@@ -159,8 +159,9 @@ def iter_canonical(path: str, fmt: str, image_folder: Optional[str],
                                path, raw.line, rid))
             continue
         try:
-            rec_fmt = detected or detect_format(raw.value, where, image_folder)
-            record = to_record(raw.value, rec_fmt, where, raw.index, folder, base_dir)
+            value = rename_keys(raw.value, src.columns) if src.columns else raw.value
+            rec_fmt = detected or detect_format(value, where, image_folder)
+            record = to_record(value, rec_fmt, where, raw.index, folder, base_dir)
         except UserError as err:
             message = str(err).removeprefix(where + ": ").removeprefix(where + " ")
             on_problem(Problem("malformed", "error", message, path, raw.line, rid))

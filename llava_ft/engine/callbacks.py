@@ -121,7 +121,7 @@ class LossPlotCallback(TrainerCallback):
             plot_loss(self.work_dir)
 
 
-def _keep_4bit_training_layout(model) -> None:
+def keep_4bit_training_layout(model) -> None:
     """Stop bitsandbytes (CPU, AVX512-BF16) from repacking 4-bit weights for inference in eval mode.
 
     bitsandbytes 0.50 repacks a Linear4bit's weight into a CPU inference layout on the first eval-mode
@@ -174,7 +174,7 @@ class EvalChatCallback(TrainerCallback):
 
         tpl = self.cfg.data.template
         out = []
-        _keep_4bit_training_layout(model)
+        keep_4bit_training_layout(model)
         was_training = model.training
         model.eval()
         try:

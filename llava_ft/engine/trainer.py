@@ -157,6 +157,10 @@ class LlavaFtTrainer(Trainer):
             ckpt.rotate_checkpoints(self.work_dir, self.llava_cfg.train.save_total_limit, keep=step)
 
     def evaluate(self, *args, **kwargs):
+        from llava_ft.engine.callbacks import keep_4bit_training_layout
+
+        # eval mode must not let bitsandbytes repack 4-bit weights for CPU inference (training breaks after)
+        keep_4bit_training_layout(self.model)
         metrics = super().evaluate(*args, **kwargs)
         if self.best_keeper is not None:
             self.best_keeper.after_eval(self, metrics)
