@@ -79,16 +79,16 @@ def test_val_split_is_deterministic_by_seed():
         hold_out(ds.select(range(1)), 0.5, seed=0)
 
 
-def test_keep_best_survives_rotation(tiny_qwen2, tmp_path):
+def test_keep_best_survives_rotation_and_resume(tiny_qwen2, tmp_path):
     # Training on one word and validating on another: the eval loss rises after the first evaluation,
-    # so the best weights are those of step 2 -- whose iter file rotation removes (save_total_limit 1).
+    # so the best weights are those of step 2 -- whose iter file rotation removes (save_total_limit 2).
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.jsonl").write_text("".join(json.dumps({"text": "apple " * 20}) + "\n" for _ in range(8)))
     (data / "b.jsonl").write_text("".join(json.dumps({"text": "zebra " * 20}) + "\n" for _ in range(4)))
     cfg = _cfg(tiny_qwen2, [{"path": str(data / "a.jsonl")}], tmp_path,
                data={"val_sources": [{"path": str(data / "b.jsonl")}]},
-               train={"learning_rate": 0.05, "max_steps": 6, "save_steps": 2, "save_total_limit": 1,
+               train={"learning_rate": 0.05, "max_steps": 6, "save_steps": 2, "save_total_limit": 2,
                       "keep_best": "eval_loss"})
     wd = tmp_path / "wd"
     run_training(cfg, work_dir=str(wd))
@@ -103,6 +103,16 @@ def test_keep_best_survives_rotation(tiny_qwen2, tmp_path):
     last = torch.load(wd / "iter_6.pth", weights_only=True)
     assert kept["meta"]["step"] == 2 and kept["state_dict"].keys() == last["state_dict"].keys()
     assert any(not torch.equal(kept["state_dict"][k], last["state_dict"][k]) for k in kept["state_dict"])
+
+    # Interrupted after step 4 and resumed: the best of before the interruption still counts, so the
+    # (worse) step-6 evaluation of the resumed run does not replace it.
+    (wd / "iter_6.pth").unlink()
+    (wd / "checkpoint-6" / "trainer_state.json").unlink()
+    with pytest.warns(UserWarning, match="incomplete checkpoint"):
+        run_training(cfg, work_dir=str(wd), resume="auto")
+    assert json.loads((wd / BEST_RECORD).read_text())["step"] == 2
+    assert torch.load(wd / BEST_NAME, weights_only=True)["meta"]["step"] == 2
+    assert [r["step"] for r in read_train_log(wd) if "eval_loss" in r] == [2, 4, 6]
 
 
 @pytest.mark.parametrize("trainer_args, message", [
@@ -143,3 +153,17 @@ def test_passed_through_fields_reach_the_trainer_arguments(tmp_path):
     assert args.optim == "adafactor" and args.neftune_noise_alpha == 5.0
     assert args.report_to == ["tensorboard"] and args.run_name == "n"
     assert args.eval_strategy == "steps" and args.eval_steps == 7 and args.prediction_loss_only
+
+
+def test_report_to_a_tracker_that_is_not_installed_says_so(tmp_path):
+    from transformers.integrations import get_available_reporting_integrations
+
+    from llava_ft.engine.run import _training_arguments
+
+    missing = [t for t in ("wandb", "mlflow", "comet_ml", "clearml") if t not in get_available_reporting_integrations()]
+    if not missing:
+        pytest.skip("every tracker is installed here")
+    cfg = config_from_dict({"model": {"llm": "x"}, "data": {"sources": [{"path": "d.jsonl"}]},
+                            "train": {"report_to": missing[0]}})
+    with pytest.raises(UserError, match=f"train.report_to: {missing[0]} is not installed here.*pip install"):
+        _training_arguments(cfg, str(tmp_path), None)

@@ -80,7 +80,8 @@ def plan_from_args(args) -> Plan:
         from llava_ft.config import load_config
 
         cfg = load_config(args.config, getattr(args, "overrides", None) or [])
-        plan.sources = list(cfg.data.sources)  # DataSource: also split/subset/columns for `datasets` sources
+        # DataSource (split/subset/columns for `datasets` sources); validation sources are checked too
+        plan.sources = list(cfg.data.sources) + list(cfg.data.val_sources)
         plan.tokenizer = cfg.model.tokenizer or cfg.model.llm or None
         plan.template, plan.system, plan.max_length = cfg.data.template, cfg.data.system, cfg.data.max_length
         if cfg.is_llava and not getattr(args, "num_image_tokens", None):

@@ -18,6 +18,7 @@ def training_kwargs(cfg, base: dict) -> dict:
     """llava_ft's own kwargs (`base`) + report_to (+ run_name) + validation settings + trainer_args."""
     kwargs = dict(base)
     targets = report_list(cfg.train.report_to)
+    _check_installed(targets)
     kwargs["report_to"] = "none" if targets == ["none"] else targets
     extra = dict(cfg.train.trainer_args or {})
     if targets != ["none"] and "run_name" not in extra and cfg.name:
@@ -25,3 +26,20 @@ def training_kwargs(cfg, base: dict) -> dict:
     kwargs.update(eval_training_kwargs(cfg))
     kwargs.update(extra)
     return kwargs
+
+
+def _check_installed(targets: list) -> None:
+    """A tracker named in train.report_to whose package is missing: one line before any model loads
+    (transformers would fail later, inside Trainer)."""
+    if targets in (["none"], ["all"]):
+        return
+    from transformers.integrations import get_available_reporting_integrations
+
+    from llava_ft.errors import UserError
+
+    available = set(get_available_reporting_integrations())
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise UserError(f"train.report_to: {', '.join(missing)} is not installed here (available: "
+                        f"{', '.join(sorted(available)) or 'none'}); `pip install {' '.join(missing)}` or "
+                        "change train.report_to")
