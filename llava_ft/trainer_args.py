@@ -111,4 +111,38 @@ def check_train_settings(train_cfg, where: str) -> None:
             raise UserError(f"{where}: 'train.trainer_args.{key}' is not a transformers.TrainingArguments field."
                             + (f" Did you mean '{match[0]}'?" if match else "")
                             + " See https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments")
+    _check_values(extra, where)
+
+
+def _check_values(extra: dict, where: str) -> None:
+    """Values of named choices (optim, hub_strategy, ...) and plain bool/int/float fields, checked from the
+    dataclass annotations. Building a TrainingArguments here would be simpler but initialises the device
+    and, under torchrun, the process group -- not something loading a config may do."""
+    import enum
+    import typing
+
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    for key, value in extra.items():
+        hint = hints.get(key)
+        options = typing.get_args(hint) or (hint,)
+        enums = [o for o in options if isinstance(o, type) and issubclass(o, enum.Enum)]
+        if enums and isinstance(value, str):
+            allowed = [m.value for m in enums[0]]
+            if value not in allowed:
+                match = difflib.get_close_matches(value, allowed, n=1, cutoff=0.5)
+                raise UserError(f"{where}: 'train.trainer_args.{key}' is {value!r}; allowed: {', '.join(allowed)}."
+                                + (f" Did you mean '{match[0]}'?" if match else ""))
+            continue
+        plain = [o for o in options if o in (bool, int, float)]
+        if value is None or not plain or len(options) != len(plain) + (type(None) in options):
+            continue  # strings, dicts, unions with str: transformers checks them when the run starts
+        if plain == [bool]:
+            ok = isinstance(value, bool)
+        else:  # a YAML int is a fine float; a bool is neither
+            ok = not isinstance(value, bool) and isinstance(value, (int, float) if float in plain else int)
+        if not ok:
+            kind = " or ".join(o.__name__ for o in plain)
+            raise UserError(f"{where}: 'train.trainer_args.{key}' must be {kind}, got {value!r}")
 

@@ -120,6 +120,9 @@ def test_keep_best_survives_rotation_and_resume(tiny_qwen2, tmp_path):
     ({"per_device_train_batch_size": 4}, "use train.per_device_batch_size"),
     ({"save_steps": 10}, "use train.save_steps"),
     ({"neftune_noise_alph": 5}, "not a transformers.TrainingArguments field. Did you mean 'neftune_noise_alpha'?"),
+    ({"optim": "paged_adamw_8bitt"}, "'train.trainer_args.optim' is 'paged_adamw_8bitt'; allowed: adamw_torch"),
+    ({"torch_compile": "yes please"}, "'train.trainer_args.torch_compile' must be bool, got 'yes please'"),
+    ({"neftune_noise_alpha": "loud"}, "'train.trainer_args.neftune_noise_alpha' must be float"),
 ])
 def test_trainer_args_refused_or_unknown_keys_point_to_the_right_key(trainer_args, message):
     with pytest.raises(UserError) as err:
@@ -166,4 +169,14 @@ def test_report_to_a_tracker_that_is_not_installed_says_so(tmp_path):
     cfg = config_from_dict({"model": {"llm": "x"}, "data": {"sources": [{"path": "d.jsonl"}]},
                             "train": {"report_to": missing[0]}})
     with pytest.raises(UserError, match=f"train.report_to: {missing[0]} is not installed here.*pip install"):
+        _training_arguments(cfg, str(tmp_path), None)
+
+
+def test_a_value_transformers_rejects_at_build_is_one_user_error(tmp_path):
+    from llava_ft.engine.run import _training_arguments
+
+    # a valid field and type, but transformers refuses it with train.dataloader_num_workers 0
+    cfg = config_from_dict({"model": {"llm": "x"}, "data": {"sources": [{"path": "d.jsonl"}]},
+                            "train": {"trainer_args": {"dataloader_prefetch_factor": 2}}})
+    with pytest.raises(UserError, match="transformers rejected the TrainingArguments built with train.trainer_args.*prefetch"):
         _training_arguments(cfg, str(tmp_path), None)

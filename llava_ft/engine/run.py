@@ -73,16 +73,15 @@ def resolve_deepspeed(name_or_path: Optional[str]) -> Optional[str]:
 
 def _training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
     import torch
-    from transformers import TrainingArguments
 
-    from llava_ft.engine.tracking import training_kwargs
+    from llava_ft.engine.tracking import training_arguments
     from llava_ft.model.llm import resolve_dtype
 
     t = cfg.train
     dtype = resolve_dtype(cfg.model.dtype)
     on_gpu = torch.cuda.is_available()
-    # training_kwargs adds train.report_to, the validation settings and train.trainer_args
-    return TrainingArguments(**training_kwargs(cfg, dict(
+    # training_arguments adds train.report_to, the validation settings and train.trainer_args
+    return training_arguments(cfg, dict(
         output_dir=work_dir,
         per_device_train_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -109,7 +108,7 @@ def _training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
         deepspeed=deepspeed,
         disable_tqdm=False,
         use_cpu=not on_gpu,
-    )))
+    ))
 
 
 def _print_data_stats(stats: dict) -> None:

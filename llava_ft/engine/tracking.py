@@ -1,7 +1,7 @@
 """The TrainingArguments kwargs llava_ft adds to its own: experiment tracking, validation, trainer_args.
 
-    from llava_ft.engine.tracking import training_kwargs
-    args = TrainingArguments(**training_kwargs(cfg, {"output_dir": ..., "learning_rate": ..., ...}))
+    from llava_ft.engine.tracking import training_arguments
+    args = training_arguments(cfg, {"output_dir": ..., "learning_rate": ..., ...})   # TrainingArguments
 
 `train.report_to` goes to transformers' own integrations (tensorboard writes event files under
 <work_dir>/runs/, wandb/mlflow/... read their usual environment variables); the run is named after the
@@ -12,6 +12,24 @@ from __future__ import annotations
 
 from llava_ft.engine.validation import eval_training_kwargs
 from llava_ft.trainer_args import report_list
+
+
+def training_arguments(cfg, base: dict):
+    """transformers.TrainingArguments from `training_kwargs`; a value transformers rejects (one that the
+    config-load check cannot see, e.g. optim_args) becomes a UserError naming train.trainer_args."""
+    from transformers import TrainingArguments
+
+    from llava_ft.errors import UserError
+
+    kwargs = training_kwargs(cfg, base)
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as err:
+        if not cfg.train.trainer_args:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"transformers rejected the TrainingArguments built with train.trainer_args "
+                        f"{cfg.train.trainer_args}: {first}") from None
 
 
 def training_kwargs(cfg, base: dict) -> dict:
