@@ -100,7 +100,7 @@ def test_hub_id_offline_without_cache_is_one_line(reference, tmp_path):
     assert hub.is_dataset_source(src) and hub.is_hub_id(src.path)
     with pytest.raises(UserError) as err:
         _prepare(src.path, tok, tmp_path, split="train")
-    assert "offline (HF_HUB_OFFLINE=1) and no cached copy" in str(err.value)
+    assert "offline (HF_HUB_OFFLINE=1) with no cached copy of this Hub dataset" in str(err.value)
     assert "\n" not in str(err.value)
     # a local-looking path that does not exist is a missing file, not a Hub id
     with pytest.raises(UserError, match="does not exist"):

@@ -95,9 +95,9 @@ def _load_dataset(src: DataSource, hub: bool):
     except Exception as err:  # datasets/hub raise many types; each becomes one actionable line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if hub and _offline():
-            raise UserError(f"data source '{src.path}': offline (HF_HUB_OFFLINE=1) and no cached copy of this "
-                            "dataset; run once with network access (or unset HF_HUB_OFFLINE), or point "
-                            "data.sources[].path at a local copy") from None
+            raise UserError(f"data source '{src.path}': no such local path, and offline (HF_HUB_OFFLINE=1) with "
+                            "no cached copy of this Hub dataset; run once with network access (or unset "
+                            "HF_HUB_OFFLINE), or point data.sources[].path at a local copy") from None
         if hub and type(err).__name__ in ("DatasetNotFoundError", "FileNotFoundError", "RepositoryNotFoundError"):
             raise UserError(f"data source '{src.path}': no such dataset on the Hugging Face Hub (or no access: "
                             f"log in with `hf auth login`); a local path must exist ({first})") from None
