@@ -185,3 +185,16 @@ def test_column_mapping_on_json_files_and_format_line(reference, demo_data, tmp_
                    columns={"conversations": "dialog", "image": "pic"}).dataset
     assert "renamed.jsonl: format auto -> llava (keys: id, conversations, image)" in capsys.readouterr().out
     assert list(got["input_ids"]) == list(ref["input_ids"])
+
+
+def test_text_config_on_a_dataset_with_images_says_what_is_missing(demo_data, tiny_qwen2, tmp_path):
+    from llava_ft.engine import run_training
+
+    folder = tmp_path / "trl"
+    llava_json_as_dataset(demo_data["finetune"], demo_data["image_folder"], "trl").save_to_disk(str(folder))
+    cfg = config_from_dict({"model": {"llm": tiny_qwen2},
+                            "data": {"sources": [{"path": str(folder)}], "template": "qwen_chat",
+                                     "cache_dir": str(tmp_path / "cache")},
+                            "train": {"max_steps": 1}})
+    with pytest.raises(UserError, match="60 sample\\(s\\) carry images but model.visual_encoder is not set"):
+        run_training(cfg, work_dir=str(tmp_path / "wd"))
