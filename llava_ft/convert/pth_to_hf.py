@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 

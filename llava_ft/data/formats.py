@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Callable, Iterator, Optional
 
 from llava_ft import IMAGE_TOKEN
@@ -268,6 +267,8 @@ def iter_records(source: DataSource, on_problem: Optional[OnProblem] = None) -> 
         raise UserError(f"unknown data format '{fmt}'; valid formats: auto, {', '.join(FORMATS)}")
     base_dir = os.path.dirname(os.path.abspath(source.path))
     for index, (where, row) in enumerate(iter_raw(source.path, on_problem)):
+        if getattr(source, "columns", None):
+            row = rename_keys(row, source.columns)
         try:
             rec_fmt = detect_format(row, where, source.image_folder) if fmt == "auto" else fmt
             record = to_record(row, rec_fmt, where, index, source.image_folder, base_dir)
@@ -276,6 +277,20 @@ def iter_records(source: DataSource, on_problem: Optional[OnProblem] = None) -> 
                 raise
             on_problem(getattr(err, "reason", "malformed"), str(err))
             continue
+        if fmt == "auto":
+            print(f"[llava_ft] {source.path}: format auto -> {rec_fmt} (keys: {', '.join(row)})", flush=True)
         fmt = rec_fmt
         yield record
+
+
+def rename_keys(row: dict, columns: dict) -> dict:
+    """`data.sources[].columns` on one record: {llava_ft name: the record's key} -> keys llava_ft reads."""
+    if not isinstance(row, dict):
+        return row
+    mapped = set(columns.values())
+    out = {k: v for k, v in row.items() if k not in mapped and k not in columns}
+    for name, key in columns.items():
+        if key in row:
+            out[name] = row[key]
+    return out
 

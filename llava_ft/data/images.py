@@ -2,6 +2,7 @@
 
     img = load_image(path, sample_id="42")            # PIL RGB; BadImageError (a UserError) names id + path
     img = normalize_image(pil)                        # the same conversion for an image decoded elsewhere
+    img = load_image_bytes(data, "org/ds[#3].images[0]", "42")   # same, for an image stored in a dataset
     img = expand2square(img, ve.image_mean)           # pad with the processor's mean colour (LLaVA-1.5)
     problems = verify_images(dataset, num_threads=16) # [ImageProblem(sample_id, path, reason)], no full decode
 
@@ -86,6 +87,17 @@ def load_image(path: str, sample_id="?") -> Image.Image:
         raise BadImageError(sample_id, path, f"cannot decode ({type(err).__name__}: {err})") from None
 
 
+def load_image_bytes(data: bytes, name: str = "<bytes>", sample_id="?") -> Image.Image:
+    """`load_image` for an encoded image held in memory (a datasets.Image stored in the dataset);
+    `name` labels it in errors (e.g. `org/ds[#12].images[0]`)."""
+    import io
+
+    try:
+        return load_image(io.BytesIO(data), sample_id)
+    except BadImageError as err:
+        raise BadImageError(sample_id, name, err.reason) from None
+
+
 def expand2square(img: Image.Image, background=(0, 0, 0)) -> Image.Image:
     """Pad the shorter side, centring the image (LLaVA-1.5 `pad` aspect ratio); background is 0-255 RGB."""
     width, height = img.size
@@ -134,10 +146,22 @@ def check_image_file(path: str) -> Optional[str]:
 
 
 def _rows(rows) -> Iterable[dict]:
-    # A datasets.Dataset: read only the two columns needed instead of decoding input_ids too.
+    # A datasets.Dataset: read only the columns needed instead of decoding input_ids too.
     if hasattr(rows, "select_columns") and hasattr(rows, "column_names"):
-        return rows.select_columns([c for c in ("id", "images") if c in rows.column_names])
+        return rows.select_columns([c for c in ("id", "images", "image_bytes") if c in rows.column_names])
     return rows
+
+
+def check_image_bytes(data: bytes) -> Optional[str]:
+    """`check_image_file` for an image held in memory: reason it is unusable, or None (PIL verify, no decode)."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+    except Exception as err:  # PIL raises many types for broken data
+        return f"cannot decode ({type(err).__name__}: {err})"
+    return None
 
 
 def verify_images(rows, num_threads: int = 16, progress: bool = False) -> list[ImageProblem]:
@@ -147,8 +171,15 @@ def verify_images(rows, num_threads: int = 16, progress: bool = False) -> list[I
     Returns the problems (empty list = all good), one per bad file, naming the first sample using it.
     """
     users: dict[str, list] = {}
+    embedded: list = []  # ImageProblem for images stored in the dataset (bytes), checked here one by one
     for row in _rows(rows):
-        for path in row.get("images") or []:
+        paths = row.get("images") or []
+        for path, blob in zip(paths, row.get("image_bytes") or [b""] * len(paths)):
+            if blob:
+                reason = check_image_bytes(blob)
+                if reason is not None:
+                    embedded.append(ImageProblem(str(row.get("id", "?")), path, reason))
+                continue
             users.setdefault(path, []).append(row.get("id", "?"))
     paths: Sequence[str] = list(users)
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
@@ -158,5 +189,5 @@ def verify_images(rows, num_threads: int = 16, progress: bool = False) -> list[I
 
             results = tqdm(results, total=len(paths), desc="checking images", unit="img")
         reasons = list(results)
-    return [ImageProblem(str(users[p][0]), p, reason, len(users[p]) - 1)
-            for p, reason in zip(paths, reasons) if reason is not None]
+    return embedded + [ImageProblem(str(users[p][0]), p, reason, len(users[p]) - 1)
+                       for p, reason in zip(paths, reasons) if reason is not None]

@@ -8,7 +8,8 @@
     ds.num_bad_images  # images found unreadable during training (summed over DataLoader workers)
     ds["modality_length"], ds.column_names   # columns of the prepared dataset (for the sampler)
 
-Images are opened in `__getitem__`, i.e. inside DataLoader worker processes, never all up front. Each
+Images are opened in `__getitem__`, i.e. inside DataLoader worker processes, never all up front: files by
+path, or (images stored inside a `datasets` source) the row's `image_bytes`, decoded by the same function. Each
 sample must have exactly one image per IMAGE_TOKEN_INDEX in its input_ids (else UserError naming the
 sample id). A truncated or corrupt image met during training:
   * skip_bad_samples=true: logged with sample id, path and reason (not the error's advice to set the
@@ -28,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llava_ft import IMAGE_TOKEN_INDEX
-from llava_ft.data.images import BadImageError, expand2square, load_image
+from llava_ft.data.images import BadImageError, expand2square, load_image, load_image_bytes
 from llava_ft.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,10 @@ class LlavaDataset(Dataset):
         if not paths:
             return None
         tensors, sizes = [], []
-        for path in paths:
-            img = load_image(path, row.get("id", "?"))
+        # Images stored inside a `datasets` source arrive as encoded bytes (llava_ft.data.hub); b"" = a path.
+        data = list(row.get("image_bytes") or [b""] * len(paths))
+        for path, blob in zip(paths, data):
+            img = load_image_bytes(blob, path, row.get("id", "?")) if blob else load_image(path, row.get("id", "?"))
             if self.anyres is not None:
                 # AnyRes: the overview + tiles of each image; its size tells the model how to lay them out.
                 sizes.append((img.height, img.width))

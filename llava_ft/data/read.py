@@ -37,7 +37,7 @@ REASON_UNREADABLE_IMAGE = "unreadable_image"
 
 @dataclass
 class SourceData:
-    records: list = field(default_factory=list)  # list[list[str]], one list per data source
+    records: list = field(default_factory=list)  # list[list[str]], one per data source (None: `datasets` source)
     skipped: dict = field(default_factory=dict)  # {reason: n}
     outside_image_folder: int = 0  # image paths resolving outside their image_folder
     outside_example: Optional[str] = None  # "sample 7: ../elsewhere/x.png" (the first one)
@@ -63,8 +63,11 @@ def check_sources(data_cfg: DataConfig) -> None:
     """Every data file and image folder exists (UserError naming the first that does not)."""
     if not data_cfg.sources:
         raise UserError("data.sources is empty; add at least one {path: ...} entry")
+    from llava_ft.data import hub
+
     for i, src in enumerate(map(_source, data_cfg.sources)):
-        source_files(src.path)
+        if not hub.is_dataset_source(src):  # `datasets` sources (folders, parquet, Hub ids) are opened later
+            source_files(src.path)
         if src.image_folder is not None and not os.path.isdir(src.image_folder):
             raise UserError(f"data.sources[{i}].image_folder '{src.image_folder}' is not a folder; fix the "
                             "path (image paths in the data are relative to it)")
@@ -88,7 +91,13 @@ def read_sources(data_cfg: DataConfig, check_images: bool = False, num_threads: 
     problems = DataProblems(skip=data_cfg.skip_bad_samples, fatal_reasons=frozenset({LIST_CUT}))
     out = SourceData()
     image_rows: list = []
+    from llava_ft.data import hub
+
     for src in map(_source, data_cfg.sources):
+        if hub.is_dataset_source(src):
+            # Read row by row by `datasets` during encoding (llava_ft.data.hub), images stay inside it.
+            out.records.append(None)
+            continue
         records: list = []
         prefix = folder_prefix(src.image_folder) if src.image_folder is not None else None
         for rec in iter_records(src, on_problem=problems.add):

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Optional
 
 from llava_ft import IMAGE_TOKEN
+from llava_ft.data import hub
+from llava_ft.data.images import check_image_bytes
 from llava_ft.data.read import outside_folder
 from llava_ft.fileio import write_json
 from llava_ft.datatools.sources import Plan, Problem, as_dict, encode_lengths, iter_canonical, load_tokenizer
@@ -128,7 +130,7 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
     tokenizer = load_tokenizer(plan.tokenizer) if plan.tokenizer and plan.max_length else None
     report.lengths_checked = tokenizer is not None
     for src in plan.sources:
-        if not os.path.isfile(src.path):
+        if not os.path.isfile(src.path) and not hub.is_dataset_source(_as_source(src)):
             raise UserError(f"data file '{src.path}' does not exist")
         seen: dict[str, int] = {}
         image_refs: dict[str, list] = {}  # image path -> [(line, id)] that use it
@@ -158,7 +160,7 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
                            else "; it will be cut at max_length"), src.path, it.raw.line, rid))
             pending.clear()
 
-        for it in tqdm(iter_canonical(src.path, src.format, src.image_folder, on_problem),
+        for it in tqdm(iter_canonical(src.path, src.format, src.image_folder, on_problem, source=src),
                        desc="check", unit="rec", disable=not progress):
             report.records += 1
             raw_id = it.raw.value.get("id")
@@ -177,7 +179,14 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
                 found = _conversation_problems(it.record)
             for kind, severity, message in found:
                 report.problems.append(Problem(kind, severity, message, src.path, it.raw.line, rid))
-            for image in it.record.get("images") or []:
+            images = it.record.get("images") or []
+            for image, blob in zip(images, it.record.get("image_data") or [b""] * len(images)):
+                if blob:  # stored inside the dataset (llava_ft.data.hub): check the bytes themselves
+                    reason = check_image_bytes(blob)
+                    if reason is not None:
+                        report.problems.append(Problem("unreadable_image", "error", f"{image}: {reason}",
+                                                       src.path, it.raw.line, rid))
+                    continue
                 image_refs.setdefault(image, []).append((it.raw.line, rid))
                 if src.image_folder is not None and outside_folder(image, src.image_folder):
                     report.problems.append(Problem(
@@ -201,6 +210,13 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
                     report.problems.append(Problem(kind, "error", message, src.path, line, rid))
     report.problems.sort(key=lambda p: (report.files.index(p.file) if p.file in report.files else 0, p.line or 0))
     return report
+
+
+def _as_source(src):
+    from llava_ft.config import DataSource
+
+    return src if isinstance(src, DataSource) else DataSource(path=src.path, format=src.format,
+                                                              image_folder=src.image_folder)
 
 
 def format_summary(report: CheckReport, limit: int = 20) -> str:

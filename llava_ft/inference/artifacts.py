@@ -15,7 +15,6 @@ images exactly as training did without the user repeating them.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
