@@ -84,8 +84,10 @@ class ContextLengthError(UserError):
 @dataclass
 class _Prompt:
     ids: list  # token ids; IMAGE_TOKEN_INDEX once per image
-    pixel_values: Optional[torch.Tensor]  # [n_images, 3, H, W] or None
+    pixel_values: Optional[torch.Tensor]  # [n_images, 3, H, W] or None (AnyRes: [all views, 3, S, S])
     length: int  # positions the model sees (image placeholders expanded)
+    image_sizes: Optional[torch.Tensor] = None  # AnyRes: [n_images, 2] (height, width)
+    image_tokens: tuple = ()  # feature vectors per image, in placeholder order
 
 
 class _Cancel:
@@ -122,7 +124,8 @@ class ChatModel:
 
     def __init__(self, model, tokenizer, template, system: Optional[str] = None, image_processor=None,
                  image_mean: Optional[tuple] = None, pad_image_to_square: bool = False,
-                 num_image_tokens: int = 0, hf_llava: bool = False, source: str = "", device=None):
+                 num_image_tokens: int = 0, hf_llava: bool = False, source: str = "", device=None,
+                 anyres=None):
         self.model = model
         self.tokenizer = tokenizer
         self.template = template  # a templates.Template, or "hf" (tokenizer's chat template)
@@ -131,6 +134,9 @@ class ChatModel:
         self.image_mean = image_mean
         self.pad_image_to_square = pad_image_to_square
         self.num_image_tokens = num_image_tokens
+        # AnyRes (llava_ft.model.anyres.AnyResSpec): images become an overview + tiles, and their token
+        # count depends on their size; None = one view of num_image_tokens per image.
+        self.anyres = anyres
         self.hf_llava = hf_llava
         self.source = source
         self.device = device if device is not None else _model_device(model)
@@ -179,11 +185,17 @@ class ChatModel:
         if n_markers != len(images):
             raise UserError(f"the messages hold {n_markers} '{IMAGE_TOKEN}' marker(s) but {len(images)} image(s) "
                             "were given; use one marker per image (or none: images then go first)")
-        pixel_values = None
-        if images:
+        pixel_values = sizes = None
+        counts = [self.num_image_tokens] * len(images)
+        if images and self.anyres is not None:
+            pils = [self.load_image(im) for im in images]
+            pixel_values = torch.cat([self.anyres.views(im) for im in pils])
+            sizes = torch.tensor([(im.height, im.width) for im in pils], dtype=torch.long)
+            counts = [self.anyres.num_tokens(hw) for hw in sizes.tolist()]
+        elif images:
             pixel_values = torch.stack([self.image_processor(self.load_image(im)) for im in images])
-        length = len(ids) + len(images) * max(self.num_image_tokens - 1, 0)
-        return _Prompt(ids, pixel_values, length)
+        length = len(ids) - len(images) + sum(counts)
+        return _Prompt(ids, pixel_values, length, sizes, tuple(counts))
 
     def fit(self, messages: list, images: Sequence = (), max_new_tokens: int = 0) -> FittedConversation:
         """Drop the oldest user/assistant turns (and their images) until the prompt leaves room for the answer.
@@ -261,9 +273,11 @@ class ChatModel:
         for p in prompts:
             ids = p.ids
             if self.hf_llava:
-                # transformers' Llava wants N image tokens per image (what LlavaProcessor writes).
+                # transformers' Llava wants N image tokens per image (what LlavaProcessor writes); LlavaNext
+                # as many as each image's AnyRes features.
                 image_id = self.model.config.image_token_id
-                ids = [t for x in ids for t in ([image_id] * self.num_image_tokens if x == IMAGE_TOKEN_INDEX else [x])]
+                counts = iter(p.image_tokens)
+                ids = [t for x in ids for t in ([image_id] * next(counts) if x == IMAGE_TOKEN_INDEX else [x])]
             rows.append(ids)
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -275,6 +289,9 @@ class ChatModel:
         pv = [p.pixel_values for p in prompts if p.pixel_values is not None]
         if pv:
             out["pixel_values"] = torch.cat(pv).to(self.device)
+        sizes = [p.image_sizes for p in prompts if p.image_sizes is not None]
+        if sizes:
+            out["image_sizes"] = torch.cat(sizes).to(self.device)
         return out
 
     def _generate(self, inputs: dict, **kw) -> torch.Tensor:
@@ -284,12 +301,17 @@ class ChatModel:
             pv = inputs.get("pixel_values")
             if pv is not None:
                 extra["pixel_values"] = pv.to(self.model.dtype)
+            if "image_sizes" in inputs:
+                # LlavaNext takes the views of all images of the batch as [n_images, max views, 3, S, S].
+                extra["pixel_values"] = _per_image_views(extra["pixel_values"], inputs["image_sizes"], self.anyres)
+                extra["image_sizes"] = inputs["image_sizes"]
             # No pixel_values key at all for a text-only prompt: transformers >= 5.24 runs the vision tower
             # on any `pixel_values` key passed to generate, None included, and crashes on it.
             out = self.model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                       **extra, **kw)
             return out[:, inputs["input_ids"].shape[1]:]
-        return self.model.generate(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"), **kw)
+        return self.model.generate(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
+                                   image_sizes=inputs.get("image_sizes"), **kw)
 
     def _check_fits(self, prompt: _Prompt, settings: Optional[GenerationSettings] = None) -> None:
         if prompt.length >= self.context_length:
@@ -498,3 +520,14 @@ def _model_device(model) -> torch.device:
         return model.get_input_embeddings().weight.device
     except AttributeError:
         return next(model.parameters()).device
+
+
+def _per_image_views(views: torch.Tensor, image_sizes: torch.Tensor, anyres) -> torch.Tensor:
+    """[all views, 3, S, S] -> [n_images, max views, 3, S, S], zero-padded, as LlavaNext's processor batches."""
+    counts = [anyres.num_views(hw) for hw in image_sizes.tolist()]
+    out = views.new_zeros((len(counts), max(counts), *views.shape[1:]))
+    start = 0
+    for i, n in enumerate(counts):
+        out[i, :n] = views[start:start + n]
+        start += n
+    return out
