@@ -74,6 +74,7 @@ class ContextLengthError(UserError):
                  advice: str = "shorten the messages or send fewer images"):
         self.prompt_tokens, self.context_length = int(prompt_tokens), int(context_length)
         self.n_images, self.image_tokens = int(n_images), int(image_tokens)
+        self.index: Optional[int] = None  # generate_batch: which conversation it was
         images = (f", of which {n_images} image(s) take {n_images * image_tokens}" if n_images and image_tokens
                   else "")
         self.summary = (f"the prompt is {self.prompt_tokens} tokens{images}, and the model's context is "
@@ -141,6 +142,7 @@ class ChatModel:
         self.source = source
         self.device = device if device is not None else _model_device(model)
         self._lock = threading.Lock()  # one generation at a time per model (the server may call from threads)
+        self._cap_logged = False
 
     # ---- properties the CLI and server rely on -------------------------------------------------
     @property
@@ -327,7 +329,7 @@ class ChatModel:
         budget = self.answer_budget(prompt.length, settings.max_new_tokens)
         if budget >= settings.max_new_tokens:
             return settings
-        if not getattr(self, "_cap_logged", False):
+        if not self._cap_logged:
             self._cap_logged = True  # said once per model: a server would otherwise log it per request
             log.warning("max_new_tokens %d does not fit beside a %d-token prompt in the model's %d-token context; "
                         "answers are capped at context - prompt (%d here). This is said once.",

@@ -122,7 +122,7 @@ def evaluate(chat_model, items: list, settings, batch_size: int = 8) -> EvalRepo
     try:
         results = chat_model.generate_batch(convs, settings, batch_size=batch_size)
     except ContextLengthError as err:
-        item = items[getattr(err, "index", 0)]
+        item = items[err.index or 0]
         raise UserError(f"question {item.id}: {err.summary}; shorten that question or remove it from --data"
                         ) from None
     preds = []
