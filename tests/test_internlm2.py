@@ -341,6 +341,12 @@ def test_remote_code_needs_the_setting_then_runs_eager_without_loss_kwargs(tiny_
     cm = load_chat_model(str(tmp_path / "b"))
     assert type(cm.model.llm.get_base_model()).__name__ == "TinyRemoteForCausalLM"
     assert cm.model.llm.get_base_model().config._attn_implementation == "eager"
+    # and answers: stop words reach generate as a stopping criterion, never as a `tokenizer` keyword that
+    # would land in a forward without **kwargs
+    from llava_ft.inference import GenerationSettings
+
+    answer = cm.chat([{"role": "user", "content": "Who are you?"}], settings=GenerationSettings(max_new_tokens=4))
+    assert answer.completion_tokens > 0
 
 
 def test_loss_kwargs_reach_only_a_forward_that_takes_them(tiny_llama, tmp_path):

@@ -263,8 +263,12 @@ class ChatModel:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         stops = self.stop_words + tuple(settings.stop or ())
         if stops:
-            # Checked inside generate, so no token is spent after a stop word appears.
-            kw.update(stop_strings=list(stops), tokenizer=tok)
+            # Checked inside generate, so no token is spent after a stop word appears. A StopStringCriteria
+            # rather than generate(stop_strings=, tokenizer=): the `tokenizer` keyword reaches the forward of
+            # models whose own code takes no **kwargs (remote code) and breaks it.
+            from transformers import StopStringCriteria, StoppingCriteriaList
+
+            kw["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(tok, list(stops))])
         return kw
 
     def _to_model_inputs(self, prompts: list) -> dict:
@@ -350,7 +354,7 @@ class ChatModel:
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
             box: dict = {}
             kw = self._gen_kwargs(settings)
-            kw["stopping_criteria"] = _stopping_list(stream._cancel)
+            kw["stopping_criteria"] = _stopping_list(stream._cancel, kw.get("stopping_criteria"))
 
             def work():
                 try:
@@ -449,8 +453,7 @@ class ChatModel:
         prompts = [self.encode(r.messages, r.images) for r in requests]
         max_new = [int(self._fit_settings(p, r.settings).max_new_tokens) for p, r in zip(prompts, requests)]
         kw = self._gen_kwargs(requests[0].settings)
-        kw.pop("stop_strings", None)  # per row, in the streamer: rows have different stop words
-        kw.pop("tokenizer", None)
+        kw.pop("stopping_criteria", None)  # stop words per row, in the streamer: rows have different ones
         kw["max_new_tokens"] = max(max_new)
         streamer = RowStreamer(self.tokenizer, [self.stop_words + tuple(r.settings.stop or ()) for r in requests],
                                max_new, kw["eos_token_id"] or [], [r.on_delta for r in requests],
@@ -484,10 +487,10 @@ class ChatModel:
         return "length"
 
 
-def _stopping_list(cancel: _Cancel):
+def _stopping_list(cancel: _Cancel, others=None):
     from transformers import StoppingCriteriaList
 
-    return StoppingCriteriaList([cancel])
+    return StoppingCriteriaList([*(others or []), cancel])
 
 
 def _strip_after_eos(row: list, eos: list, pad: int) -> list:
