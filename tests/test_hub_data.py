@@ -75,6 +75,11 @@ def test_parquet_folder_is_loaded_like_a_hub_id_with_splits(reference, demo_data
     assert list(train["input_ids"]) + list(val["input_ids"]) == list(ref["input_ids"])
     with pytest.raises(UserError, match="no split 'test'.*train, validation"):
         _prepare(folder, tok, tmp_path, split="test")
+    # a dataset with one split that is not called train: that split is used when none is set
+    only = tmp_path / "only_val"
+    only.mkdir()
+    ds.select(range(4)).to_parquet(str(only / "validation-00000-of-00001.parquet"))
+    assert len(hub.load_source(DataSource(path=str(only)))) == 4
 
 
 def test_column_mapping_and_format_auto(reference, demo_data, tmp_path, capsys):

@@ -30,3 +30,19 @@ def test_eval_loss_two_processes_matches_one(tmp_path):
     one, two = eval_losses(single), eval_losses(multi)
     assert [s for s, _ in one] == [s for s, _ in two] == [2, 4]
     assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=1e-5)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_llava_eval_loss_two_processes_matches_one(tmp_path):
+    # 66 LLaVA + text samples: val_split 0.18 holds out 12 (2 ranks x 3 x 2 batches), image and text rows mixed
+    configs = write_configs(tmp_path)
+    val = ["data.val_split=0.18", "evaluation.every_n_steps=2", "train.max_steps=4", "train.save_steps=4"]
+    single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+    run_cli(["finetune", configs["llava"], ONE_PROCESS, *val, "--work-dir", single])
+    run_cli(["finetune", configs["llava"], *val, "--work-dir", multi], nproc=2)
+    one, two = eval_losses(single), eval_losses(multi)
+    assert [s for s, _ in one] == [s for s, _ in two] == [2, 4]
+    # Training losses agree to 1e-6 here but eval losses only to ~5e-5 relative (4-bit LLM + LoRA vision
+    # tower, fp32 on CPU; the cause of that gap is not pinned down), hence the looser tolerance.
+    assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=2e-4)

@@ -91,8 +91,25 @@ def _load_dataset(src: DataSource, hub: bool):
         kwargs.setdefault("data_files", path)
         path = {"jsonl": "json", "txt": "text", "tsv": "csv"}.get(builder, builder)
     try:
-        loaded = datasets.load_dataset(path, **kwargs)
-    except Exception as err:  # datasets/hub raise many types; each becomes one actionable line
+        # Only the split asked for (default train): a Hub dataset's other splits are not downloaded.
+        return _call_load_dataset(src, hub, path, split=src.split or "train", **kwargs)
+    except _NoSuchSplit:
+        # Load the split list to name it (or, with no split set, to take a dataset's only split).
+        loaded = _call_load_dataset(src, hub, path, **kwargs)
+        return _pick_split(loaded, src) if isinstance(loaded, datasets.DatasetDict) else loaded
+
+
+class _NoSuchSplit(Exception):
+    pass
+
+
+def _call_load_dataset(src: DataSource, hub: bool, path: str, **kwargs):
+    """datasets.load_dataset with its failures turned into one actionable UserError line."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except Exception as err:  # datasets/hub raise many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if hub and _offline():
             raise UserError(f"data source '{src.path}': no such local path, and offline (HF_HUB_OFFLINE=1) with "
@@ -101,10 +118,9 @@ def _load_dataset(src: DataSource, hub: bool):
         if hub and type(err).__name__ in ("DatasetNotFoundError", "FileNotFoundError", "RepositoryNotFoundError"):
             raise UserError(f"data source '{src.path}': no such dataset on the Hugging Face Hub (or no access: "
                             f"log in with `hf auth login`); a local path must exist ({first})") from None
-        if "split" in first.lower() and src.split:
-            raise UserError(f"data source '{src.path}': {first}; set data.sources[].split to an existing split") from None
+        if "split" in kwargs and isinstance(err, (ValueError, KeyError)) and "split" in first.lower():
+            raise _NoSuchSplit() from None
         raise UserError(f"data source '{src.path}': datasets.load_dataset failed: {type(err).__name__}: {first}") from None
-    return _pick_split(loaded, src) if isinstance(loaded, datasets.DatasetDict) else loaded
 
 
 def load_source(src: DataSource):

@@ -191,9 +191,11 @@ def build_train_data(cfg: Config, model, tokenizer, source_data=None, with_eval:
         collator = MultimodalCollator(tokenizer, image_shape=model.visual_encoder.image_shape)
     else:
         from llava_ft.data.collate import TextCollator
+        import pyarrow.compute as pc
+
         from llava_ft.data.packing import arrow_column
 
-        with_images = sum(1 for n in arrow_column(prepared.dataset, "modality_length").to_pylist() if n > 0)
+        with_images = pc.sum(pc.greater(arrow_column(prepared.dataset, "modality_length"), 0)).as_py() or 0
         if with_images:  # e.g. a Hub VLM dataset in a text config: image placeholders would crash the LLM
             raise UserError(f"{with_images} sample(s) carry images but model.visual_encoder is not set; set it "
                             "for a LLaVA run, or use a source without images")
