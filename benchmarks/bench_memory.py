@@ -249,7 +249,7 @@ def _build_gpu_assets(work: str, shape: dict, device: str, n_records: int) -> di
 
 def gpu_qlora_throughput(quick: bool = False, device: str = "cuda", shape: dict | None = None,
                          steps: int | None = None) -> dict:
-    """7B-shaped QLoRA through run_training: text unpacked vs packed and a LLaVA finetune, sdpa vs flash.
+    """7B-shaped QLoRA through run_training: text and LLaVA finetune, each unpacked vs packed, sdpa vs flash.
 
     `device`/`shape`/`steps` exist so a CPU test can run this very code with tiny shapes (no GPU figures)."""
     import torch
@@ -273,8 +273,10 @@ def gpu_qlora_throughput(quick: bool = False, device: str = "cuda", shape: dict 
         else:
             attns = ("sdpa",)
             notes.append("flash-attn not installed (or no GPU): flash_attention_2 runs skipped.")
+        # LLaVA packed: the same records in 2048-position blocks (image features counted), one block a step;
+        # with flash_attention_2 its samples run as varlen sequences (cu_seqlens from the expanded position_ids).
         arms = (("text, unpacked batch 8", "text", False, 8), ("text, packed 2048", "text", True, 1),
-                ("LLaVA finetune, grouped batch 4", "llava", False, 4))
+                ("LLaVA finetune, grouped batch 4", "llava", False, 4), ("LLaVA finetune, packed 2048", "llava", True, 1))
         for attn in attns:
             for label, kind, pack, batch in arms:
                 name = f"gpu_{attn}_{kind}_{'packed' if pack else 'unpacked'}"

@@ -71,8 +71,8 @@ def section_padding(quick: bool = False) -> dict:
                target="<= 1 %", met=100 * packed <= 1),
     ]
     notes = [model_note,
-             "Packing is planned over the same mix to show its waste; llava_ft packs text-only runs (image data + "
-             "packing is refused), so for LLaVA data the grouped figures are the ones that apply.",
+             "Packing is planned over the same mix (image samples counted with their 576 image tokens), as "
+             "data.pack_to_max_length does for LLaVA and text data alike.",
              "Grouped waste falls with the megabatch: at 128 the sorted megabatch still spans the lognormal tails "
              "of 8 batches; llava_ft sorts megabatches of 16 global batches by default (XTuner's sampler uses up to "
              "50), trading a little randomness for padding."]

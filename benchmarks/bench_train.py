@@ -25,8 +25,13 @@ What is compared (docs: benchmarks/results/*.md repeat this in each figure's met
   ratio of epoch times.
 - A third side, llava_ft with length grouping off (random order, as TRL), splits the gain into the part
   grouping brings and the part the rest of the engine brings.
-- Runs alternate llava_ft, TRL, llava_ft random, llava_ft, TRL, ..., each in a fresh process (peak RSS per
-  run); medians.
+- A fourth side, llava_ft packed (`data.pack_to_max_length: true`): the same samples packed best-fit into
+  `max_length` blocks (image features counted), per-device batch 1 (blocks are ~max_length; grouped
+  micro-batches hold about as many positions), same accumulation, one epoch over all blocks -- so the same
+  samples and supervised tokens as the other sides, in fewer, fuller steps.
+- Runs alternate llava_ft, TRL, llava_ft random, llava_ft packed, llava_ft, ..., each in a fresh process
+  (peak RSS per run); medians. `python benchmarks/bench_train.py --repeats 1 --sides llava_ft,llava_ft_packed`
+  runs a subset (a reduced run on a busy machine).
 """
 from __future__ import annotations
 
@@ -215,17 +220,25 @@ class CountingCollator:
         self.batches: list = []
 
     def __call__(self, features):
+        import torch
+
         from llava_ft import IMAGE_TOKEN_INDEX
 
         batch = self.inner(features)
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        real_rows = mask.sum(dim=1)
+        ids, labels = batch["input_ids"], batch["labels"]
         if self.expands_images:
-            n_img = (ids == IMAGE_TOKEN_INDEX).sum(dim=1)
-            real_rows = real_rows + n_img * (self.num_image_tokens - 1)
-        padded = int(real_rows.max()) * ids.shape[0] if self.expands_images else ids.numel()
+            # From the rows themselves: packed batches carry position_ids, no attention_mask. A row (sample or
+            # packed block) runs over its ids with each placeholder expanded; rows pad to the longest.
+            real_rows = torch.tensor([len(f["input_ids"]) + (self.num_image_tokens - 1) * sum(
+                1 for t in f["input_ids"] if t == IMAGE_TOKEN_INDEX) for f in features])
+            padded = int(real_rows.max()) * ids.shape[0]
+        else:
+            real_rows = batch["attention_mask"].sum(dim=1)
+            padded = ids.numel()
+        # A packed row holds several samples; its id lists them ("a,b,c").
+        samples = sum(1 + str(f.get("id", "")).count(",") for f in features) if self.expands_images else ids.shape[0]
         self.batches.append({"real": int(real_rows.sum()), "supervised": int((labels != -100).sum()),
-                             "padded": int(padded), "samples": int(ids.shape[0]), "t": time.perf_counter()})
+                             "padded": int(padded), "samples": int(samples), "t": time.perf_counter()})
         return batch
 
 
@@ -273,7 +286,8 @@ def summarize(timer, counter: CountingCollator, framework: str) -> dict:
 # the two sides (each runs in a fresh process: `bench_train.py --child llava_ft|trl --assets FILE --out FILE`)
 
 
-def run_llava_ft(assets: dict, work: str, grouped: bool = True) -> dict:
+def run_llava_ft(assets: dict, work: str, side: str = "llava_ft") -> dict:
+    """side: llava_ft (length-grouped), llava_ft_random (grouping off) or llava_ft_packed."""
     from transformers import set_seed
 
     from llava_ft.engine.run import build_train_data, training_arguments
@@ -283,10 +297,15 @@ def run_llava_ft(assets: dict, work: str, grouped: bool = True) -> dict:
     s = assets["settings"]
     cfg = llava_ft_config(assets, s, work)
     cfg.model.pretrained_pth = assets["init_pth"]  # same projector/LoRA init as the exported model
-    cfg.train.group_by_length = grouped  # False: plain random order, to split grouping's gain from the rest
+    cfg.train.group_by_length = side == "llava_ft"  # random order: splits grouping's gain from the rest
+    if side == "llava_ft_packed":
+        # One epoch over every block (the same samples as the other sides), one ~max_length block per micro-batch.
+        cfg.data.pack_to_max_length = True
+        cfg.train.per_device_batch_size = 1
+        cfg.train.max_steps, cfg.train.num_epochs = -1, 1.0
     set_seed(cfg.train.seed)
     model, tok = build_model(cfg, for_training=True)
-    dataset, collator, _ = build_train_data(cfg, model, tok)
+    dataset, collator, stats = build_train_data(cfg, model, tok)
     counter = CountingCollator(collator, assets["num_image_tokens"], expands_images=True)
     timer = make_timer_callback()
     # The engine's own pieces, as run_training composes them (plus our timer; no log/plot/eval callbacks,
@@ -296,7 +315,10 @@ def run_llava_ft(assets: dict, work: str, grouped: bool = True) -> dict:
     trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, data_collator=counter,
                              callbacks=[timer], llava_cfg=cfg, work_dir=os.path.join(work, "run_llava_ft"))
     trainer.train()
-    return summarize(timer, counter, "llava_ft" if grouped else "llava_ft_random")
+    out = summarize(timer, counter, side)
+    if stats.get("packing"):
+        out["packing"] = stats["packing"]
+    return out
 
 
 def run_trl(assets: dict, work: str) -> dict:
@@ -350,7 +372,7 @@ def _child(which: str, assets_file: str, out: str) -> None:
     if which == "trl":
         result = run_trl(assets, work)
     else:
-        result = run_llava_ft(assets, work, grouped=which == "llava_ft")
+        result = run_llava_ft(assets, work, side=which)
     with open(out, "w") as fh:
         json.dump(result, fh)
 
@@ -359,30 +381,71 @@ def _run_side(which: str, assets_file: str, timeout: float) -> dict:
     return run_json_child("bench_train.py", ["--child", which, "--assets", assets_file], timeout, f"{which} run")
 
 
-def section_train(quick: bool = False) -> dict:
+SIDES = {"llava_ft": "llava_ft (length-grouped)", "trl": "TRL SFTTrainer (random)",
+         "llava_ft_random": "llava_ft (random order)", "llava_ft_packed": "llava_ft (packed)"}
+
+
+def _ratio_figures(med: dict) -> list:
+    """The ratios between sides, for the sides that ran."""
+    def rate(w):
+        return med[w]["tokens_per_s"]
+
+    figs = []
+    if {"llava_ft_random", "trl"} <= set(med):
+        figs.append(figure("llava_ft random order / TRL tokens/s", rate("llava_ft_random") / rate("trl"), "x",
+                           "the same ratio with llava_ft's length grouping off (train.group_by_length=false): the "
+                           "part of the gain that does not come from grouping"))
+    if {"llava_ft", "trl"} <= set(med):
+        ratio = rate("llava_ft") / rate("trl")
+        figs.append(figure("llava_ft / TRL tokens/s", ratio, "x",
+                           "ratio of the medians above (same model weights, data, batch, precision, steps; equal token "
+                           "totals, so this is TRL's epoch time / llava_ft's)", target=">= 1.5 x", met=ratio >= 1.5))
+    if {"llava_ft_packed", "llava_ft"} <= set(med):
+        ratio = rate("llava_ft_packed") / rate("llava_ft")
+        figs.append(figure("llava_ft packed / grouped tokens/s", ratio, "x",
+                           "ratio of the medians above: the same samples and supervised tokens, one epoch each; "
+                           "packed = best-fit blocks of max_length, batch 1 x the same accumulation",
+                           target=">= 1.3 x", met=ratio >= 1.3))
+    if {"llava_ft_packed", "llava_ft_random"} <= set(med):
+        figs.append(figure("llava_ft packed / random order tokens/s", rate("llava_ft_packed") / rate("llava_ft_random"),
+                           "x", "ratio of the medians above: packing against unsorted padded batches (what packing "
+                           "gains where no length grouping is done)"))
+    if {"llava_ft_packed", "trl"} <= set(med):
+        figs.append(figure("llava_ft packed / TRL tokens/s", rate("llava_ft_packed") / rate("trl"), "x",
+                           "ratio of the medians above"))
+    if "llava_ft_packed" in med:
+        waste = 100 * med["llava_ft_packed"]["padding_waste"]
+        figs.append(figure("llava_ft packed: padding", waste, "%",
+                           "1 - real tokens / positions the model ran over, whole epoch (blocks are not padded to "
+                           "max_length: a block's row is as long as its samples)", target="<= 0.5 %", met=waste <= 0.5))
+    return figs
+
+
+def section_train(quick: bool = False, repeats: int | None = None, sides: tuple = tuple(SIDES)) -> dict:
     s = settings(quick)
+    repeats = repeats or s["repeats"]
     work = tempfile.mkdtemp(prefix="bench_train_")
     try:
         assets = make_assets(work, quick)
         assets_file = os.path.join(work, "assets.json")
         with open(assets_file, "w") as fh:
             json.dump(assets, fh)
-        runs: dict = {"llava_ft": [], "trl": [], "llava_ft_random": []}
-        for _ in range(s["repeats"]):
-            for which in runs:  # A B C A B C: drift of a shared machine hits every side
+        runs: dict = {w: [] for w in SIDES if w in sides}
+        for _ in range(repeats):
+            for which in runs:  # A B C D A B C D: drift of a shared machine hits every side
                 runs[which].append(_run_side(which, assets_file, timeout=240 if quick else 900))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = {w: {k: median([r[k] for r in rs]) for k in ("tokens_per_s", "samples_per_s", "supervised_tokens_per_s",
                                                        "padding_waste", "peak_rss_mb", "epoch_seconds")}
            for w, rs in runs.items()}
-    ratio = med["llava_ft"]["tokens_per_s"] / med["trl"]["tokens_per_s"]
     dev = "GPU, bf16" if has_gpu() else "CPU, fp32"
-    common = (f"{dev}; batch {s['batch']} x accum {s['accum']}, one epoch of {s['steps']} steps per run, whole-epoch "
-              f"wall time incl. data loading and step 1; median of {s['repeats']} alternating runs")
+    common = (f"{dev}; batch {s['batch']} x accum {s['accum']} (packed: 1 block x accum {s['accum']}), one epoch of "
+              f"the same {assets['samples']} samples per run, whole-epoch wall time incl. data loading and step 1; "
+              f"median of {repeats} alternating runs")
     figs = []
-    for w, label in (("llava_ft", "llava_ft (length-grouped)"), ("trl", "TRL SFTTrainer (random)"),
-                     ("llava_ft_random", "llava_ft (random order)")):
+    for w in runs:
+        label = SIDES[w]
         figs += [
             figure(f"{label}: tokens/s", med[w]["tokens_per_s"], "tokens/s",
                    "real tokens (text + image features, no padding) / epoch seconds; " + common),
@@ -397,16 +460,9 @@ def section_train(quick: bool = False) -> dict:
                    "peak RSS of the run's own process (ru_maxrss), model load included" if not has_gpu()
                    else "torch.cuda.max_memory_allocated of the run's process"),
         ]
-    figs.append(figure("llava_ft random order / TRL tokens/s",
-                       med["llava_ft_random"]["tokens_per_s"] / med["trl"]["tokens_per_s"], "x",
-                       "the same ratio with llava_ft's length grouping off (train.group_by_length=false): the part of "
-                       "the gain that does not come from grouping"))
-    figs.append(figure("llava_ft / TRL tokens/s", ratio, "x",
-                       "ratio of the medians above (same model weights, data, batch, precision, steps; equal token "
-                       "totals, so this is TRL's epoch time / llava_ft's)",
-                       target=">= 1.5 x", met=ratio >= 1.5))
-    epoch_sup = {w: [r["epoch_totals"]["supervised"] for r in rs] for w, rs in runs.items()}
-    epoch_real = {w: [r["epoch_totals"]["real"] for r in rs] for w, rs in runs.items()}
+    figs += _ratio_figures(med)
+    epoch = {w: {k: [r["epoch_totals"][k] for r in rs] for k in ("supervised", "real", "padded", "samples")}
+             for w, rs in runs.items()}
     notes = [
         f"Model: random-init Qwen2 (hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads / {s['kv_heads']} KV, "
         f"MLP {s['inter']}, vocab {s['vocab'] or 'demo'}) + CLIP ({s['vis_hidden']} wide, {s['vis_layers']} layers, "
@@ -414,21 +470,28 @@ def section_train(quick: bool = False) -> dict:
         f"{assets['n_params'] / 1e6:.1f} M parameters ({assets['n_params'] * 4 / 2**20:.0f} MiB fp32). "
         f"TRL's copy {assets['hf_how']}.",
         f"LoRA r={s['lora_r']} alpha={s['lora_alpha']} dropout 0.05 on every LLM Linear but lm_head, projector trained, "
-        "tower frozen, on both sides.",
+        "tower frozen, on every side.",
         f"Data: {assets['samples']} LLaVA-mix-like samples (one epoch), lengths = bench_sampler's model scaled by "
         f"{s['scale']:g}, cap {s['max_length']}; 1-3 turns; qwen_chat layout.",
-        f"Same work check, whole epoch: supervised tokens llava_ft {epoch_sup['llava_ft']} vs TRL {epoch_sup['trl']}; "
-        f"real tokens llava_ft {epoch_real['llava_ft']} vs TRL {epoch_real['trl']} (small differences come from "
-        "tokenizing the chat template as one string in TRL vs per segment in llava_ft/XTuner).",
-        "Where the difference comes from: positions the model ran over per epoch (real + padding) llava_ft "
-        f"{median([r['epoch_totals']['padded'] for r in runs['llava_ft']]):,.0f} vs TRL "
-        f"{median([r['epoch_totals']['padded'] for r in runs['trl']]):,.0f}. llava_ft in random order pads as much as "
-        "TRL, so its ratio to TRL is the part not due to grouping (per-step work: TRL's processor collator "
-        "preprocesses images in the training process and it computes entropy/accuracy of every batch); "
-        "grouped / random order is grouping's part.",
-        "Per-run step seconds: " + "; ".join(f"{r['framework']} {r['step_seconds']}" for rs in zip(*runs.values())
-                                             for r in rs),
+        "Same work check, whole epoch: " + "; ".join(
+            f"{w}: supervised tokens {e['supervised']}, real tokens {e['real']}, samples {e['samples']}"
+            for w, e in epoch.items())
+        + " (TRL differs slightly: it tokenizes the chat template as one string, llava_ft/XTuner per segment).",
+        "Positions the model ran over per epoch (real + padding): " + ", ".join(
+            f"{w} {median(e['padded']):,.0f}" for w, e in epoch.items())
+        + ". llava_ft in random order pads as much as TRL, so its ratio to TRL is the part not due to grouping "
+        "(per-step work: TRL's processor collator preprocesses images in the training process and it computes "
+        "entropy/accuracy of every batch); grouped / random order is grouping's part; packed / grouped is what "
+        "packing adds on top (no padding at all, fewer and fuller steps).",
     ]
+    if "llava_ft_packed" in runs:
+        pk = runs["llava_ft_packed"][0].get("packing", {})
+        notes.append(f"Packing plan (llava_ft.data.packing, best-fit decreasing into {s['max_length']}-position blocks): "
+                     f"{pk.get('samples')} samples -> {pk.get('blocks')} blocks ({pk.get('image_blocks')} with images), "
+                     f"{100 * pk.get('padding_ratio', 0):.2f} % of blocks x max_length unused; "
+                     f"{len(runs['llava_ft_packed'][0]['step_seconds'])} optimizer steps an epoch.")
+    notes.append("Per-run step seconds: " + "; ".join(f"{r['framework']} {r['step_seconds']}"
+                                                      for rs in zip(*runs.values()) for r in rs))
     return section("train", "Training throughput: llava_ft vs TRL SFTTrainer", figs, notes)
 
 
@@ -437,14 +500,20 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--child", choices=("llava_ft", "llava_ft_random", "trl"))
+    ap.add_argument("--child", choices=tuple(SIDES))
     ap.add_argument("--assets")
     ap.add_argument("--out")
+    ap.add_argument("--repeats", type=int, help="runs per side (default 3, quick 1)")
+    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
     args = ap.parse_args()
     if args.child:
         _child(args.child, args.assets, args.out)
     else:
-        print(json.dumps(section_train(args.quick), indent=1))
+        sides = tuple(w.strip() for w in args.sides.split(",") if w.strip())
+        unknown = sorted(set(sides) - set(SIDES))
+        if unknown:
+            ap.error(f"unknown side(s) {', '.join(unknown)}; choose from {', '.join(SIDES)}")
+        print(json.dumps(section_train(args.quick, repeats=args.repeats, sides=sides), indent=1))
 
 
 if __name__ == "__main__":

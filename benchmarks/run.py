@@ -47,6 +47,7 @@ SECTIONS = {
     "data_wait": ("bench_data_wait", "section_data_wait", "Data loading: time the step waits for the DataLoader",
                   1200, 600),
     "generation": ("bench_sections", "section_generation", "Generation: chat and server", 1200, 600),
+    "anyres": ("bench_anyres", "section_anyres", "AnyRes cost: image tokens and step time vs pad", 900, 300),
     "gpu": ("bench_memory", "section_gpu", "GPU: 7B-shaped LLaVA QLoRA throughput and MFU", 3000, 600),
 }
 

@@ -36,6 +36,7 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attention_2")
 VISION_TYPES = ("auto", "clip", "siglip", "open_clip")
+IMAGE_ASPECTS = ("pad", "anyres")
 PHASES = ("auto", "sft", "incremental_pretrain", "pretrain", "finetune")
 TRUNCATIONS = ("drop", "cut_text")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -58,7 +59,8 @@ class ModelConfig:
     tokenizer: Optional[str] = None  # defaults to `llm`
     dtype: str = "auto"  # auto: bf16 where the device supports it, fp32 on CPU
     quantization: str = "none"  # 4bit = NF4 + double quant (QLoRA)
-    attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on a GPU, else sdpa
+    attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on a GPU, else sdpa (eager if unsupported)
+    trust_remote_code: bool = False  # run a model folder's own Python code (auto_map); InternLM2 never needs it
     gradient_checkpointing: bool = False
     freeze_llm: bool = False  # true: LLM weights never train (LoRA, if enabled, still does)
     llm_lora: LoraSettings = field(default_factory=LoraSettings)
@@ -73,6 +75,14 @@ class ModelConfig:
         default_factory=lambda: LoraSettings(enabled=False, r=64, alpha=16, dropout=0.05)
     )
     pretrained_pth: Optional[str] = None  # iter_N.pth of a pretrain run (projector weights)
+    # pad: one tower-sized view per image (LLaVA-1.5). anyres: LLaVA-NeXT tiles from image_grid_pinpoints
+    # (default: LLaVA-NeXT's, scaled to the tower) + an overview, and a learned newline per feature row.
+    image_aspect: str = "pad"
+    image_grid_pinpoints: Optional[list] = None  # [[height, width], ...], multiples of the tower's input
+    max_image_tiles: Optional[int] = None  # drop pinpoints needing more tiles than this
+    # A released LlavaForConditionalGeneration (folder or hub id): LLM, tower, projector, tokenizer and
+    # processor settings all come from it (model.llm / visual_encoder / visual_select_layer are then ignored).
+    llava: Optional[str] = None
 
 
 @dataclass
@@ -113,6 +123,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = 3  # stop after this many consecutive NaN/inf loss or grad-norm steps (0: guard off)
     save_steps: int = 500
     save_total_limit: int = 2
     logging_steps: int = 10
@@ -147,7 +158,7 @@ class Config:
 
     @property
     def is_llava(self) -> bool:
-        return bool(self.model.visual_encoder)
+        return bool(self.model.visual_encoder or self.model.llava)
 
     @property
     def resolved_phase(self) -> str:
@@ -170,6 +181,7 @@ CHOICES: dict[str, tuple] = {
     "model.quantization": QUANTIZATIONS,
     "model.attn_implementation": ATTN_IMPLS,
     "model.visual_encoder_type": VISION_TYPES,
+    "model.image_aspect": IMAGE_ASPECTS,
     "data.truncation": TRUNCATIONS,
     "train.lr_scheduler": SCHEDULERS,
     "phase": PHASES,
@@ -283,9 +295,9 @@ def _validate(cfg: Config, where: str) -> None:
             raise UserError(f"{where}: 'data.sources.{i}.path' is empty; set it to a .json/.jsonl/.parquet file")
         if src.repeat < 1:
             raise UserError(f"{where}: 'data.sources.{i}.repeat' must be >= 1, got {src.repeat}")
-    from llava_ft.templates import TEMPLATES  # local import: templates import nothing from config
+    from llava_ft.templates import ALIASES, TEMPLATES  # local import: templates import nothing from config
 
-    names = list(TEMPLATES) + ["hf"]
+    names = list(TEMPLATES) + list(ALIASES) + ["hf"]  # XTuner spellings (phi3_chat, ...) are accepted too
     if cfg.data.template not in names:
         raise UserError(
             f"{where}: 'data.template' is {cfg.data.template!r}; allowed: {', '.join(names)}."
@@ -304,10 +316,22 @@ def _validate(cfg: Config, where: str) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"{where}: '{key}' must be > 0, got {value}")
+    if cfg.train.max_nonfinite_steps < 0:
+        raise UserError(f"{where}: 'train.max_nonfinite_steps' must be >= 0 (0 turns the NaN guard off), "
+                        f"got {cfg.train.max_nonfinite_steps}")
     if cfg.train.learning_rate <= 0:
         raise UserError(f"{where}: 'train.learning_rate' must be > 0, got {cfg.train.learning_rate}")
     if not 0 <= cfg.train.warmup_ratio < 1:
         raise UserError(f"{where}: 'train.warmup_ratio' must be in [0, 1), got {cfg.train.warmup_ratio}")
+    if cfg.model.image_aspect == "anyres" and cfg.data.pad_image_to_square:
+        raise UserError(f"{where}: 'data.pad_image_to_square' does not apply with model.image_aspect=anyres "
+                        "(AnyRes keeps the aspect ratio by tiling); set one of them")
+    if cfg.model.max_image_tiles is not None and cfg.model.max_image_tiles <= 0:
+        raise UserError(f"{where}: 'model.max_image_tiles' must be > 0, got {cfg.model.max_image_tiles}")
+    if cfg.model.llava:
+        from llava_ft.model.llava_hf_import import check_llava_settings  # local: no model imports at load time
+
+        check_llava_settings(cfg.model, where)
     if cfg.model.quantization != "none" and not cfg.model.llm_lora.enabled and not cfg.model.freeze_llm:
         raise UserError(
             f"{where}: a {cfg.model.quantization} LLM cannot be trained fully; set model.llm_lora.enabled=true "

@@ -59,6 +59,11 @@ _LLAMA2_SYSTEM = (
     "toxic, dangerous, or illegal content. Please ensure that your responses are socially unbiased and "
     "positive in nature.\n{system}\n<</SYS>>\n [/INST] "
 )
+_DEEPSEEK_CODER_SYSTEM = (
+    "You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeekCompany, and "
+    "you only answer questions related to computer science. For politically sensitive questions, security and "
+    "privacy issues, and other non-computer science questions, you will refuse to answer. {system}\n"
+)
 _CHATML = dict(
     system="<|im_start|>system\n{system}<|im_end|>\n",
     instruction="<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
@@ -91,11 +96,35 @@ _ALL = [
              suffix="<end_of_turn>", suffix_as_eos=False, sep="\n", stop_words=("<end_of_turn>",)),
     Template("phi3", system="<|system|>\n{system}<|end|>\n", instruction="<|user|>\n{input}<|end|>\n<|assistant|>\n",
              suffix="<|end|>", suffix_as_eos=True, sep="\n", stop_words=("<|end|>",)),
+    # The rest of XTuner's table, same strings and stop words (a key XTuner leaves out is our default).
+    Template("chatglm2", system="{system}\n", instruction="[Round {round}]\n\n问：{input}\n\n答：", sep="\n\n"),
+    Template("chatglm3", system="<|system|>\n{system}", instruction="<|user|>\n{input}<|assistant|>\n", sep="\n"),
+    Template("baichuan_chat", system="{system}\n", instruction="<reserved_102>{input}<reserved_103>", sep="\n"),
+    Template("baichuan2_chat", system="{system}\n", instruction="<reserved_106>{input}<reserved_107>", sep="\n"),
+    Template("deepseek_coder", system=_DEEPSEEK_CODER_SYSTEM, instruction="### Instruction:\n{input}\n### Response:\n",
+             sep="\n"),
+    Template("deepseek_moe", system="[INST] {system} [/INST]\n", instruction="[INST] {input} [/INST]", sep="\n"),
+    Template("deepseek_v2", system="{system}\n\n", instruction="User: {input}\n\nAssistant: ",
+             suffix="<｜end▁of▁sentence｜>", suffix_as_eos=True, stop_words=("<｜end▁of▁sentence｜>",)),
+    Template("cohere_chat", system="<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>{system}<|END_OF_TURN_TOKEN|>",
+             instruction=("<|START_OF_TURN_TOKEN|><|USER_TOKEN|>{input}<|END_OF_TURN_TOKEN|>"
+                          "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>"),
+             suffix="<|END_OF_TURN_TOKEN|>", suffix_as_eos=True, stop_words=("<|END_OF_TURN_TOKEN|>",)),
+    # XTuner's minicpm has no SYSTEM string; a system text then uses the '{system}\n' fallback (format_system).
+    Template("minicpm", instruction="<用户> {input} <AI>", sep="\n"),
+    Template("minicpm3", **_CHATML, stop_words=("<|im_end|>", "<|endoftext|>")),
+    Template("code_llama_chat", system="{system}\n", instruction="[INST] {input} [/INST]"),
+    Template("wizardlm", system=_VICUNA_SYSTEM, instruction="USER: {input} ASSISTANT:", sep="\n"),
+    Template("wizardcoder", system=("Below is an instruction that describes a task. Write a response that "
+                                    "appropriately completes the request.\n\n{system}\n "),
+             instruction="### Instruction:\n{input}\n\n### Response:", sep="\n\n"),
+    Template("moss_sft", system="{system}\n", instruction="<|Human|>: {input}<eoh>\n", sep="\n",
+             stop_words=("<eoc>", "<eom>")),
 ]
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in _ALL}
 # XTuner spellings accepted too, so an XTuner config's prompt_template name works unchanged.
-ALIASES = {"phi3_chat": "phi3"}
+ALIASES = {"phi3_chat": "phi3", "deepseekcoder": "deepseek_coder"}
 
 
 def template_names() -> list[str]:

@@ -64,3 +64,13 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_internlm2(tmp_path_factory) -> str:
+    """InternLM2 hub layout (model_type internlm2, fused wqkv, raising auto_map code, sentencepiece tokenizer),
+    fused from a random Llama saved beside it as `<parent>/llama` (the logits reference)."""
+    from llava_ft.testing.internlm2 import build_tiny_internlm2
+
+    root = tmp_path_factory.mktemp("internlm2")
+    return build_tiny_internlm2(root / "internlm2", reference_dir=root / "llama")

@@ -26,6 +26,7 @@ def _image():
     return draw_shape("red", "circle", random.Random(0), 48)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("tower,quant", [("clip", "none"), ("siglip", "4bit")])
 def test_llava_hf_export_equals_llava_ft(tmp_path, request, tiny_llama, tower, quant):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -82,6 +83,7 @@ def test_llava_hf_refuses_what_transformers_cannot_hold(tmp_path, tiny_llama, ti
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+@pytest.mark.smoke
 def test_text_lora_adapter_loads_alone_and_merges(tmp_path, tiny_llama):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -126,6 +128,7 @@ def test_full_text_run_exports_a_full_model(tmp_path, tiny_qwen2):
     assert AutoTokenizer.from_pretrained(out).eos_token == "</s>"
 
 
+@pytest.mark.smoke
 def test_xtuner_layout_and_vision_merge(tmp_path, tiny_llama, tiny_clip):
     from transformers import CLIPVisionModel
 
@@ -158,7 +161,7 @@ def test_pretrain_checkpoint_exports_projector_only(tmp_path, tiny_llama, tiny_s
     pth = write_random_checkpoint(tmp_path / "run", _raw(tiny_llama, visual_encoder=tiny_siglip, freeze_llm=True))
     out = tmp_path / "xt"
     pth_to_hf(None, pth, out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "llava_ft.json", "projector"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.yaml", "llava_ft.json", "projector"]
 
 
 @pytest.mark.parametrize("tower", ["tiny_clip", "tiny_siglip"])

@@ -37,6 +37,7 @@ def make_cfg(llm, data_path, tmp_path, **overrides):
     return config_from_dict(raw)
 
 
+@pytest.mark.smoke
 def test_qlora_run_learns_only_lora_and_fills_work_dir(tiny_qwen2, demo_data, tmp_path):
     cfg = make_cfg(tiny_qwen2, demo_data["self_cognition"], tmp_path)
     wd = tmp_path / "wd"

@@ -29,6 +29,7 @@ def llava_pth(tmp_path_factory, tiny_llama, tiny_clip):
     return write_random_checkpoint(tmp_path_factory.mktemp("llava_run"), raw)
 
 
+@pytest.mark.smoke
 def test_stream_equals_chat_and_reports_usage(text_model):
     stream = text_model.stream_chat(Q, settings=GREEDY)
     parts = list(stream)
@@ -122,6 +123,7 @@ def test_text_model_refuses_images_and_bad_messages(text_model, tmp_path):
         text_model.chat([{"role": "assistant", "content": "hi"}])
 
 
+@pytest.mark.smoke
 def test_llava_checkpoint_chat_with_images(llava_pth, tmp_path):
     cm = load_chat_model(llava_pth)
     assert cm.supports_images and cm.template.name == "vicuna" and cm.pad_image_to_square

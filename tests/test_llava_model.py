@@ -147,6 +147,7 @@ def test_dummy_image_runs_vision_path_with_zero_effect(llava):
     assert torch.allclose(out.loss, ref.loss, atol=1e-6)
 
 
+@pytest.mark.smoke
 def test_frozen_tower_stays_projector_learns(llava):
     for p in llava.llm.parameters():
         p.requires_grad_(False)
@@ -197,9 +198,11 @@ def test_llava_recipes_load_and_match_xtuner_numbers():
         cfg = load_config(str(path))
         assert cfg.is_llava and cfg.train.warmup_ratio == 0.03 and cfg.train.save_steps == 500
         if cfg.resolved_phase == "pretrain":
-            assert cfg.train.learning_rate == 1e-3 and cfg.train.per_device_batch_size * 8 == 256
+            assert cfg.train.learning_rate == 1e-3
+            assert cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps * 8 == 256
         else:
             assert cfg.resolved_phase == "finetune" and cfg.train.learning_rate == 2e-4
             assert (cfg.model.llm_lora.r, cfg.model.llm_lora.alpha) == (512, 256)
             assert (cfg.model.visual_encoder_lora.r, cfg.model.visual_encoder_lora.alpha) == (64, 16)
-            assert cfg.data.pad_image_to_square and cfg.model.pretrained_pth
+            # LLaVA-1.5 pads to square; AnyRes (LLaVA-NeXT) tiles instead.
+            assert cfg.data.pad_image_to_square == (cfg.model.image_aspect == "pad") and cfg.model.pretrained_pth

@@ -9,6 +9,11 @@ from llava_ft.templates import TEMPLATES, get_template, template_names
 
 USER_NAMES = ["default", "internlm2_chat", "internlm_chat", "qwen_chat", "llama2_chat", "llama3_chat", "vicuna",
               "zephyr", "mistral", "mixtral", "gemma", "phi3", "chatml"]
+# XTuner's other template names (issue 14): every one must be accepted and encode by XTuner's rules.
+XTUNER_MORE = ["chatglm2", "chatglm3", "baichuan_chat", "baichuan2_chat", "deepseek_coder", "deepseek_moe",
+               "deepseek_v2", "cohere_chat", "minicpm", "minicpm3", "code_llama_chat", "wizardlm", "wizardcoder",
+               "moss_sft"]
+USER_NAMES += XTUNER_MORE
 
 RECORD = {"id": "r1", "images": [], "messages": [
     {"role": "system", "content": "Be kind.", "loss": True},
@@ -71,7 +76,58 @@ GOLDEN_TEXT = {
     "phi3": ("<s><|system|>\nBe kind.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\nHello friend<|end|>\n"
              "<|user|>\nBye<|end|>\n<|assistant|>\nSee you<|end|>\n"),
     "zephyr": "<s><|system|>\nBe kind.\n<|user|>\nHi there\n<|assistant|>\nHello friend</s>\n<s><|user|>\nBye\n<|assistant|>\nSee you</s>\n",
+    "chatglm2": "<s>Be kind.\n[Round 1]\n\n问：Hi there\n\n答：Hello friend</s>\n\n<s>[Round 2]\n\n问：Bye\n\n答：See you</s>\n\n",
+    "chatglm3": "<s><|system|>\nBe kind.<|user|>\nHi there<|assistant|>\nHello friend</s>\n<s><|user|>\nBye<|assistant|>\nSee you</s>\n",
+    "baichuan_chat": ("<s>Be kind.\n<reserved_102>Hi there<reserved_103>Hello friend</s>\n"
+                      "<s><reserved_102>Bye<reserved_103>See you</s>\n"),
+    "baichuan2_chat": ("<s>Be kind.\n<reserved_106>Hi there<reserved_107>Hello friend</s>\n"
+                       "<s><reserved_106>Bye<reserved_107>See you</s>\n"),
+    "deepseek_coder": ("<s>You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by "
+                       "DeepSeekCompany, and you only answer questions related to computer science. For politically "
+                       "sensitive questions, security and privacy issues, and other non-computer science questions, "
+                       "you will refuse to answer. Be kind.\n### Instruction:\nHi there\n### Response:\nHello friend"
+                       "</s>\n<s>### Instruction:\nBye\n### Response:\nSee you</s>\n"),
+    "deepseek_moe": "<s>[INST] Be kind. [/INST]\n[INST] Hi there [/INST]Hello friend</s>\n<s>[INST] Bye [/INST]See you</s>\n",
+    "deepseek_v2": ("<s>Be kind.\n\nUser: Hi there\n\nAssistant: Hello friend<｜end▁of▁sentence｜>User: Bye\n\n"
+                    "Assistant: See you<｜end▁of▁sentence｜>"),
+    "cohere_chat": ("<s><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Be kind.<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>"
+                    "<|USER_TOKEN|>Hi there<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Hello friend"
+                    "<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Bye<|END_OF_TURN_TOKEN|>"
+                    "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>See you<|END_OF_TURN_TOKEN|>"),
+    "minicpm": "<s>Be kind.\n<用户> Hi there <AI>Hello friend</s>\n<s><用户> Bye <AI>See you</s>\n",
+    "minicpm3": ("<s><|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+                 "Hello friend<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\nSee you<|im_end|>\n"),
+    "code_llama_chat": "<s>Be kind.\n[INST] Hi there [/INST]Hello friend</s><s>[INST] Bye [/INST]See you</s>",
+    "wizardlm": ("<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+                 "detailed, and polite answers to the user's questions. Be kind.\n USER: Hi there ASSISTANT:Hello friend"
+                 "</s>\n<s>USER: Bye ASSISTANT:See you</s>\n"),
+    "wizardcoder": ("<s>Below is an instruction that describes a task. Write a response that appropriately completes "
+                    "the request.\n\nBe kind.\n ### Instruction:\nHi there\n\n### Response:Hello friend</s>\n\n"
+                    "<s>### Instruction:\nBye\n\n### Response:See you</s>\n\n"),
+    "moss_sft": "<s>Be kind.\n<|Human|>: Hi there<eoh>\nHello friend</s>\n<s><|Human|>: Bye<eoh>\nSee you</s>\n",
 }
+
+# XTuner's STOP_WORDS (an empty list where XTuner gives none): generation stops on these.
+XTUNER_STOP_WORDS = {
+    "chatglm2": (), "chatglm3": (), "baichuan_chat": (), "baichuan2_chat": (), "deepseek_coder": (),
+    "deepseek_moe": (), "deepseek_v2": ("<｜end▁of▁sentence｜>",), "cohere_chat": ("<|END_OF_TURN_TOKEN|>",),
+    "minicpm": (), "minicpm3": ("<|im_end|>", "<|endoftext|>"), "code_llama_chat": (), "wizardlm": (),
+    "wizardcoder": (), "moss_sft": ("<eoc>", "<eom>"),
+}
+
+
+@pytest.mark.parametrize("name", XTUNER_MORE)
+def test_xtuner_stop_words(name):
+    assert get_template(name).stop_words == XTUNER_STOP_WORDS[name]
+
+
+@pytest.mark.parametrize("alias,name", [("deepseekcoder", "deepseek_coder"), ("phi3_chat", "phi3")])
+def test_xtuner_spellings_accepted_in_configs(tok, alias, name):
+    from llava_ft.config import config_from_dict
+
+    assert get_template(alias) is get_template(name)
+    cfg = config_from_dict({"model": {"llm": "x"}, "data": {"template": alias, "sources": [{"path": "a.json"}]}})
+    assert encode_record(RECORD, tok, cfg.data.template, 4096).sample == encode_record(RECORD, tok, name, 4096).sample
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_TEXT))

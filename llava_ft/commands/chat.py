@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, choices=(4, 8), help="load the LLM quantized")
     parser.add_argument("--torch-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    from llava_ft.commands.convert import add_model_loading_arguments
+
+    add_model_loading_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=40)
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
 
     cm = load_chat_model(args.model, adapter=args.adapter, llava=args.llava, visual_encoder=args.visual_encoder,
                          bits=args.bits, torch_dtype=args.torch_dtype, prompt_template=args.prompt_template,
-                         device=args.device, system=args.system)
+                         device=args.device, attn_implementation=args.attn_implementation,
+                         trust_remote_code=args.trust_remote_code, system=args.system)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                   seed=args.seed)

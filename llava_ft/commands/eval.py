@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, choices=(4, 8))
     parser.add_argument("--torch-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    from llava_ft.commands.convert import add_model_loading_arguments
+
+    add_model_loading_arguments(parser)
     parser.add_argument("--data", required=True, help="QA .jsonl (id, question, answer, image) or MMBench .tsv")
     parser.add_argument("--image-folder", help="folder the jsonl image paths are relative to")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -41,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     items = load_qa(args.data, args.image_folder)  # before loading the model: bad data fails fast
     cm = load_chat_model(args.model, adapter=args.adapter, llava=args.llava, visual_encoder=args.visual_encoder,
                          bits=args.bits, torch_dtype=args.torch_dtype, prompt_template=args.prompt_template,
-                         device=args.device, system=args.system)
+                         device=args.device, attn_implementation=args.attn_implementation,
+                         trust_remote_code=args.trust_remote_code, system=args.system)
     report = evaluate(cm, items, GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0),
                       batch_size=args.batch_size)
     out = Path(args.output) if args.output else Path(args.data).with_suffix(".predictions.jsonl")

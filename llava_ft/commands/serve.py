@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, choices=(4, 8), help="load the LLM quantized (bitsandbytes)")
     parser.add_argument("--torch-dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    from llava_ft.commands.convert import add_model_loading_arguments
+
+    add_model_loading_arguments(parser)
     parser.add_argument("--model-name", help="the model id clients send (default: MODEL's folder name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
@@ -62,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             "binding to %s without --api-key: anyone who can reach this address can use the model", args.host)
     chat_model = load_chat_model(args.model, adapter=args.adapter, llava=args.llava,
                                  visual_encoder=args.visual_encoder, bits=args.bits, torch_dtype=args.torch_dtype,
-                                 prompt_template=args.prompt_template, device=args.device)
+                                 prompt_template=args.prompt_template, device=args.device, attn_implementation=args.attn_implementation,
+                         trust_remote_code=args.trust_remote_code)
     name = args.model_name or os.path.basename(os.path.normpath(args.llava or args.adapter or args.model))
     mib = 1024 * 1024
     app = create_app(chat_model, name, api_key=args.api_key, max_queue=args.max_queue, max_batch=args.max_batch,

@@ -7,15 +7,23 @@ The base is loaded unquantized in its saved dtype (or fp32 with `fp32=True`), so
 4-bit base merges into real weights. The tokenizer (LLM) or image processor (vision tower) is saved beside
 the weights: from the adapter folder when it holds one (e.g. `pth_to_hf` saved it), else from the base.
 `llava_ft.json` (prompt template, system) is carried over so `llava_ft chat OUT` prompts as in training.
+
+The base loads the way training loaded it (`llava_ft.model.llm.load_causal_lm`): an InternLM2 base runs
+as Llama, so the merged folder is a plain LlamaForCausalLM (`layout="llama"`, loads in transformers, vLLM,
+llama.cpp converters); `layout="internlm2"` rewrites it in InternLM2's own weight names and config with
+the base's auto_map code and tokenizer files, for InternLM's and XTuner's tools. `trust_remote_code` and
+`attn_implementation` default to what the adapter's run recorded (its llava_ft.json), else false / auto.
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
+from llava_ft.convert.chat_template import training_chat_template
+from llava_ft.convert.model_card import write_model_card
 from llava_ft.errors import UserError
 from llava_ft.fileio import publish_dir, staging_dir
 from llava_ft.inference.artifacts import read_meta, write_meta
@@ -23,14 +31,21 @@ from llava_ft.model.devices import device_map
 
 
 def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size: Union[str, int] = "2GB",
-                  device: str = "cpu", fp32: bool = False) -> str:
+                  device: str = "cpu", fp32: bool = False, layout: str = "llama",
+                  trust_remote_code: Optional[bool] = None, attn_implementation: Optional[str] = None) -> str:
     """Load `base`, apply the adapter, merge, save to `save_dir` (atomically: staged then renamed)."""
     from peft import PeftModel
+
+    from llava_ft.model.internlm2 import LAYOUTS, check_adapter_layout, save_internlm2_layout
 
     adapter_dir = Path(adapter)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: no adapter_config.json; give the PEFT adapter folder "
                         "(pth_to_hf output, or its llm_adapter/ / visual_encoder_adapter/)")
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if is_clip and layout != "llama":
+        raise UserError("--layout applies to LLMs; a vision tower has one layout (drop --layout)")
     kwargs = {"dtype": torch.float32 if fp32 else "auto"}
     dmap = device_map(device, spread=True)
     if dmap is not None:
@@ -38,34 +53,48 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
     if is_clip:
         model, extra = _load_vision(str(base), kwargs)
     else:
-        model, extra = _load_llm(str(base), adapter_dir, kwargs)
+        from llava_ft.inference.loader import recorded_model_settings
+
+        recorded = recorded_model_settings(read_meta(adapter_dir))
+        trust = recorded["trust_remote_code"] if trust_remote_code is None else trust_remote_code
+        attn = attn_implementation or recorded["attn_implementation"]
+        check_adapter_layout(adapter_dir, str(base))
+        model, extra = _load_llm(str(base), adapter_dir, kwargs, trust, attn)
     try:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"adapter {adapter} does not fit base {base}: {str(err).splitlines()[0]}") from None
     merged = model.merge_and_unload()
+    meta = read_meta(adapter_dir)
+    if meta.get("template") and not is_clip:
+        # The merged model prompts like training even when the adapter folder predates chat templates.
+        extra.chat_template = training_chat_template(extra, meta["template"], meta.get("system"))
     tmp = staging_dir(save_dir)
     try:
         merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         extra.save_pretrained(str(tmp))
-        meta = read_meta(adapter_dir)
-        if meta:
-            write_meta(tmp, {**meta, "format": "hf_model", "merged_from": {"base": str(base), "adapter": str(adapter)}})
+        if layout == "internlm2":
+            save_internlm2_layout(tmp, base)
+        origin = {"base": str(base), "adapter": str(adapter)}
+        if meta or layout != "llama":
+            write_meta(tmp, {**meta, "format": "hf_model", "llm_layout": layout, "merged_from": origin})
+        write_model_card(tmp, meta, "hf_model", tokenizer=None if is_clip else extra, merged_from=origin)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return publish_dir(tmp, save_dir)
 
 
-def _load_llm(base: str, adapter_dir: Path, kwargs: dict):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_llm(base: str, adapter_dir: Path, kwargs: dict, trust_remote_code: bool, attn_implementation: str):
+    from types import SimpleNamespace
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    except OSError as err:
-        raise UserError(f"cannot load base model {base}: {str(err).splitlines()[0]}") from None
+    from llava_ft.model.llm import load_causal_lm, load_tokenizer
+
+    model, _ = load_causal_lm(base, dtype=kwargs["dtype"], attn_implementation=attn_implementation,
+                              device_map=kwargs.get("device_map"), trust_remote_code=trust_remote_code,
+                              what="base model", verbose=False)
     tok_src = str(adapter_dir) if (adapter_dir / "tokenizer_config.json").is_file() else base
-    return model, AutoTokenizer.from_pretrained(tok_src)
+    return model, load_tokenizer(SimpleNamespace(llm=tok_src, tokenizer=None, trust_remote_code=trust_remote_code))
 
 
 def _load_vision(base: str, kwargs: dict):

@@ -17,6 +17,12 @@ when it trained in 4-bit, every LoRA is merged, and the result is saved as `Llav
 with its processor (image processor, tokenizer with `<image>` added, chat template from the run's
 prompt template). The modules are moved, not copied, into transformers' Llava classes, so the weight
 names on disk are whatever the installed transformers writes and reads back.
+
+Layouts: llava_ft runs an InternLM2 LLM as Llama, so adapters target the Llama layout (q/k/v_proj, ...)
+and `llava_ft.json` records it (`llm_layout: llama`); they load onto the InternLM2 base through llava_ft
+(which converts it the same way), and an adapter for InternLM2's own layout is refused when loaded.
+Full LLM weights are written in the Llama layout by default; `layout="internlm2"` writes them in
+InternLM2's own names and config (base's auto_map files copied). llava-hf exports are always Llama.
 """
 from __future__ import annotations
 
@@ -27,6 +33,8 @@ from typing import Optional, Union
 import torch
 
 from llava_ft import IMAGE_TOKEN
+from llava_ft.convert.chat_template import training_chat_template
+from llava_ft.convert.model_card import write_model_card
 from llava_ft.errors import UserError
 from llava_ft.fileio import publish_dir, staging_dir
 from llava_ft.inference.artifacts import write_meta
@@ -42,12 +50,44 @@ def _load_config(config):
     return load_config(str(config))
 
 
-def _meta(cfg, fmt: str, pth, step=None) -> dict:
+def _meta(cfg, fmt: str, pth, step=None, layout: str = "llama") -> dict:
     from llava_ft.config import config_to_dict
+    from llava_ft.convert.model_card import run_facts
+    from llava_ft.model.internlm2 import is_internlm2
 
-    return {"format": fmt, "template": cfg.data.template, "system": cfg.data.system,
+    meta = {"format": fmt, "template": cfg.data.template, "system": cfg.data.system,
             "pad_image_to_square": bool(cfg.data.pad_image_to_square), "source": str(pth), "step": step,
-            "config": config_to_dict(cfg)}
+            "llm_layout": layout, "config": config_to_dict(cfg), "card": run_facts(cfg, pth, step)}
+    if is_internlm2(cfg.model.llm):
+        meta["llm_architecture"] = "internlm2"  # the base checkpoint's own architecture (run as Llama)
+    return meta
+
+
+def _check_layout(layout: str, cfg, fmt: str) -> None:
+    from llava_ft.model.internlm2 import LAYOUTS, is_internlm2
+
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "llama":
+        return
+    if fmt == "llava-hf":
+        raise UserError("--format llava-hf is always written in the Llama layout (transformers' Llava classes "
+                        "hold a transformers text model); drop --layout internlm2")
+    if not is_internlm2(cfg.model.llm):
+        raise UserError(f"--layout internlm2 needs an InternLM2 base; model.llm {cfg.model.llm} is not one")
+    m = cfg.model
+    if m.llm_lora.enabled or m.freeze_llm:
+        raise UserError("--layout internlm2 applies to fully trained LLM weights; this run trained a LoRA adapter, "
+                        "which targets the Llama layout: export it as is, then `llava_ft convert merge BASE "
+                        "ADAPTER OUT --layout internlm2`")
+
+
+def _save_full_llm(llm, out: Path, max_shard_size, layout: str, base: str) -> None:
+    llm.save_pretrained(str(out), max_shard_size=max_shard_size)
+    if layout == "internlm2":
+        from llava_ft.model.internlm2 import save_internlm2_layout
+
+        save_internlm2_layout(out, base)
 
 
 def _cast(module: torch.nn.Module, fp32: bool) -> None:
@@ -56,18 +96,21 @@ def _cast(module: torch.nn.Module, fp32: bool) -> None:
 
 
 def pth_to_hf(config, pth, save_dir, fmt: str = "xtuner", fp32: bool = False,
-              max_shard_size: Union[str, int] = "2GB") -> str:
+              max_shard_size: Union[str, int] = "2GB", layout: str = "llama") -> str:
     """Export `pth` (trained with `config`; None = the config saved in the checkpoint). Returns save_dir."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     cfg = _load_config(config)
     if fmt == "llava-hf":
+        if layout != "llama":
+            _check_layout(layout, cfg, fmt)
         return export_llava_hf(cfg, pth, save_dir, fp32=fp32, max_shard_size=max_shard_size)
     from llava_ft.checkpoint import load_iter_and_config
     from llava_ft.inference.loader import build_from_checkpoint
 
     _, meta, saved = load_iter_and_config(str(pth), need_config=cfg is None)
     cfg = cfg or saved
+    _check_layout(layout, cfg, fmt)
     m = cfg.model
     llm_full = not m.freeze_llm and not m.llm_lora.enabled
     # Full weights are saved unquantized; adapters and projectors do not depend on the base's precision.
@@ -77,17 +120,24 @@ def pth_to_hf(config, pth, save_dir, fmt: str = "xtuner", fp32: bool = False,
     try:
         if not cfg.is_llava:
             _cast(model.llm, fp32)
+            tok.chat_template = training_chat_template(tok, cfg.data.template, cfg.data.system)
             if m.llm_lora.enabled:
                 model.llm.save_pretrained(str(tmp))
+                tok.save_pretrained(str(tmp))
             elif llm_full:
-                model.llm.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+                tok.save_pretrained(str(tmp))  # before: the InternLM2 layout replaces it with the base's files
+                _save_full_llm(model.llm, tmp, max_shard_size, layout, m.llm)
             else:
                 raise UserError(f"{pth}: the run trained nothing in the LLM (freeze_llm without LoRA); nothing to export")
-            tok.save_pretrained(str(tmp))
-            write_meta(tmp, _meta(cfg, "peft_adapter" if m.llm_lora.enabled else "hf_model", pth, meta.get("step")))
+            kind = "peft_adapter" if m.llm_lora.enabled else "hf_model"
+            run_meta = _meta(cfg, kind, pth, meta.get("step"), layout)
+            write_meta(tmp, run_meta)
+            write_model_card(tmp, run_meta, kind, tokenizer=tok)
         else:
-            _save_xtuner_llava(model, tok, cfg, tmp, fp32, max_shard_size)
-            write_meta(tmp, _meta(cfg, "xtuner", pth, meta.get("step")))
+            _save_xtuner_llava(model, tok, cfg, tmp, fp32, max_shard_size, layout)
+            run_meta = _meta(cfg, "xtuner", pth, meta.get("step"), layout)
+            write_meta(tmp, run_meta)
+            write_model_card(tmp, run_meta, "xtuner", tokenizer=tok if (tmp / "llm").is_dir() else None)
             from llava_ft.config import save_config
 
             save_config(cfg, tmp / "config.yaml")
@@ -97,7 +147,7 @@ def pth_to_hf(config, pth, save_dir, fmt: str = "xtuner", fp32: bool = False,
     return publish_dir(tmp, save_dir)
 
 
-def _save_xtuner_llava(model, tok, cfg, out: Path, fp32: bool, max_shard_size) -> None:
+def _save_xtuner_llava(model, tok, cfg, out: Path, fp32: bool, max_shard_size, layout: str = "llama") -> None:
     m = cfg.model
     projector = model.projector
     projector.save_pretrained(out / "projector",
@@ -107,8 +157,9 @@ def _save_xtuner_llava(model, tok, cfg, out: Path, fp32: bool, max_shard_size) -
         model.llm.save_pretrained(str(out / "llm_adapter"))
     elif not m.freeze_llm:
         _cast(model.llm, fp32)
-        model.llm.save_pretrained(str(out / "llm"), max_shard_size=max_shard_size)
+        tok.chat_template = training_chat_template(tok, cfg.data.template, cfg.data.system)
         tok.save_pretrained(str(out / "llm"))
+        _save_full_llm(model.llm, out / "llm", max_shard_size, layout, m.llm)
     ve = model.visual_encoder
     if m.visual_encoder_lora.enabled:
         _cast(ve.model, fp32)
@@ -142,8 +193,10 @@ def add_image_token(tokenizer, llm) -> int:
 
 
 def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Union[str, int] = "2GB") -> str:
-    """Merge every LoRA of a LLaVA run and save one LlavaForConditionalGeneration folder + processor."""
-    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    """Merge every LoRA of a LLaVA run and save one LlavaForConditionalGeneration folder + processor
+    (LlavaNextForConditionalGeneration + LlavaNextProcessor for runs with model.image_aspect=anyres)."""
+    from transformers import (GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration, LlavaNextProcessor, LlavaProcessor)
 
     from llava_ft.convert.chat_template import template_to_jinja
     from llava_ft.checkpoint import load_iter_and_config
@@ -161,7 +214,8 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
                         "instead (drop --format)")
     from llava_ft.model.vision import detect_kind
 
-    kind = detect_kind(str(cfg.model.visual_encoder), cfg.model.visual_encoder_type)
+    # A run started from model.llava has a CLIP/SigLIP tower (checked when it loaded).
+    kind = "llava" if cfg.model.llava else detect_kind(str(cfg.model.visual_encoder), cfg.model.visual_encoder_type)
     if kind == "open_clip":
         raise UserError(f"--format llava-hf: the vision tower {cfg.model.visual_encoder} is an OpenCLIP model, which "
                         "has no transformers equivalent for LlavaForConditionalGeneration. Export the XTuner layout "
@@ -171,17 +225,23 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
                                             dtype="fp32" if fp32 else None)
     llm = _merged(model.llm)
     ve = model.visual_encoder
+    kind = ve.kind
     vision = _merged(ve.model)
     image_id = add_image_token(tok, llm)
     strategy = "default" if kind == "clip" else "full"
-    config = LlavaConfig(
+    anyres = getattr(ve, "anyres", None)
+    config_cls, model_cls = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else \
+        (LlavaConfig, LlavaForConditionalGeneration)
+    extra = {"image_grid_pinpoints": anyres.pinpoints} if anyres else {}
+    config = config_cls(
         vision_config=vision.config.to_dict(), text_config=llm.config.to_dict(), image_token_index=image_id,
         image_seq_length=ve.num_image_tokens, projector_hidden_act="gelu",
         vision_feature_select_strategy=strategy, vision_feature_layer=int(ve.select_layer),
         multimodal_projector_bias=True, tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+        **extra,
     )
     with torch.device("meta"):
-        hf = LlavaForConditionalGeneration(config)
+        hf = model_cls(config)
     # Move the trained modules in (no copies): the decoder, the head, the tower and the projector's Linears.
     hf.model.language_model = llm.get_decoder()
     hf.lm_head = llm.get_output_embeddings()
@@ -189,6 +249,8 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
     hf.model.multi_modal_projector.linear_1 = model.projector.layers[0]
     hf.model.multi_modal_projector.linear_2 = model.projector.layers[2]
     hf.model.multi_modal_projector.act = model.projector.layers[1]
+    if anyres:
+        hf.model.image_newline = model.projector.image_newline
     hf.config.text_config.vocab_size = llm.get_input_embeddings().weight.shape[0]
     if fp32:
         hf.to(torch.float32)
@@ -204,8 +266,10 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
     tok.chat_template = jinja
     if ve.processor is None or not hasattr(ve.processor, "save_pretrained"):
         raise UserError(f"the vision tower {cfg.model.visual_encoder} has no Hugging Face image processor to save")
-    processor = LlavaProcessor(
-        image_processor=_llava_image_processor(ve, cfg), tokenizer=tok, patch_size=vision.config.patch_size,
+    processor_cls = LlavaNextProcessor if anyres else LlavaProcessor
+    processor = processor_cls(
+        image_processor=anyres.processor if anyres else _llava_image_processor(ve, cfg), tokenizer=tok,
+        patch_size=vision.config.patch_size,
         vision_feature_select_strategy=strategy, chat_template=jinja, image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if kind == "clip" else 0,
     )
@@ -214,7 +278,9 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
         hf.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         processor.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        write_meta(tmp, _meta(cfg, "llava-hf", pth, meta.get("step")))
+        run_meta = _meta(cfg, "llava-hf", pth, meta.get("step"))
+        write_meta(tmp, run_meta)
+        write_model_card(tmp, run_meta, "llava-hf", tokenizer=tok)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

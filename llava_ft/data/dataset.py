@@ -38,7 +38,7 @@ from llava_ft.templates import HF_TEMPLATE, get_template
 log = logging.getLogger(__name__)
 
 # Bump when encoding/packing output changes, so old caches are not reused.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: packing takes LLaVA data, masks each sample's first label
 _BATCH = 1000
 _FEATURES = datasets.Features({
     "id": datasets.Value("string"),
@@ -84,7 +84,8 @@ def cache_key(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int)
     key = {
         "v": CACHE_VERSION, "files": files, "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": data_cfg.template, "system": data_cfg.system, "max_length": data_cfg.max_length,
-        "num_image_tokens": num_image_tokens, "truncation": data_cfg.truncation,
+        # An int, or an AnyRes counter whose cache_key names its settings (token counts depend on them).
+        "num_image_tokens": getattr(num_image_tokens, "cache_key", num_image_tokens), "truncation": data_cfg.truncation,
         "skip_bad_samples": data_cfg.skip_bad_samples, "pack": data_cfg.pack_to_max_length,
         "shuffle_before_pack": data_cfg.shuffle_before_pack, "seed": seed if data_cfg.pack_to_max_length else None,
     }

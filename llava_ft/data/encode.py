@@ -171,9 +171,18 @@ def _tokenize_unique(tokenizer, texts: set) -> dict:
     return table
 
 
-def _truncate(sample_ids: list, labels: list, n_images: int, max_length: int, num_image_tokens: int,
+def image_feature_tokens(num_image_tokens, images: Sequence) -> int:
+    """Feature vectors the images of one sample become: `num_image_tokens` each (an int), or per image
+    from a counter (AnyRes, where it depends on the image's size: llava_ft.model.anyres)."""
+    if callable(num_image_tokens):
+        return sum(int(num_image_tokens(image)) for image in images)
+    return len(images) * int(num_image_tokens or 0)
+
+
+def _truncate(sample_ids: list, labels: list, images: Sequence, max_length: int, num_image_tokens,
               truncation: str) -> Union[tuple, str]:
-    extra = n_images * max(num_image_tokens - 1, 0)
+    n_images = len(images)
+    extra = max(image_feature_tokens(num_image_tokens, images) - n_images, 0)
     if len(sample_ids) + extra <= max_length:
         return sample_ids, labels
     if n_images:
@@ -213,7 +222,7 @@ def encode_records(records: Sequence[dict], tokenizer, template: Union[Template,
             input_ids += ids
             labels += ids if supervised else [IGNORE_INDEX] * len(ids)
         images = list(record.get("images") or [])
-        cut = _truncate(input_ids, labels, len(images), max_length, num_image_tokens, truncation)
+        cut = _truncate(input_ids, labels, images, max_length, num_image_tokens, truncation)
         if isinstance(cut, str):
             results.append(EncodeResult(None, cut))
             continue
@@ -221,7 +230,8 @@ def encode_records(records: Sequence[dict], tokenizer, template: Union[Template,
         if all(label == IGNORE_INDEX for label in labels):
             results.append(EncodeResult(None, DROP_TRUNCATED))
             continue
-        length = len(input_ids) + len(images) * (num_image_tokens - 1) if num_image_tokens else len(input_ids)
+        length = (len(input_ids) - len(images) + image_feature_tokens(num_image_tokens, images)
+                  if num_image_tokens else len(input_ids))
         results.append(EncodeResult({
             "id": str(record["id"]), "input_ids": input_ids, "labels": labels, "length": length,
             "modality_length": length if images else -length, "images": images,

@@ -2,7 +2,9 @@
 
     ds = LlavaDataset(prepared.dataset, ve, cfg.data)   # ve: VisualEncoder (preprocess, image_mean)
     item = ds[i]   # {"id", "input_ids", "labels", "length", "modality_length",
-                   #  "pixel_values": float tensor [n_images, 3, H, W] or None when the sample has no image}
+                   #  "pixel_values": float tensor [n_images, 3, H, W] or None when the sample has no image;
+                   #  AnyRes: "pixel_values" [all views, 3, S, S] + "image_sizes" [n_images, 2]}
+                   # (+ "position_ids" for packed blocks: a row is then a whole block of samples)
     ds.num_bad_images  # images found unreadable during training (summed over DataLoader workers)
     ds["modality_length"], ds.column_names   # columns of the prepared dataset (for the sampler)
 
@@ -10,7 +12,8 @@ Images are opened in `__getitem__`, i.e. inside DataLoader worker processes, nev
 sample must have exactly one image per IMAGE_TOKEN_INDEX in its input_ids (else UserError naming the
 sample id). A truncated or corrupt image met during training:
   * skip_bad_samples=true: logged with sample id and path, counted, and the sample replaced by the next
-    sample (in index order) whose images all load -- the run goes on;
+    sample (in index order) whose images all load -- the run goes on (a packed row is one block of
+    samples: the whole block is replaced);
   * skip_bad_samples=false: BadImageError naming sample id and path. `images.verify_images` (which the
     engine runs before training in that mode) normally finds such files before step 1.
 """
@@ -51,6 +54,8 @@ class LlavaDataset(Dataset):
                                   else getattr(data_cfg, "pad_image_to_square", False))
         self.skip_bad_samples = bool(skip_bad_samples if skip_bad_samples is not None
                                      else getattr(data_cfg, "skip_bad_samples", False))
+        # AnyRes settings of the tower (model.image_aspect=anyres), else None.
+        self.anyres = getattr(visual_encoder, "anyres", None)
         # Shared with forked DataLoader workers, so the main process sees their count.
         self._bad = multiprocessing.Value("i", 0)
         self._known_bad: set = set()  # per process; avoids re-reading a file known to be broken
@@ -71,8 +76,10 @@ class LlavaDataset(Dataset):
     def modality_lengths(self) -> list:
         return list(self.data["modality_length"])
 
-    def load_pixels(self, row: dict) -> Optional[torch.Tensor]:
-        """[n_images, 3, H, W] for the row's images (in placeholder order), or None without images."""
+    def load_pixels(self, row: dict):
+        """[n_images, 3, H, W] for the row's images (in placeholder order), or None without images.
+
+        AnyRes: ([views of all images, 3, S, S], image_sizes [n_images, 2] as (height, width))."""
         paths = list(row.get("images") or [])
         n_placeholders = sum(1 for t in row["input_ids"] if t == IMAGE_TOKEN_INDEX)
         if n_placeholders != len(paths):
@@ -80,18 +87,29 @@ class LlavaDataset(Dataset):
                             f"{len(paths)} images; give one image per <image>")
         if not paths:
             return None
-        tensors = []
+        tensors, sizes = [], []
         for path in paths:
             img = load_image(path, row.get("id", "?"))
+            if self.anyres is not None:
+                # AnyRes: the overview + tiles of each image; its size tells the model how to lay them out.
+                sizes.append((img.height, img.width))
+                tensors.append(self.anyres.views(img))
+                continue
             if self.pad_to_square:
                 img = expand2square(img, self.image_mean)
             tensors.append(self.preprocess(img))
+        if self.anyres is not None:
+            return torch.cat(tensors), torch.tensor(sizes, dtype=torch.long)
         return torch.stack(tensors)
 
     def _item(self, index: int) -> dict:
         row = self.data[index]
-        item = {k: row[k] for k in ("id", "input_ids", "labels", "length", "modality_length") if k in row}
-        item["pixel_values"] = self.load_pixels(row)
+        keys = ("id", "input_ids", "labels", "length", "modality_length", "position_ids")  # + packed blocks
+        item = {k: row[k] for k in keys if k in row}
+        pixels = self.load_pixels(row)
+        if isinstance(pixels, tuple):
+            pixels, item["image_sizes"] = pixels
+        item["pixel_values"] = pixels
         return item
 
     def __getitem__(self, index):

@@ -1,11 +1,19 @@
-"""Pack whole encoded samples into `max_length` blocks (`data.pack_to_max_length: true`).
+"""Pack whole encoded samples into `max_length` blocks (`data.pack_to_max_length: true`), text or LLaVA.
 
 Unlike XTuner's Packer (which concatenates everything and cuts every max_length tokens, splitting
-samples), a sample is never split: blocks are filled by best-fit-decreasing, which leaves well under 5 %
-padding on alpaca-like length mixes. Each block carries `position_ids` that restart at 0 for every
-sample; with no attention_mask, transformers 5 reads these as packed-sequence boundaries (block-diagonal
-causal mask on sdpa/eager, varlen kernels on flash-attention), so attention never crosses samples.
-The model must be called with `use_cache=False` during training (a cache disables that detection).
+samples), a sample is never split: blocks are filled by best-fit-decreasing on each sample's `length`,
+which already counts its image features (encode.py), which leaves well under 1 % padding on LLaVA-mix-like
+and alpaca-like length mixes. A block row holds its samples' `input_ids`/`labels` back to back (one
+IMAGE_TOKEN_INDEX per image, as unpacked) and their `images` in the same order, so images stay in
+placeholder order and each lands in its own sample. `position_ids` count one per input id and restart at
+0 at every sample's first token; for LLaVA blocks `LlavaFtModel` expands them with the image features
+(a placeholder becomes num_image_tokens positions, still restarting at each sample start).
+
+Packed batches carry no attention_mask: transformers 5 reads a restart of `position_ids` as a
+packed-sequence boundary (block-diagonal causal mask on sdpa/eager, varlen kernels on flash-attention),
+so attention never crosses samples -- but only without a KV cache: training calls the model with
+`use_cache=False`. The first label of every sample is set to -100: unpacked it is never a target (nothing
+precedes it), packed it would be the target of the previous sample's last token.
 
     packed, stats = pack_samples(dataset, max_length=2048, seed=42)
 """
@@ -18,8 +26,9 @@ from typing import Optional
 import datasets
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute as pc
 
+from llava_ft import IGNORE_INDEX
 from llava_ft.errors import UserError
 
 
@@ -69,25 +78,48 @@ def arrow_column(dataset: datasets.Dataset, name: str) -> pa.ChunkedArray:
 
 
 def _pack_table(dataset: datasets.Dataset, bins: list, lengths: list) -> datasets.Dataset:
-    """Build the packed dataset with Arrow gathers (no per-token Python work: 100k samples in seconds)."""
-    order = [i for members in bins for i in members]
+    """Build the packed dataset with Arrow gathers (no per-token Python work: 100k samples in seconds).
+
+    `lengths` (expanded, image features counted) only size the blocks; the token columns are laid out by
+    the number of input ids, which differs from `length` for samples with images.
+    """
+    order = pa.array([i for members in bins for i in members], type=pa.int64())
     table = dataset.with_format("arrow")[:]  # pyarrow.Table over the (memory-mapped) rows
-    sample_tokens = np.asarray([lengths[i] for i in order], dtype=np.int64)
     bin_sizes = np.asarray([len(m) for m in bins], dtype=np.int64)
-    bin_tokens = np.add.reduceat(sample_tokens, np.concatenate([[0], np.cumsum(bin_sizes)[:-1]])) if bins else sample_tokens
-    offsets = pa.array(np.concatenate([[0], np.cumsum(bin_tokens)]).astype(np.int32))
-    columns = {}
-    for name in ("input_ids", "labels"):
-        values = table.column(name).take(pa.array(order)).combine_chunks().flatten()
-        columns[name] = pa.ListArray.from_arrays(offsets, values)
-    starts = np.repeat(np.cumsum(sample_tokens) - sample_tokens, sample_tokens)
-    positions = (np.arange(int(sample_tokens.sum()), dtype=np.int64) - starts).astype(np.int32)
-    columns["position_ids"] = pa.ListArray.from_arrays(offsets, pa.array(positions))
-    ids = arrow_column(dataset, "id").to_pylist()
-    columns["id"] = pa.array([",".join(ids[i] for i in members) for members in bins])
+    bin_starts = np.concatenate([[0], np.cumsum(bin_sizes)[:-1]]).astype(np.int64)
+
+    def per_bin(per_sample: np.ndarray) -> np.ndarray:  # sum of a per-sample count over each bin
+        return np.add.reduceat(per_sample, bin_starts) if bins else per_sample
+
+    def as_blocks(column: str) -> tuple:
+        """(flat values of `column` in bin order, per-sample value counts in that order)."""
+        lists = table.column(column).take(order).combine_chunks()
+        return lists.flatten(), pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def offsets(counts: np.ndarray) -> pa.Array:
+        return pa.array(np.concatenate([[0], np.cumsum(per_bin(counts))]).astype(np.int32))
+
+    ids, n_ids = as_blocks("input_ids")
+    labels, _ = as_blocks("labels")
+    starts = np.cumsum(n_ids) - n_ids  # flat index of each sample's first token
+    labels = labels.to_numpy(zero_copy_only=False).copy()
+    labels[starts[n_ids > 0]] = IGNORE_INDEX
+    token_offsets = offsets(n_ids)
+    columns = {
+        "input_ids": pa.ListArray.from_arrays(token_offsets, ids),
+        "labels": pa.ListArray.from_arrays(token_offsets, pa.array(labels, type=pa.int32())),
+    }
+    positions = (np.arange(int(n_ids.sum()), dtype=np.int64) - np.repeat(starts, n_ids)).astype(np.int32)
+    columns["position_ids"] = pa.ListArray.from_arrays(token_offsets, pa.array(positions))
+    images, n_images = as_blocks("images")
+    columns["images"] = pa.ListArray.from_arrays(offsets(n_images), images)
+    ids_text = arrow_column(dataset, "id").to_pylist()
+    columns["id"] = pa.array([",".join(ids_text[i] for i in members) for members in bins], type=pa.string())
+    bin_tokens = per_bin(np.asarray([lengths[i] for members in bins for i in members], dtype=np.int64))
     columns["length"] = pa.array(bin_tokens.astype(np.int32))
-    columns["modality_length"] = pa.array((-bin_tokens).astype(np.int32))  # text-only: negative
-    columns["images"] = pa.array([[] for _ in bins], type=pa.list_(pa.string()))
+    # modality_length keeps its meaning (+ with images, - text only), though the sampler is off when packed.
+    has_image = per_bin(n_images) > 0
+    columns["modality_length"] = pa.array(np.where(has_image, bin_tokens, -bin_tokens).astype(np.int32))
     names = ["id", "input_ids", "labels", "position_ids", "length", "modality_length", "images"]
     return datasets.Dataset(pa.table({n: columns[n] for n in names}))
 
@@ -96,12 +128,13 @@ def pack_samples(dataset: datasets.Dataset, max_length: int, seed: Optional[int]
     """Pack an encoded dataset; returns (packed dataset, {"blocks", "samples", "padding_ratio"})."""
     if "position_ids" in dataset.column_names:
         raise UserError("dataset is already packed")
-    if pa.compute.max(pa.compute.list_value_length(arrow_column(dataset, "images"))).as_py():
-        raise UserError("data.pack_to_max_length is supported for text-only runs (image features would break "
-                        "per-sample positions); set data.pack_to_max_length=false for LLaVA data")
     lengths = arrow_column(dataset, "length").to_pylist()
     bins = plan_bins(lengths, max_length, seed)
     packed = _pack_table(dataset, bins, lengths)
     used = sum(lengths)
     padding = 1.0 - used / (len(bins) * max_length) if bins else 0.0
-    return packed, {"blocks": len(bins), "samples": len(lengths), "padding_ratio": round(padding, 5)}
+    stats = {"blocks": len(bins), "samples": len(lengths), "padding_ratio": round(padding, 5)}
+    image_blocks = sum(1 for v in arrow_column(packed, "modality_length").to_pylist() if v > 0)
+    if image_blocks:
+        stats["image_blocks"] = image_blocks
+    return packed, stats

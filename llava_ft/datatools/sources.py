@@ -78,10 +78,14 @@ def plan_from_args(args) -> Plan:
 
         cfg = load_config(args.config, getattr(args, "overrides", None) or [])
         plan.sources = [Source(s.path, s.format, s.image_folder) for s in cfg.data.sources]
-        plan.tokenizer = cfg.model.tokenizer or cfg.model.llm or None
+        plan.tokenizer = cfg.model.tokenizer or cfg.model.llava or cfg.model.llm or None
         plan.template, plan.system, plan.max_length = cfg.data.template, cfg.data.system, cfg.data.max_length
         if cfg.is_llava and not getattr(args, "num_image_tokens", None):
-            plan.num_image_tokens = num_image_tokens_from_encoder(cfg.model.visual_encoder)
+            plan.num_image_tokens = num_image_tokens_from_encoder(cfg.model.llava or cfg.model.visual_encoder)
+            if cfg.model.image_aspect == "anyres":
+                from llava_ft.model.anyres import counter_from_model_config
+
+                plan.num_image_tokens = counter_from_model_config(cfg.model, plan.num_image_tokens)
     if getattr(args, "data", None):
         plan.sources = [Source(args.data, args.format or "auto", args.image_folder)]
     if not plan.sources:

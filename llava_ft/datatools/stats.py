@@ -94,11 +94,17 @@ def compute_stats(plan: Plan, batch: int = 512) -> Stats:
     return stats
 
 
+def _per_image(num_image_tokens) -> str:
+    if callable(num_image_tokens):  # AnyRes: the count depends on each image's size
+        return "AnyRes: tokens per image from its size"
+    return f"{num_image_tokens} tokens each"
+
+
 def format_stats(stats: Stats, plan: Plan) -> str:
     lines = [f"records: {stats.records}  (with images: {stats.with_images}, text-only: {stats.text_only}, "
              f"skipped as malformed: {stats.skipped})",
              f"images: {stats.images}  (max per sample: {stats.max_images_per_sample}; "
-             f"{plan.num_image_tokens} tokens each)  assistant turns: {stats.turns}"]
+             f"{_per_image(plan.num_image_tokens)})  assistant turns: {stats.turns}"]
     if stats.dropped:
         lines.append("dropped by the encoder: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.dropped.items())))
     lines.append(f"  {'length':<22}" + "".join(f"{'p' + str(p) if p < 100 else 'max':>8}" for p in PERCENTILES)

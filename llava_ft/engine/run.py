@@ -128,7 +128,9 @@ def build_train_data(cfg: Config, model, tokenizer):
     """-> (train dataset, collator, stats): text runs use TextCollator, LLaVA runs the multimodal pair."""
     from llava_ft.data.dataset import prepare_dataset
 
-    num_image_tokens = model.visual_encoder.num_image_tokens if cfg.is_llava else 0
+    from llava_ft.model.anyres import image_token_counter
+
+    num_image_tokens = image_token_counter(model.visual_encoder) if cfg.is_llava else 0
     prepared = prepare_dataset(cfg.data, tokenizer, num_image_tokens=num_image_tokens, seed=cfg.train.seed)
     if len(prepared.dataset) == 0:
         raise UserError("no training samples left after encoding; see the dropped counts above")
@@ -161,6 +163,7 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
 
     from llava_ft.engine import distributed as dist
     from llava_ft.engine.callbacks import EvalChatCallback, JsonlLogCallback, LossPlotCallback
+    from llava_ft.engine.nonfinite import NonFiniteGuard
     from llava_ft.engine.trainer import LlavaFtTrainer
     from llava_ft.model.builder import build_model, trainable_summary
 
@@ -201,8 +204,16 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
         dataset, collator, stats = build_train_data(cfg, model, tokenizer)
     if is_main:
         _print_data_stats(stats)
+        from llava_ft.convert.model_card import RUN_INFO, current_command, run_info
+        from llava_ft.fileio import write_json
+
+        write_json(Path(work_dir) / RUN_INFO, run_info(current_command(), stats))  # for model cards
+        if cfg.data.pack_to_max_length and cfg.train.group_by_length:
+            print("[llava_ft] packed data: train.group_by_length does not apply (blocks are all ~max_length); "
+                  "blocks are shuffled per epoch instead", flush=True)
     args = args or training_arguments(cfg, work_dir, ds_config)
     callbacks = [JsonlLogCallback(work_dir), LossPlotCallback(work_dir), EvalChatCallback(work_dir, cfg, tokenizer)]
+    callbacks.append(NonFiniteGuard(cfg.train.max_nonfinite_steps))  # stops NaN runs before they save
     callbacks += list(extra_callbacks or ())
     trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                              callbacks=callbacks, llava_cfg=cfg, work_dir=work_dir)

@@ -2,12 +2,14 @@
 
 - sampler: `llava_ft.data.sampler.LengthGroupedSampler` over `modality_length` when
   `train.group_by_length` (image and text-only samples grouped apart, deterministic per seed + epoch);
+  packed data (`position_ids` column) gets the same sampler's plain seeded shuffle instead: blocks are
+  all about `max_length` long, so there is nothing to group;
 - optimizer: AdamW with one param group per (module, decay) so `train.projector_lr` and
   `train.visual_encoder_lr` apply to the projector / vision tower (Trainer's scheduler scales each group);
 - checkpoints: `iter_<step>.pth` with only the trainable weights (docs/architecture.md), written before
   Trainer's `checkpoint-<step>/` (optimizer, scheduler, RNG, trainer_state.json). The folder holds no
   model weights: resume loads them back from the iter file. Both are rotated with `save_total_limit`;
-- logs: `tokens_per_s` and `elapsed` added to every logged step.
+- logs: `tokens_per_s` (image features counted, padding not) and `elapsed` added to every logged step.
 
 Built by `llava_ft.engine.run.run_training`; not meant to be constructed by users directly.
 """
@@ -41,13 +43,15 @@ class LlavaFtTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         tc = self.llava_cfg.train
-        if tc.group_by_length and "modality_length" in getattr(dataset, "column_names", ()):
+        columns = getattr(dataset, "column_names", ())
+        packed = "position_ids" in columns
+        if (tc.group_by_length or packed) and "modality_length" in columns:
             from llava_ft.data.sampler import LengthGroupedSampler
 
             return LengthGroupedSampler(
                 list(dataset["modality_length"]), batch_size=self.args.per_device_train_batch_size,
                 world_size=self.args.world_size, grad_accum=self.args.gradient_accumulation_steps,
-                seed=self.args.seed, mega_multiplier=tc.length_group_multiplier)
+                seed=self.args.seed, mega_multiplier=tc.length_group_multiplier, group_by_length=not packed)
         return super()._get_train_sampler(train_dataset)
 
     # ---- optimizer ----------------------------------------------------------------------------------
@@ -80,7 +84,13 @@ class LlavaFtTrainer(Trainer):
     # ---- logging --------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         mask = inputs.get("attention_mask")
-        self._tokens_since_log += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        ids = inputs["input_ids"]
+        self._tokens_since_log += int(mask.sum()) if mask is not None else int(ids.numel())
+        ve = getattr(self.accelerator.unwrap_model(model), "visual_encoder", None)
+        if ve is not None:  # each <image> placeholder stands for num_image_tokens positions
+            from llava_ft import IMAGE_TOKEN_INDEX
+
+            self._tokens_since_log += int((ids == IMAGE_TOKEN_INDEX).sum()) * (ve.num_image_tokens - 1)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs, start_time=None):

@@ -12,6 +12,9 @@
 The artifact type comes from saved files (`artifacts.detect_artifact`), never from names. The prompt
 template and system prompt come from the argument, else from what the run used (`llava_ft.json` or the
 checkpoint's config), else the tokenizer's own chat template (`hf`); with none of these, UserError.
+`attn_implementation` and `trust_remote_code` likewise: the argument, else what the run recorded, else
+auto / false. An InternLM2 LLM loads as Llama (see `llava_ft.model.llm`); a PEFT adapter written for
+InternLM2's own layout is refused with a UserError (llava_ft's models are always in the Llama layout).
 """
 from __future__ import annotations
 
@@ -54,23 +57,37 @@ def _model_cfg(**fields):
     return ModelConfig(**fields)
 
 
-def _load_text_llm(path: str, adapter: Optional[str], quantization: str, dtype: str, device: str):
+def recorded_model_settings(meta: dict, attn_implementation: Optional[str] = None,
+                            trust_remote_code: Optional[bool] = None) -> dict:
+    """attn_implementation / trust_remote_code: the arguments, else the run's (llava_ft.json `config`),
+    else auto / false -- so chat, eval, serve and merge load the model the way training did."""
+    run_model = ((meta or {}).get("config") or {}).get("model") or {}
+    return {"attn_implementation": attn_implementation or run_model.get("attn_implementation") or "auto",
+            "trust_remote_code": bool(run_model.get("trust_remote_code", False)
+                                      if trust_remote_code is None else trust_remote_code)}
+
+
+def _load_text_llm(path: str, adapter: Optional[str], quantization: str, dtype: str, device: str,
+                   settings: Optional[dict] = None):
     """(model, tokenizer) of an HF causal LM, with a PEFT adapter applied (not merged) when given."""
     from llava_ft.model.llm import load_llm
 
-    cfg = _model_cfg(llm=str(path), dtype=dtype, quantization=quantization)
+    cfg = _model_cfg(llm=str(path), dtype=dtype, quantization=quantization, **(settings or {}))
     llm, tok = load_llm(cfg, device_map=devices.device_map(device, quantization), for_training=False, verbose=False)
     if adapter:
-        llm = _apply_adapter(llm, adapter)
+        llm = _apply_adapter(llm, adapter, str(path))
     return llm, tok
 
 
-def _apply_adapter(model, adapter: str):
+def _apply_adapter(model, adapter: str, base: str = "the base model"):
     from peft import PeftModel
+
+    from llava_ft.model.internlm2 import check_adapter_layout
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"adapter {adapter}: no adapter_config.json; give a PEFT adapter folder "
                         "(e.g. what `llava_ft convert pth_to_hf` wrote)")
+    check_adapter_layout(adapter, base)
     model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model
@@ -90,24 +107,27 @@ def _template_from(prompt_template, meta: dict, cfg_data: Optional[dict], tokeni
 
 
 def load_chat_model(model, adapter=None, llava=None, visual_encoder=None, bits=None, torch_dtype="auto",
-                    prompt_template=None, device="auto", system=None) -> ChatModel:
+                    prompt_template=None, device="auto", system=None, attn_implementation=None,
+                    trust_remote_code=None) -> ChatModel:
     """Load `model` (see module docstring) and return a ChatModel ready to answer."""
     dtype = _dtype_name(torch_dtype)
     quant = _quantization(bits)
     model = str(model)
+    override = {"attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code}
     if llava:
         return _load_xtuner_llava(str(llava), llm=model, visual_encoder=visual_encoder, adapter=adapter,
                                   quant=quant, dtype=dtype, device=device, prompt_template=prompt_template,
-                                  system=system)
+                                  system=system, override=override)
     art = detect_artifact(model)
     if art.kind == "iter_pth":
-        return _load_iter_pth(art.path, quant, dtype, device, prompt_template, system, adapter)
+        return _load_iter_pth(art.path, quant, dtype, device, prompt_template, system, adapter, override)
     if art.kind == "llava_hf":
-        return _load_llava_hf(art.path, quant, dtype, device, prompt_template, system)
+        return _load_llava_hf(art.path, quant, dtype, device, prompt_template, system,
+                              recorded_model_settings(read_meta(art.path), **override))
     if art.kind == "xtuner_llava":
         return _load_xtuner_llava(art.path, llm=None, visual_encoder=visual_encoder, adapter=adapter,
                                   quant=quant, dtype=dtype, device=device, prompt_template=prompt_template,
-                                  system=system)
+                                  system=system, override=override)
     if art.kind == "peft_adapter":
         if adapter:
             raise UserError(f"{model} is itself a PEFT adapter; pass the base model as MODEL and this as --adapter")
@@ -115,13 +135,13 @@ def load_chat_model(model, adapter=None, llava=None, visual_encoder=None, bits=N
         if not base:
             raise UserError(f"{art.path}/adapter_config.json names no base model; pass it: MODEL=BASE --adapter {model}")
         meta = read_meta(art.path)
-        llm, tok = _load_text_llm(base, art.path, quant, dtype, device)
+        llm, tok = _load_text_llm(base, art.path, quant, dtype, device, recorded_model_settings(meta, **override))
         return _text_chat_model(llm, tok, meta, None, prompt_template, system, art.path)
     # hf_model: a plain or merged causal LM (+ optional adapter)
     meta = read_meta(art.path)
     if adapter:
         meta = {**meta, **read_meta(adapter)}
-    llm, tok = _load_text_llm(art.path, adapter, quant, dtype, device)
+    llm, tok = _load_text_llm(art.path, adapter, quant, dtype, device, recorded_model_settings(meta, **override))
     return _text_chat_model(llm, tok, meta, None, prompt_template, system, art.path)
 
 
@@ -159,7 +179,8 @@ def _vision_chat_model(model, tok, meta: dict, cfg_data, prompt_template, system
 
 
 def build_from_checkpoint(path: str, quantization: Optional[str] = None, dtype: Optional[str] = None,
-                          device_map=None, cfg=None):
+                          device_map=None, cfg=None, attn_implementation: Optional[str] = None,
+                          trust_remote_code: Optional[bool] = None):
     """Rebuild the run's LlavaFtModel from an iter_N.pth and load its trained weights -> (model, tok, cfg).
 
     `cfg` replaces the config saved in the checkpoint; `quantization` / `dtype` override the run's (e.g. load a QLoRA run's LLM in fp32 for export).
@@ -175,6 +196,10 @@ def build_from_checkpoint(path: str, quantization: Optional[str] = None, dtype: 
         cfg.model.quantization = quantization
     if dtype is not None:
         cfg.model.dtype = dtype
+    if attn_implementation is not None:
+        cfg.model.attn_implementation = attn_implementation
+    if trust_remote_code is not None:
+        cfg.model.trust_remote_code = bool(trust_remote_code)
     if cfg.model.quantization != "none" and not cfg.model.llm_lora.enabled and not cfg.model.freeze_llm:
         cfg.model.freeze_llm = True
     model, tok = build_model(cfg, for_training=False)
@@ -191,12 +216,12 @@ def build_from_checkpoint(path: str, quantization: Optional[str] = None, dtype: 
     return model, tok, cfg
 
 
-def _load_iter_pth(path, quant, dtype, device, prompt_template, system, adapter) -> ChatModel:
+def _load_iter_pth(path, quant, dtype, device, prompt_template, system, adapter, override) -> ChatModel:
     if adapter:
         raise UserError(f"{path} is a training checkpoint; --adapter applies to Hugging Face base models only")
     model, tok, cfg = build_from_checkpoint(
         path, quantization=None if quant == "none" else quant, dtype=None if dtype == "auto" else dtype,
-        device_map=devices.device_map(device, quant))
+        device_map=devices.device_map(device, quant), **override)
     data = {"template": cfg.data.template, "system": cfg.data.system,
             "pad_image_to_square": cfg.data.pad_image_to_square}
     if model.visual_encoder is None:
@@ -205,7 +230,7 @@ def _load_iter_pth(path, quant, dtype, device, prompt_template, system, adapter)
 
 
 def _load_xtuner_llava(folder, llm, visual_encoder, adapter, quant, dtype, device, prompt_template,
-                       system) -> ChatModel:
+                       system, override=None) -> ChatModel:
     """LLaVA from XTuner's layout: projector/ + llm_adapter/ | llm/ + visual_encoder_adapter/ | visual_encoder/."""
     from llava_ft.model.llava import LlavaFtModel
     from llava_ft.model.llm import resolve_dtype
@@ -225,7 +250,8 @@ def _load_xtuner_llava(folder, llm, visual_encoder, adapter, quant, dtype, devic
     if not ve_path:
         raise UserError(f"{folder}: the visual encoder is not recorded; pass --visual-encoder")
     llm_adapter = adapter or (str(root / "llm_adapter") if (root / "llm_adapter").is_dir() else None)
-    llm_model, tok = _load_text_llm(llm_path, llm_adapter, quant, dtype, device)
+    llm_model, tok = _load_text_llm(llm_path, llm_adapter, quant, dtype, device,
+                                    recorded_model_settings(meta, **(override or {})))
     compute = resolve_dtype(dtype)
     ve_cfg = _model_cfg(visual_encoder=ve_path,
                         visual_encoder_type=run_model.get("visual_encoder_type", "auto"),
@@ -242,7 +268,7 @@ def _load_xtuner_llava(folder, llm, visual_encoder, adapter, quant, dtype, devic
     return _vision_chat_model(model, tok, meta, data, prompt_template, system, str(root))
 
 
-def _load_llava_hf(folder, quant, dtype, device, prompt_template, system) -> ChatModel:
+def _load_llava_hf(folder, quant, dtype, device, prompt_template, system, settings=None) -> ChatModel:
     """A LlavaForConditionalGeneration folder (our `--format llava-hf` export or any llava-hf model)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -250,6 +276,8 @@ def _load_llava_hf(folder, quant, dtype, device, prompt_template, system) -> Cha
 
     compute = resolve_dtype(dtype)
     kwargs = {"dtype": compute}
+    if settings and settings["attn_implementation"] != "auto":
+        kwargs["attn_implementation"] = settings["attn_implementation"]
     qcfg = _quantization_config(quant, compute)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg

@@ -7,6 +7,8 @@ Text runs: LlavaFtModel(llm) with LoRA (`model.llm_lora.enabled`), a frozen LLM 
 full training. LLaVA runs (`model.visual_encoder` set): LlavaFtModel(llm, visual_encoder, projector);
 the vision tower is frozen unless `freeze_visual_encoder: false` or `visual_encoder_lora.enabled`;
 the projector always trains; `model.pretrained_pth` (a pretrain run's iter_N.pth) is loaded by name.
+`model.llava` (a released LlavaForConditionalGeneration) supplies LLM, tokenizer, tower and projector
+weights instead (llava_ft.model.llava_hf_import); freezing and LoRA then apply as configured.
 """
 from __future__ import annotations
 
@@ -26,7 +28,14 @@ def build_model(cfg, for_training: bool = True):
     from llava_ft.model.llava import LlavaFtModel
 
     m = cfg.model
-    llm, tokenizer = load_llm(m, for_training=for_training)
+    released = None
+    if m.llava:  # a released LlavaForConditionalGeneration brings LLM, tower, projector and tokenizer
+        from llava_ft.model.llava_hf_import import load_released_llava
+
+        released = load_released_llava(cfg, for_training=for_training)
+        llm, tokenizer = released.llm, released.tokenizer
+    else:
+        llm, tokenizer = load_llm(m, for_training=for_training)
     if m.llm_lora.enabled:
         _seed_new_weights(cfg, 0)
         llm = apply_lora(llm, m.llm_lora)
@@ -38,7 +47,12 @@ def build_model(cfg, for_training: bool = True):
         from llava_ft.model.vision import apply_vision_lora, load_visual_encoder
 
         dtype = resolve_dtype(m.dtype)
-        visual_encoder = load_visual_encoder(m, dtype=dtype)
+        visual_encoder = released.visual_encoder if released else load_visual_encoder(m, dtype=dtype)
+        anyres = m.image_aspect == "anyres"
+        if anyres:
+            from llava_ft.model.anyres import enable_anyres
+
+            enable_anyres(visual_encoder, m.image_grid_pinpoints, m.max_image_tiles)
         if m.freeze_visual_encoder or m.visual_encoder_lora.enabled or not for_training:
             _freeze(visual_encoder)
         if m.visual_encoder_lora.enabled:
@@ -46,7 +60,10 @@ def build_model(cfg, for_training: bool = True):
             visual_encoder = apply_vision_lora(visual_encoder, m.visual_encoder_lora)
         llm_hidden = llm.config.get_text_config().hidden_size
         _seed_new_weights(cfg, 2)
-        projector = Projector(visual_encoder.hidden_size, llm_hidden, m.projector_depth).to(dtype)
+        projector = Projector(visual_encoder.hidden_size, llm_hidden, m.projector_depth,
+                              image_newline=anyres).to(dtype)
+        if released:
+            projector.load_state_dict({k: v.to(dtype) for k, v in released.projector_state.items()})
         if not for_training:
             _freeze(projector)
     model = LlavaFtModel(llm, visual_encoder, projector)

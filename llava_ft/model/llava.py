@@ -11,6 +11,12 @@ Images in `pixel_values` are in the order their placeholders appear (row-major).
 `pixel_values` but no placeholder is the collator's dummy image: its features enter the graph multiplied
 by 0 so the vision tower and projector run on every rank (ZeRO-3 cannot hang on mixed batches).
 
+Packed batches (`data.pack_to_max_length`): `position_ids` one per input id, restarting at 0 at each
+sample's first token, and no attention_mask. The splice expands them with the features (an image's N
+vectors take N consecutive positions, later tokens shift by N-1, a sample still starts at 0) and calls
+the LLM without attention_mask and without cache, so transformers builds a block-diagonal mask (varlen
+flash-attention on GPU) from the expanded positions and attention never crosses samples.
+
 The module is a plain `nn.Module` that `transformers.Trainer` can drive: it exposes `config`,
 `main_input_name`, `hf_device_map`/`quantization_method` (so Trainer does not move a device-mapped or
 bnb-quantized LLM), and `activation_checkpointing_enable` / `gradient_checkpointing_enable` delegating
@@ -20,6 +26,7 @@ parameter groups for per-module learning rates (`module_of(param_name)`).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -78,6 +85,23 @@ class LlavaFtModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the LLM's forward takes loss kwargs (`num_items_in_batch`). transformers.Trainer reads this
+        to decide who normalises the loss over gradient accumulation; `forward` drops them otherwise."""
+        cached = self.__dict__.get("_accepts_loss_kwargs")
+        if cached is None:
+            base = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+            declared = getattr(base, "accepts_loss_kwargs", None)
+            if isinstance(declared, bool):
+                cached = declared
+            else:
+                params = inspect.signature(base.forward).parameters.values()
+                cached = any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "num_items_in_batch"
+                             for p in params)
+            self.__dict__["_accepts_loss_kwargs"] = cached
+        return cached
 
     @property
     def is_llava(self) -> bool:
@@ -165,13 +189,29 @@ class LlavaFtModel(nn.Module):
         proj_param = next(self.projector.parameters())
         return self.projector(feats.to(device=proj_param.device, dtype=proj_param.dtype))
 
+    def encode_images_per_image(self, pixel_values: torch.Tensor, image_sizes=None):
+        """Projected features per image: a [n, N, D] tensor, or with AnyRes (`image_sizes` given, the
+        tower set to anyres) a list of [tokens_i, D] -- overview, unpadded tiles, a newline per row."""
+        features = self.encode_images(pixel_values)
+        spec = getattr(self.visual_encoder, "anyres", None)
+        if image_sizes is None or spec is None:
+            return features
+        return spec.pack(features, image_sizes.tolist(), self.projector.image_newline)
+
     def prepare_inputs_embeds(self, input_ids, attention_mask=None, labels=None, pixel_values=None,
-                              padding_side: str = "right"):
+                              padding_side: str = "right", image_sizes=None, position_ids=None):
         """Splice image features into the token embeddings.
 
         Returns (inputs_embeds, attention_mask, labels or None, position_ids). Rows are re-padded on
         `padding_side` (right for training, left for batched generation); nothing is truncated.
+        With `position_ids` (a packed batch: one per input id, 0 at each sample's first token, no
+        attention_mask) the returned attention_mask is None and the positions are the packed ones expanded
+        over the image features; re-padding then forms a segment of its own (positions 0, 1, ...).
         """
+        packed = position_ids is not None
+        if packed and attention_mask is not None:
+            raise UserError("a packed batch (position_ids) must come without attention_mask: transformers "
+                            "reads the sample boundaries from position_ids only when no mask is given")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.long)
         embed = self.llm.get_input_embeddings()
@@ -188,40 +228,56 @@ class LlavaFtModel(nn.Module):
             if n_placeholders == 0 and shape and tuple(pixel_values.shape[1:]) != tuple(shape):
                 # A dummy image made without knowing the tower's input size: use one of the right size.
                 pixel_values = pixel_values.new_zeros((1, *shape))
-            features = self.encode_images(pixel_values).to(text_embeds.dtype)
+            if n_placeholders == 0:
+                image_sizes = None  # a dummy image is one plain view
+            features = self.encode_images_per_image(pixel_values, image_sizes)
+            features = [f.to(text_embeds.dtype) for f in features] if isinstance(features, list) \
+                else features.to(text_embeds.dtype)
             if n_placeholders == 0:
                 # Dummy image of a text-only batch: keep the vision path in the graph with zero effect.
                 text_embeds = text_embeds + features.sum() * 0.0
                 features = None
-            elif features.shape[0] != n_placeholders:
-                raise UserError(f"batch has {n_placeholders} <image> placeholders but {features.shape[0]} images; "
+            elif len(features) != n_placeholders:
+                raise UserError(f"batch has {n_placeholders} <image> placeholders but {len(features)} images; "
                                 "each sample needs exactly one image per <image> in its text")
         if features is None:
+            if packed:
+                return text_embeds, None, labels, position_ids
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             return text_embeds, attention_mask, labels, position_ids
 
-        rows_e, rows_l = [], []
+        rows_e, rows_l, rows_start = [], [], []
         next_image = 0
         for b in range(input_ids.shape[0]):
             keep = attention_mask[b].bool()
             ids_b, emb_b = input_ids[b][keep], text_embeds[b][keep]
             lab_b = labels[b][keep] if labels is not None else None
+            # Packed: True where a sample starts; an image placeholder's flag goes to its first feature.
+            start_b = (position_ids[b][keep] == 0) if packed else None
             img_pos = torch.nonzero(ids_b == IMAGE_TOKEN_INDEX).flatten().tolist()
-            seg_e, seg_l, start = [], [], 0
+            seg_e, seg_l, seg_s, start = [], [], [], 0
             for pos in img_pos + [ids_b.shape[0]]:
                 seg_e.append(emb_b[start:pos])
                 if lab_b is not None:
                     seg_l.append(lab_b[start:pos])
+                if packed:
+                    seg_s.append(start_b[start:pos])
                 if pos < ids_b.shape[0]:
                     feat = features[next_image]
                     next_image += 1
                     seg_e.append(feat)
                     if lab_b is not None:
                         seg_l.append(torch.full((feat.shape[0],), IGNORE_INDEX, dtype=lab_b.dtype, device=lab_b.device))
+                    if packed:
+                        flags = torch.zeros(feat.shape[0], dtype=torch.bool, device=start_b.device)
+                        flags[0] = start_b[pos]
+                        seg_s.append(flags)
                 start = pos + 1
             rows_e.append(torch.cat(seg_e))
             if lab_b is not None:
                 rows_l.append(torch.cat(seg_l))
+            if packed:
+                rows_start.append(torch.cat(seg_s))
 
         max_len = max(r.shape[0] for r in rows_e)
         n, dim = len(rows_e), text_embeds.shape[-1]
@@ -239,12 +295,26 @@ class LlavaFtModel(nn.Module):
             new_pos[b, sl] = torch.arange(length, device=device)
             if new_labels is not None:
                 new_labels[b, sl] = rows_l[b]
+            if packed:
+                # Position = distance to the latest sample start; the right padding restarts at 0.
+                idx = torch.arange(max_len, device=device)
+                starts = torch.ones(max_len, dtype=torch.bool, device=device)
+                starts[:length] = rows_start[b].to(device)
+                starts[0] = True
+                new_pos[b] = idx - torch.cummax(torch.where(starts, idx, 0), dim=0).values
+        if packed:
+            return new_embeds, None, new_labels, new_pos
         return new_embeds, new_mask, new_labels, new_pos
 
     # ---- forward / generate ---------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None, pixel_values=None,
-                **kwargs):
+                image_sizes=None, **kwargs):
         """Same outputs as the LLM's forward (loss when labels are given, logits)."""
+        if "num_items_in_batch" in kwargs and not self.accepts_loss_kwargs:
+            kwargs.pop("num_items_in_batch")  # an LLM whose forward lacks it (e.g. older remote code)
+        packed = position_ids is not None and attention_mask is None
+        if packed:
+            kwargs["use_cache"] = False  # a KV cache switches transformers' packed-sequence detection off
         if self.visual_encoder is None:
             if pixel_values is not None:
                 raise UserError("pixel_values given to a text-only model (no visual_encoder configured)")
@@ -255,12 +325,14 @@ class LlavaFtModel(nn.Module):
             return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                             position_ids=position_ids, **kwargs)
         embeds, mask, new_labels, new_pos = self.prepare_inputs_embeds(
-            input_ids, attention_mask, labels, pixel_values, padding_side="right")
+            input_ids, attention_mask, labels, pixel_values, padding_side="right", image_sizes=image_sizes,
+            position_ids=position_ids if packed else None)
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=new_labels, position_ids=new_pos,
                         **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, **gen_kwargs) -> torch.Tensor:
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
+                 **gen_kwargs) -> torch.Tensor:
         """Generate; returns ONLY the new tokens, shape [batch, new_len] (with or without images).
 
         Batched prompts must be left-padded (as for any decoder-only `generate`).
@@ -273,6 +345,6 @@ class LlavaFtModel(nn.Module):
             out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
             return out[:, input_ids.shape[1]:]
         embeds, mask, _, _ = self.prepare_inputs_embeds(input_ids, attention_mask, None, pixel_values,
-                                                        padding_side="left")
+                                                        padding_side="left", image_sizes=image_sizes)
         # With inputs_embeds only, decoder-only generate returns just the generated ids.
         return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **gen_kwargs)

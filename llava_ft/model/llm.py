@@ -8,10 +8,19 @@ dtype (bf16 on a GPU that supports it, fp32 on CPU), attention implementation (f
 package imports and a GPU is present, else sdpa) and quantization (4-bit NF4 with double quantization =
 QLoRA, or 8-bit, both via bitsandbytes). A path that does not exist, or a hub id that cannot be fetched,
 raises `UserError` with one sentence instead of a stack trace.
+
+An InternLM2 checkpoint (config.json `model_type: internlm2`) is converted once to a Llama folder in the
+llava_ft cache (`llava_ft.model.internlm2`) and loaded as LlamaForCausalLM, its tokenizer natively
+(`llava_ft.model.internlm2_tokenizer`): no remote code. Other models' own code (config.json `auto_map`
+with a model_type transformers does not know) runs only with `model.trust_remote_code: true`; attention
+`auto` falls back to eager for a model class without sdpa support. `load_causal_lm` is the one
+from_pretrained call every workflow (train, merge, chat, eval, serve) goes through.
 """
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from typing import Any, Optional
 
 import torch
@@ -80,55 +89,238 @@ def _quantization_config(quantization: str, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def _trust(model_cfg: Any) -> bool:
+    return bool(getattr(model_cfg, "trust_remote_code", False))
+
+
+def _say(message: str, verbose: bool) -> None:
+    """A start-of-run line: stdout for training (rank 0 only), stderr for chat/serve/merge (stdout is theirs)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stdout if verbose else sys.stderr, flush=True)
+
+
+def _hub_internlm2(name: str) -> Optional[str]:
+    """A local snapshot of hub id `name` when it is an InternLM2 model (its files are needed to convert)."""
+    try:
+        import json
+
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        from llava_ft.model.internlm2 import is_internlm2_config
+
+        with open(hf_hub_download(name, "config.json"), encoding="utf-8") as fh:
+            if not is_internlm2_config(json.load(fh)):
+                return None
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.py"])
+    except Exception:  # offline, unknown id, ...: from_pretrained reports it in its own words
+        return None
+
+
+def resolve_llm_source(name: str, what: str = "model.llm", verbose: bool = True) -> str:
+    """The folder/hub id to load for `name`: an InternLM2 checkpoint -> its converted Llama folder (cached),
+    announced with one line; anything else unchanged."""
+    from llava_ft.model import internlm2
+
+    source = check_model_source(name, what)
+    folder = source if os.path.isdir(source) else _hub_internlm2(source)
+    if folder is None or not internlm2.is_internlm2(folder):
+        return source
+    converted = internlm2.convert_to_llama(folder)
+    internlm2.quiet_config_type_warning()
+    _say(f"[llava_ft] InternLM2 checkpoint {name} is run as Llama (converted weights cached at {converted})",
+         verbose)
+    return converted
+
+
+def check_remote_code(source: str, trust_remote_code: bool, what: str = "model.llm") -> None:
+    """UserError (one line, naming the setting) when `source` needs its own code and that is not allowed."""
+    if trust_remote_code or not os.path.isdir(source):
+        return  # hub ids: AutoConfig's ValueError is translated by `explain_load_error`
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from llava_ft.model.internlm2 import is_internlm2_config, read_config
+
+    cfg = read_config(source)
+    model_type = cfg.get("model_type")
+    if cfg.get("auto_map") and model_type not in CONFIG_MAPPING and not is_internlm2_config(cfg):
+        raise UserError(_remote_code_message(source, model_type, what))
+
+
+def _remote_code_message(source: str, model_type, what: str) -> str:
+    kind = f"model_type {model_type!r} is not one transformers knows and its" if model_type else "its"
+    return (f"{what} {source}: {kind} config maps to the model's own Python code (auto_map); llava_ft runs such "
+            "code only with model.trust_remote_code=true (chat/eval/serve/merge: --trust-remote-code); "
+            "set it only for code you trust")
+
+
+def _model_code_frame(err: BaseException) -> Optional[str]:
+    """The file of a model's own code (hub module cache or the model folder) where `err` was raised."""
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        name = frame.filename.replace(os.sep, "/")
+        if "/transformers_modules/" in name:
+            return frame.filename
+    return None
+
+
+def explain_load_error(err: BaseException, source: str, what: str = "model.llm",
+                       quantization: Optional[str] = "none") -> Optional[UserError]:
+    """A one-line UserError for the ways loading a model fails that are the user's to fix, else None.
+    `quantization=None`: a missing package is not blamed on quantization (tokenizers)."""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, ValueError) and "trust_remote_code" in str(err):
+        return UserError(_remote_code_message(source, None, what))
+    if isinstance(err, ModuleNotFoundError):
+        where = _model_code_frame(err)
+        if where is not None:
+            # transformers copies the model's own code into its module cache (transformers_modules) and
+            # runs it there; a failing import inside it is that code's problem, not a missing package.
+            return UserError(f"{what} {source}: the model's own code {where} imports '{err.name}', which does not "
+                             "exist in this environment; that code was written for another transformers version "
+                             "(use a revision made for this one, or a model transformers supports natively)")
+    if isinstance(err, ImportError) and quantization is not None:
+        return UserError(f"loading '{source}' with quantization={quantization} needs a missing package: {first}")
+    if isinstance(err, OSError):
+        return UserError(f"could not load model '{source}': {first} "
+                         "(no such local folder, and not downloadable from the hub)")
+    return None
+
+
+def model_class(source: str, trust_remote_code: bool):
+    """The class AutoModelForCausalLM would build for `source` (None when it cannot be told)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        return get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], source)
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+def choose_attention(setting: str, cls) -> tuple[str, str]:
+    """(implementation, why) for `model.attn_implementation` given the model class: `auto` steps down to
+    what the class supports (flash_attention_2 -> sdpa -> eager)."""
+    attn, why = resolve_attn_implementation(setting)
+    if setting != "auto" or cls is None:
+        return attn, why
+    if attn == "flash_attention_2" and not (getattr(cls, "_supports_flash_attn", False)
+                                            or getattr(cls, "_supports_flash_attn_2", False)):
+        attn, why = "sdpa", f"{cls.__name__} does not support flash_attention_2"
+    if attn == "sdpa" and not getattr(cls, "_supports_sdpa", False):
+        attn, why = "eager", f"{cls.__name__} does not support sdpa, so auto falls back to eager"
+    return attn, why
+
+
+def load_causal_lm(source: str, *, dtype, attn_implementation: str = "auto", quantization_config=None,
+                   device_map=None, trust_remote_code: bool = False, what: str = "model.llm",
+                   quantization: str = "none", verbose: bool = True, describe=None,
+                   load_kwargs: Optional[dict] = None):
+    """AutoModelForCausalLM.from_pretrained for every workflow -> (model, attention used).
+
+    `source` is a folder or hub id (InternLM2 is converted and loaded as Llama). Errors the user can fix
+    become one-line UserErrors. `load_kwargs` go to from_pretrained too (model.llava: config, key_mapping). `describe(attn, why)`, when given, is called before loading (the
+    start-of-run line)."""
+    from transformers import AutoModelForCausalLM
+
+    original = source
+    source = resolve_llm_source(source, what, verbose=verbose)
+    check_remote_code(source, trust_remote_code, what)
+    try:
+        try:
+            cls = model_class(source, trust_remote_code)
+        except (ValueError, ImportError, OSError):
+            raise
+        except Exception:  # an odd config: from_pretrained below reports it in its own words
+            cls = None
+        attn, why = choose_attention(attn_implementation, cls)
+        if describe is not None:
+            describe(attn, why)
+        kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
+        if quantization_config is not None:
+            kwargs["quantization_config"] = quantization_config
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        kwargs.update(load_kwargs or {})
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (ValueError, ImportError, OSError) as err:
+        explained = explain_load_error(err, original, what, quantization)
+        if explained is None:
+            raise
+        raise explained from None
+    if source != original and os.path.isdir(os.path.expanduser(original)):
+        # A converted InternLM2 model: adapters saved from it name the original folder as their base
+        # (PEFT reads name_or_path), so they load wherever the original is, through the same conversion.
+        model.name_or_path = os.path.expanduser(original)
+        model.config._name_or_path = os.path.expanduser(original)
+    return model, attn
+
+
 def load_tokenizer(model_cfg: Any):
-    """The tokenizer of `model.tokenizer` (default `model.llm`), with a pad token guaranteed."""
+    """The tokenizer of `model.tokenizer` (default `model.llm`), with a pad token guaranteed.
+
+    InternLM2's sentencepiece tokenizer is converted natively (its remote code never runs)."""
     from transformers import AutoTokenizer
 
-    source = check_model_source(model_cfg.tokenizer or model_cfg.llm,
-                                "model.tokenizer" if model_cfg.tokenizer else "model.llm")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load the tokenizer from '{source}': {str(err).splitlines()[0]}") from None
+    from llava_ft.model.internlm2 import source_of_converted
+
+    what = "model.tokenizer" if model_cfg.tokenizer else "model.llm"
+    name = os.path.expanduser(model_cfg.tokenizer or model_cfg.llm)
+    # A tokenizer folder needs no config.json (e.g. an adapter folder holding its tokenizer).
+    source = name if os.path.isdir(name) else check_model_source(name, what)
+    source = source_of_converted(source) or source  # a converted cache folder: the original's tokenizer
+    if not os.path.isdir(source):
+        source = _hub_internlm2(source) or source  # an InternLM2 hub id: its local snapshot
+    tokenizer = None
+    if os.path.isdir(source):
+        from llava_ft.model.internlm2_tokenizer import is_internlm2_tokenizer, load_internlm2_tokenizer
+
+        if is_internlm2_tokenizer(source):
+            tokenizer = load_internlm2_tokenizer(source)
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=_trust(model_cfg))
+        except (OSError, ValueError, ImportError) as err:
+            explained = explain_load_error(err, source, what, quantization=None)
+            if explained is not None and not isinstance(err, OSError):
+                raise explained from None
+            raise UserError(f"could not load the tokenizer from '{source}': {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked (labels -100, attention 0), so reusing EOS/UNK is harmless.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
 
 
-def load_llm(model_cfg: Any, device_map: Optional[Any] = None, for_training: bool = True, verbose: bool = True):
+def load_llm(model_cfg: Any, device_map: Optional[Any] = None, for_training: bool = True, verbose: bool = True,
+             load_kwargs: Optional[dict] = None):
     """Load `model_cfg.llm` as a causal LM -> (model, tokenizer), ready for LoRA/full training.
 
     `for_training` with quantization prepares the k-bit model for training (fp32 norms, input grads).
     Gradient checkpointing is enabled here when `model_cfg.gradient_checkpointing` (non-reentrant, so it
-    works with frozen inputs and LoRA).
+    works with frozen inputs and LoRA). `load_kwargs` go to `from_pretrained` as well (e.g. `config` and
+    `key_mapping` to read the LLM out of a LlavaForConditionalGeneration checkpoint).
     """
-    from transformers import AutoModelForCausalLM
-
-    source = check_model_source(model_cfg.llm)
+    check_model_source(model_cfg.llm)
     tokenizer = load_tokenizer(model_cfg)
     dtype = resolve_dtype(model_cfg.dtype)
-    attn, why = resolve_attn_implementation(model_cfg.attn_implementation)
     quant = _quantization_config(model_cfg.quantization, dtype)
     if quant is not None and device_map is None:
         # bitsandbytes quantizes while placing weights: give it the device explicitly.
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-    if verbose and int(os.environ.get("RANK", "0")) == 0:  # one line per job, not one per process
-        print(f"[llava_ft] LLM {model_cfg.llm}: dtype {str(dtype).replace('torch.', '')}, "
-              f"quantization {model_cfg.quantization}, attention {attn} ({why})", flush=True)
-    kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=True)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as err:
-        raise UserError(f"could not load model '{source}': {str(err).splitlines()[0]} "
-                        "(no such local folder, and not downloadable from the hub)") from None
-    except ImportError as err:
-        raise UserError(f"loading '{source}' with quantization={model_cfg.quantization} needs a missing "
-                        f"package: {str(err).splitlines()[0]}") from None
+
+    def describe(attn: str, why: str) -> None:
+        if verbose and int(os.environ.get("RANK", "0")) == 0:  # one line per job, not one per process
+            print(f"[llava_ft] LLM {model_cfg.llm}: dtype {str(dtype).replace('torch.', '')}, "
+                  f"quantization {model_cfg.quantization}, attention {attn} ({why})", flush=True)
+
+    model, _ = load_causal_lm(model_cfg.llm, dtype=dtype, attn_implementation=model_cfg.attn_implementation,
+                              quantization_config=quant, device_map=device_map, trust_remote_code=_trust(model_cfg),
+                              quantization=model_cfg.quantization, verbose=verbose, describe=describe,
+                              load_kwargs=load_kwargs)
     # Padding id for generation; the data pipeline pads with tokenizer.pad_token_id.
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

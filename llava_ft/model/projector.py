@@ -25,7 +25,7 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 class Projector(nn.Module):
-    def __init__(self, in_dim: int, out_dim: int, depth: int = 2):
+    def __init__(self, in_dim: int, out_dim: int, depth: int = 2, image_newline: bool = False):
         super().__init__()
         if depth < 1:
             raise UserError(f"projector depth must be >= 1, got {depth} (model.projector_depth)")
@@ -34,13 +34,18 @@ class Projector(nn.Module):
         for _ in range(depth - 1):
             layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
         self.layers = nn.Sequential(*layers)
+        # AnyRes: the vector that ends each row of a tiled image's feature map. It lives here so that it
+        # trains with the projector in both phases and is saved with it (iter_N.pth, projector/ folder).
+        # Initialised like transformers' LlavaNext (normal, std 1/sqrt(hidden)).
+        self.image_newline = (nn.Parameter(torch.randn(out_dim) / float(out_dim) ** 0.5)
+                              if image_newline else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
     def config_dict(self) -> dict:
         return {"model_type": "llava_ft_projector", "in_dim": self.in_dim, "out_dim": self.out_dim,
-                "depth": self.depth, "hidden_act": "gelu"}
+                "depth": self.depth, "hidden_act": "gelu", "image_newline": self.image_newline is not None}
 
     def save_pretrained(self, out_dir, state_dict: dict | None = None) -> None:
         """Write config.json + model.safetensors into `out_dir` (each atomically)."""
@@ -61,7 +66,7 @@ class Projector(nn.Module):
                             "as written by Projector.save_pretrained / `llava_ft convert pth_to_hf`)")
         try:
             cfg = json.loads(cfg_file.read_text())
-            proj = cls(cfg["in_dim"], cfg["out_dim"], cfg.get("depth", 2))
+            proj = cls(cfg["in_dim"], cfg["out_dim"], cfg.get("depth", 2), bool(cfg.get("image_newline", False)))
         except (KeyError, ValueError, TypeError) as err:
             raise UserError(f"{cfg_file}: bad projector config ({err}); expected keys in_dim, out_dim, depth") from None
         sd = load_file(str(weights))

@@ -151,6 +151,11 @@ def _load_hf(name: str, kind: str, select_layer: int, dtype: Optional[torch.dtyp
         processor = AutoImageProcessor.from_pretrained(name)
     except OSError as err:
         raise UserError(f"model.visual_encoder={name!r}: cannot load a {kind} vision tower ({err})") from None
+    return wrap_hf_tower(model, processor, kind, select_layer, name)
+
+
+def wrap_hf_tower(model, processor, kind: str, select_layer: int, name: str) -> VisualEncoder:
+    """A VisualEncoder around a loaded CLIPVisionModel / SiglipVisionModel and its image processor."""
     cfg = model.config
     layers = cfg.num_hidden_layers
     if not -(layers + 1) <= select_layer <= layers:
