@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from llava_ft.demo.assets import demo_texts
+from llava_ft.testing.assets import demo_texts
 
 # The pre-tokenizer split patterns of the Llama-3 and Qwen2 tokenizer.json files (public configuration).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -33,11 +33,17 @@ FAMILIES = {
 
 def _template_texts() -> list:
     """Conversations in every template, so BPE learns merges across template seams (e.g. '\\n\\nBlue')."""
-    from llava_ft.templates import TEMPLATES, render_for_generation
+    from llava_ft.templates import TEMPLATES, conversation_turns
 
     convo = [{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "Blue."},
              {"role": "user", "content": "And grass?"}, {"role": "assistant", "content": "Green, mostly."}]
-    return [render_for_generation(t, convo, system="You answer briefly.") for t in TEMPLATES.values()] * 20
+    texts = []
+    for t in TEMPLATES.values():
+        # The text of each turn as training lays it out (system + instruction, output + SUFFIX, SEP).
+        texts.append("".join(t.format_system(turn["system"]) + t.format_instruction(turn["input"], turn["round"])
+                             + (turn["output"] or "") + t.suffix + t.sep
+                             for turn in conversation_turns(convo, "You answer briefly.")))
+    return texts * 20
 
 
 def build_family_tokenizer(out_dir, family: str, vocab_size: int = 600) -> str:

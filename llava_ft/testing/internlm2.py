@@ -77,7 +77,7 @@ def build_tiny_internlm2(out_dir: PathLike, reference_dir: Optional[PathLike] = 
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from llava_ft.demo.assets import _fresh_dir, _publish
+    from llava_ft.fileio import publish_dir, staging_dir
     from llava_ft.testing.internlm2_tokenizer import VOCAB_SIZE, write_internlm2_tokenizer_files
 
     rope = {"rope_type": "default", "rope_theta": rope_theta}
@@ -99,13 +99,13 @@ def build_tiny_internlm2(out_dir: PathLike, reference_dir: Optional[PathLike] = 
     generation = GenerationConfig(bos_token_id=1, eos_token_id=[2, VOCAB_SIZE - 2], pad_token_id=2)
     if reference_dir is not None:
         model.generation_config = generation
-        ref = _fresh_dir(reference_dir)
+        ref = staging_dir(reference_dir)
         model.save_pretrained(str(ref))
-        _publish(ref, reference_dir)
+        publish_dir(ref, reference_dir)
 
     head_dim = hidden_size // num_heads
     state = _fused_state({k: v.detach() for k, v in model.state_dict().items()}, num_heads, num_kv_heads, head_dim)
-    tmp = _fresh_dir(out_dir)
+    tmp = staging_dir(out_dir)
     keys = sorted(state)
     chunks = [keys[i::shards] for i in range(shards)]
     weight_map = {}
@@ -131,4 +131,4 @@ def build_tiny_internlm2(out_dir: PathLike, reference_dir: Optional[PathLike] = 
                          ("modeling_internlm2.py", "modeling code")):
         (Path(tmp) / module).write_text(_RAISING.format(what=what))
     write_internlm2_tokenizer_files(tmp, seed=seed)
-    return _publish(tmp, out_dir)
+    return publish_dir(tmp, out_dir)

@@ -25,7 +25,8 @@ import random
 from pathlib import Path
 from typing import Optional, Union
 
-from llava_ft.demo.assets import _fresh_dir, _publish, demo_texts
+from llava_ft.fileio import publish_dir, staging_dir
+from llava_ft.testing.assets import demo_texts
 
 PathLike = Union[str, os.PathLike]
 
@@ -149,6 +150,6 @@ def write_internlm2_tokenizer_files(folder: PathLike, seed: int = 0, spm_options
 
 def build_internlm2_tokenizer(out_dir: PathLike, seed: int = 0, spm_options: Optional[dict] = None) -> str:
     """Build the tokenizer folder at `out_dir` (replaced atomically when complete) and return its path."""
-    tmp = _fresh_dir(out_dir)
+    tmp = staging_dir(out_dir)
     write_internlm2_tokenizer_files(tmp, seed=seed, spm_options=spm_options)
-    return _publish(tmp, out_dir)
+    return publish_dir(tmp, out_dir)
