@@ -58,8 +58,10 @@ def _quiet_transformers() -> None:
 class Session:
     """One conversation: history, images waiting for the next message, and how to answer."""
 
-    def __init__(self, chat_model, settings, system, stream: bool, out=sys.stdout):
-        self.cm, self.settings, self.system, self.stream, self.out = chat_model, settings, system, stream, out
+    def __init__(self, chat_model, settings, system, stream: bool, out=None):
+        # sys.stdout read now, not at import: a default argument would keep the stream of whoever imported us
+        self.cm, self.settings, self.system, self.stream = chat_model, settings, system, stream
+        self.out = out if out is not None else sys.stdout
         self.reset()
 
     def reset(self) -> None:

@@ -198,8 +198,12 @@ class ChatModel:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         stops = self.stop_words + tuple(settings.stop or ())
         if stops:
-            # Checked inside generate, so no token is spent after a stop word appears.
-            kw.update(stop_strings=list(stops), tokenizer=tok)
+            # Checked inside generate, so no token is spent after a stop word appears. Given as a stopping
+            # criterion rather than generate(stop_strings=, tokenizer=): with trust_remote_code models
+            # transformers hands `tokenizer` on to a forward() that does not take it (TypeError).
+            from transformers import StoppingCriteriaList, StopStringCriteria
+
+            kw["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(tok, list(stops))])
         return kw
 
     def _to_model_inputs(self, prompts: list) -> dict:
@@ -257,7 +261,7 @@ class ChatModel:
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
             box: dict = {}
             kw = self._gen_kwargs(settings)
-            kw["stopping_criteria"] = _stopping_list(stream._cancel)
+            kw["stopping_criteria"] = _stopping_list(stream._cancel, kw.get("stopping_criteria", ()))
 
             def work():
                 try:
@@ -346,8 +350,7 @@ class ChatModel:
             self._check_fits(p, r.settings)
         max_new = [int(r.settings.max_new_tokens) for r in requests]
         kw = self._gen_kwargs(requests[0].settings)
-        kw.pop("stop_strings", None)  # per row, in the streamer: rows have different stop words
-        kw.pop("tokenizer", None)
+        kw.pop("stopping_criteria", None)  # per row, in the streamer: rows have different stop words
         kw["max_new_tokens"] = max(max_new)
         streamer = RowStreamer(self.tokenizer, [self.stop_words + tuple(r.settings.stop or ()) for r in requests],
                                max_new, kw["eos_token_id"] or [], [r.on_delta for r in requests],
@@ -380,10 +383,11 @@ class ChatModel:
         return "length"
 
 
-def _stopping_list(cancel: _Cancel):
+def _stopping_list(cancel: _Cancel, others=()):
+    """The cancel flag plus the criteria `_gen_kwargs` made (stop words)."""
     from transformers import StoppingCriteriaList
 
-    return StoppingCriteriaList([cancel])
+    return StoppingCriteriaList([*others, cancel])
 
 
 def _strip_after_eos(row: list, eos: list, pad: int) -> list:

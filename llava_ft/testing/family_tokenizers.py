@@ -11,11 +11,7 @@ and its chat markers as special tokens.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
+from llava_ft import fileio
 from llava_ft.testing.assets import demo_texts
 
 # The pre-tokenizer split patterns of the Llama-3 and Qwen2 tokenizer.json files (public configuration).
@@ -67,11 +63,6 @@ def build_family_tokenizer(out_dir, family: str, vocab_size: int = 600) -> str:
         names["bos_token"] = spec["bos"]
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=spec["markers"], **names)
     fast.model_max_length = 2048
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.")  # saved whole, then renamed into place
-    fast.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return str(out)
+    tmp = fileio.staging_dir(out_dir)  # saved whole, then renamed into place
+    fast.save_pretrained(str(tmp))
+    return fileio.publish_dir(tmp, out_dir)
