@@ -354,9 +354,13 @@ def _validate(cfg: Config, where: str) -> None:
     if cfg.model.max_image_tiles is not None and cfg.model.max_image_tiles <= 0:
         raise UserError(f"{where}: 'model.max_image_tiles' must be > 0, got {cfg.model.max_image_tiles}")
     if cfg.model.llava:
-        from llava_ft.model.llava_hf_import import check_llava_settings  # local: no model imports at load time
-
-        check_llava_settings(cfg.model, where)
+        # model.llava (a released LLaVA) brings its own trained 2-layer projector.
+        if cfg.model.pretrained_pth:
+            raise UserError(f"{where}: model.llava already brings a trained projector; remove model.pretrained_pth "
+                            "(a pretrain checkpoint) or model.llava")
+        if cfg.model.projector_depth != 2:
+            raise UserError(f"{where}: model.llava checkpoints have transformers' 2-layer projector "
+                            f"(Linear-GELU-Linear); model.projector_depth is {cfg.model.projector_depth}, set it to 2")
     if cfg.model.quantization != "none" and not cfg.model.llm_lora.enabled and not cfg.model.freeze_llm:
         raise UserError(
             f"{where}: a {cfg.model.quantization} LLM cannot be trained fully; set model.llm_lora.enabled=true "

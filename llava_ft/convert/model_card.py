@@ -198,8 +198,8 @@ def write_model_card(folder, meta: dict, export: str, tokenizer=None, merged_fro
     from jinja2 import TemplateError
 
     from llava_ft.convert.chat_template import chat_template_mismatch
-    from llava_ft.fileio import write_text
     from llava_ft.errors import UserError
+    from llava_ft.fileio import write_text
 
     facts = meta.get("card") or {}
     if not facts and merged_from:  # an adapter from elsewhere: say at least what was merged

@@ -37,6 +37,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from llava_ft import fileio
 from llava_ft.errors import UserError
 
 # Bump when the converted folder's content changes, so old caches are not reused.
@@ -281,23 +282,8 @@ def _convert_shards(src: Path, dst: Path, files: list, convert: Callable[[dict],
             total += t.numel() * t.element_size()
         del state
     if n > 1:
-        _write_json(dst / "model.safetensors.index.json",
+        fileio.write_json(dst / "model.safetensors.index.json",
                     {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-
-
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # ---- cache -------------------------------------------------------------------------------------------
@@ -350,7 +336,7 @@ def _convert_locked(src: Path, dst: Path) -> str:
         cfg = read_config(src)
         llama_kwargs = llama_config_from_internlm2(cfg, where=str(src / "config.json"))
         files, _ = _weight_files(src)
-        tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.converting."))
+        tmp = fileio.staging_dir(dst)
         try:
             from transformers import LlamaConfig
 
@@ -358,12 +344,9 @@ def _convert_locked(src: Path, dst: Path) -> str:
             if (src / "generation_config.json").is_file():
                 shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
             _convert_shards(src, tmp, files, lambda state: to_llama_state(state, cfg))
-            _write_json(tmp / _MARKER, {"source": str(src), "key": source_key(src),
+            fileio.write_json(tmp / _MARKER, {"source": str(src), "key": source_key(src),
                                         "converter_version": CONVERTER_VERSION})
-            os.chmod(tmp, 0o777 & ~_umask())
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
+            fileio.publish_dir(tmp, dst)  # content and folder follow the umask (safetensors writes 0600)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -425,6 +408,7 @@ def save_internlm2_layout(folder, base) -> None:
                             "the export is not a whole Llama model")
         for name in files + ([index_name] if index_name else []):
             (folder / name).unlink()
+        fileio.follow_umask(staged)  # safetensors writes its shards 0600
         for p in staged.iterdir():
             os.replace(p, folder / p.name)
     finally:
@@ -435,7 +419,7 @@ def save_internlm2_layout(folder, base) -> None:
     # (sentencepiece) tokenizer in InternLM's tools: the base's files replace them above; drop the rest.
     if not (base / "tokenizer.json").is_file() and (folder / "tokenizer.json").is_file():
         (folder / "tokenizer.json").unlink()
-    _write_json(folder / "config.json", internlm2_config_from_llama(llama_cfg, base_cfg))
+    fileio.write_json(folder / "config.json", internlm2_config_from_llama(llama_cfg, base_cfg))
 
 
 def adapter_layout(adapter_dir) -> Optional[str]:

@@ -26,9 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Optional
 
+from llava_ft import fileio
 from llava_ft.errors import UserError
 
 TOKENIZER_CLASSES = ("InternLM2Tokenizer", "InternLM2TokenizerFast")
@@ -202,21 +202,11 @@ def _cached_backend(folder: str, config: dict, special_map: dict):
         return Tokenizer.from_file(target)
     backend = _build_backend(folder, config, special_map)
     try:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tokenizer.json.", suffix=".tmp")
-        os.close(fd)
-        backend.save(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; cached files follow the umask
-        os.replace(tmp, target)
+        with fileio.atomic_path(target) as tmp:  # cached files follow the umask, like every output
+            backend.save(str(tmp))
     except OSError:
         pass  # a read-only cache only costs a conversion next time
     return backend
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_internlm2_tokenizer(folder: str):

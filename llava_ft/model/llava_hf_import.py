@@ -45,16 +45,6 @@ class ReleasedLlava:
     folder: str
 
 
-def check_llava_settings(model_cfg, where: str) -> None:
-    """Config-time checks for `model.llava` (cheap: no weights are read)."""
-    if model_cfg.pretrained_pth:
-        raise UserError(f"{where}: model.llava already brings a trained projector; remove model.pretrained_pth "
-                        "(a pretrain checkpoint) or model.llava")
-    if model_cfg.projector_depth != 2:
-        raise UserError(f"{where}: model.llava checkpoints have transformers' 2-layer projector (Linear-GELU-Linear); "
-                        f"model.projector_depth is {model_cfg.projector_depth}, set it to 2")
-
-
 def resolve_folder(name: str) -> str:
     """A local folder for `model.llava` (a hub id is fetched, or read from the local cache when offline)."""
     from llava_ft.model.llm import check_model_source

@@ -11,11 +11,7 @@ and its chat markers as special tokens.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
+from llava_ft import fileio
 from llava_ft.testing.assets import demo_texts
 
 # The pre-tokenizer split patterns of the Llama-3 and Qwen2 tokenizer.json files (public configuration).
@@ -31,24 +27,19 @@ FAMILIES = {
 }
 
 
-def _render(template, messages: list, system: str) -> str:
-    """A conversation as the text training sees (system, instruction, answer, SUFFIX, SEP per turn)."""
-    from llava_ft.templates import conversation_turns
-
-    parts = []
-    for turn in conversation_turns(messages, system):
-        parts.append(template.format_system(turn["system"]) + template.format_instruction(turn["input"], turn["round"]))
-        parts.append(turn["output"] + template.suffix + template.sep)
-    return "".join(parts)
-
-
 def _template_texts() -> list:
     """Conversations in every template, so BPE learns merges across template seams (e.g. '\\n\\nBlue')."""
-    from llava_ft.templates import TEMPLATES
+    from llava_ft.templates import TEMPLATES, conversation_turns
 
     convo = [{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "Blue."},
              {"role": "user", "content": "And grass?"}, {"role": "assistant", "content": "Green, mostly."}]
-    return [_render(t, convo, system="You answer briefly.") for t in TEMPLATES.values()] * 20
+    texts = []
+    for t in TEMPLATES.values():
+        # The text of each turn as training lays it out (system + instruction, output + SUFFIX, SEP).
+        texts.append("".join(t.format_system(turn["system"]) + t.format_instruction(turn["input"], turn["round"])
+                             + (turn["output"] or "") + t.suffix + t.sep
+                             for turn in conversation_turns(convo, "You answer briefly.")))
+    return texts * 20
 
 
 def build_family_tokenizer(out_dir, family: str, vocab_size: int = 600) -> str:
@@ -72,11 +63,6 @@ def build_family_tokenizer(out_dir, family: str, vocab_size: int = 600) -> str:
         names["bos_token"] = spec["bos"]
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=spec["markers"], **names)
     fast.model_max_length = 2048
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.")  # saved whole, then renamed into place
-    fast.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return str(out)
+    tmp = fileio.staging_dir(out_dir)  # saved whole, then renamed into place
+    fast.save_pretrained(str(tmp))
+    return fileio.publish_dir(tmp, out_dir)
