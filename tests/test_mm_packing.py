@@ -23,6 +23,7 @@ from llava_ft.config import Config, DataConfig, DataSource, LoraSettings, ModelC
 from llava_ft.data.dataset import prepare_dataset
 from llava_ft.data.llava_dataset import LlavaDataset
 from llava_ft.data.mm_collate import MultimodalCollator
+from llava_ft.errors import UserError
 from llava_ft.model.builder import build_model
 
 WORDS = "the cat sat on a red blue green square circle shape image answer question what colour is it".split()
@@ -124,6 +125,19 @@ def test_packed_loss_equals_unpacked(tiny_llama, tiny_clip, mixed_data, phase):
             loss_n = model(**batch, num_items_in_batch=torch.tensor(n_items)).loss
         torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(loss_n, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_batch_shape_errors(tiny_llama, tiny_clip, mixed_data):
+    cfg = make_cfg(tiny_llama, tiny_clip, mixed_data, "pretrain")
+    model, tok = build(cfg)
+    packed, by_id, _ = datasets_for(cfg, model, tok)
+    collate = MultimodalCollator(tok, image_shape=model.visual_encoder.image_shape)
+    with pytest.raises(UserError, match="mixes packed blocks and unpacked samples"):
+        collate([packed[0], next(iter(by_id.values()))])
+    batch = collate([packed[0]])
+    with pytest.raises(UserError, match="without attention_mask"):
+        model.prepare_inputs_embeds(batch["input_ids"], torch.ones_like(batch["input_ids"]), batch["labels"],
+                                    batch["pixel_values"], position_ids=batch["position_ids"])
 
 
 def expanded_segments(model, batch) -> torch.Tensor:
