@@ -336,3 +336,20 @@ def test_zero3_packed_llava_matches_single_process(tmp_path):
     run_cli(["finetune", str(config), "--work-dir", work, "--deepspeed", "zero3"], nproc=2)
     assert losses(work) == pytest.approx(losses(ref), rel=1e-5)
     assert_same_weights(iter_state(work, 6), iter_state(ref, 6))
+
+
+@pytest.mark.parametrize("truncation", ["drop", "cut_text"])
+def test_samples_longer_than_max_length_follow_truncation(tiny_llama, tiny_clip, mixed_data, truncation):
+    cfg = make_cfg(tiny_llama, tiny_clip, mixed_data, "pretrain")
+    cfg.data.max_length, cfg.data.truncation = 90, truncation
+    _, tok = build_model(cfg, for_training=False)
+    cfg.data.pack_to_max_length = False
+    plain = prepare_dataset(cfg.data, tok, num_image_tokens=16, seed=0)
+    cfg.data.pack_to_max_length = True
+    packed = prepare_dataset(cfg.data, tok, num_image_tokens=16, seed=0)
+    assert packed.stats["dropped"] == plain.stats["dropped"]
+    if truncation == "drop":
+        assert packed.stats["dropped"].get("too_long_with_images", 0) > 0
+    assert packed.stats["packing"]["samples"] == plain.stats["samples"]
+    assert max(packed.dataset["length"]) <= 90
+    assert sorted(s for b in packed.dataset["id"] for s in b.split(",")) == sorted(plain.dataset["id"])
