@@ -353,3 +353,24 @@ def test_samples_longer_than_max_length_follow_truncation(tiny_llama, tiny_clip,
     assert packed.stats["packing"]["samples"] == plain.stats["samples"]
     assert max(packed.dataset["length"]) <= 90
     assert sorted(s for b in packed.dataset["id"] for s in b.split(",")) == sorted(plain.dataset["id"])
+
+
+def test_logged_tokens_count_image_features(tiny_llama, tiny_clip, mixed_data, tmp_path):
+    """train_log.jsonl's tokens_per_s counts what the model runs over: text tokens + every image feature."""
+    from llava_ft.engine.run import _training_arguments
+    from llava_ft.engine.trainer import LlavaFtTrainer
+
+    cfg = make_cfg(tiny_llama, tiny_clip, mixed_data, "pretrain")
+    model, tok = build(cfg)
+    packed, by_id, _ = datasets_for(cfg, model, tok)
+    collate = MultimodalCollator(tok, image_shape=model.visual_encoder.image_shape)
+    trainer = LlavaFtTrainer(model=model, args=_training_arguments(cfg, str(tmp_path), None), llava_cfg=cfg,
+                             train_dataset=packed, data_collator=collate)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which this test does not run
+    block = packed[0]
+    trainer.training_step(trainer.model, collate([block]))
+    assert trainer._tokens_since_log == block["length"]  # a lone block: exactly its samples' positions
+    trainer._tokens_since_log = 0
+    samples = [by_id[s] for s in block["id"].split(",")]
+    trainer.training_step(trainer.model, collate(samples))  # unpacked and padded: padding not counted
+    assert trainer._tokens_since_log == sum(s["length"] for s in samples)
