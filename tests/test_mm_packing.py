@@ -81,7 +81,9 @@ def build(cfg: Config):
 
 def datasets_for(cfg: Config, model, tok) -> tuple:
     """(packed LlavaDataset, {sample id: unpacked item}) over the same encoded samples."""
-    n = model.visual_encoder.num_image_tokens
+    from llava_ft.model.anyres import image_token_counter
+
+    n = image_token_counter(model.visual_encoder)  # an int, or per image size with AnyRes
     cfg.data.pack_to_max_length = False
     plain = LlavaDataset(prepare_dataset(cfg.data, tok, num_image_tokens=n, seed=0).dataset, model.visual_encoder,
                          cfg.data)
@@ -357,14 +359,14 @@ def test_samples_longer_than_max_length_follow_truncation(tiny_llama, tiny_clip,
 
 def test_logged_tokens_count_image_features(tiny_llama, tiny_clip, mixed_data, tmp_path):
     """train_log.jsonl's tokens_per_s counts what the model runs over: text tokens + every image feature."""
-    from llava_ft.engine.run import _training_arguments
+    from llava_ft.engine.run import training_arguments
     from llava_ft.engine.trainer import LlavaFtTrainer
 
     cfg = make_cfg(tiny_llama, tiny_clip, mixed_data, "pretrain")
     model, tok = build(cfg)
     packed, by_id, _ = datasets_for(cfg, model, tok)
     collate = MultimodalCollator(tok, image_shape=model.visual_encoder.image_shape)
-    trainer = LlavaFtTrainer(model=model, args=_training_arguments(cfg, str(tmp_path), None), llava_cfg=cfg,
+    trainer = LlavaFtTrainer(model=model, args=training_arguments(cfg, str(tmp_path), None), llava_cfg=cfg,
                              train_dataset=packed, data_collator=collate)
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which this test does not run
     block = packed[0]
@@ -374,3 +376,21 @@ def test_logged_tokens_count_image_features(tiny_llama, tiny_clip, mixed_data, t
     samples = [by_id[s] for s in block["id"].split(",")]
     trainer.training_step(trainer.model, collate(samples))  # unpacked and padded: padding not counted
     assert trainer._tokens_since_log == sum(s["length"] for s in samples)
+
+
+def test_anyres_packed_loss_equals_unpacked(tiny_llama, tiny_clip, mixed_data):
+    """AnyRes samples (overview + tiles, size-dependent token counts) pack like any other: same loss."""
+    cfg = make_cfg(tiny_llama, tiny_clip, mixed_data, "finetune")
+    cfg.model.image_aspect = "anyres"
+    cfg.data.max_length = 1024  # 48 px demo images become 2x2 tiles: 88 positions each
+    model, tok = build(cfg)
+    packed, by_id, stats = datasets_for(cfg, model, tok)
+    assert stats["packing"]["samples"] == len(by_id) and stats["packing"]["blocks"] < len(by_id)
+    collate = MultimodalCollator(tok, image_shape=model.visual_encoder.image_shape)
+    rows = [packed[i] for i in range(min(3, len(packed)))]
+    batch = collate(rows)
+    ref_batch = collate([by_id[s] for b in rows for s in b["id"].split(",")])
+    assert batch["image_sizes"].shape[0] == ref_batch["image_sizes"].shape[0] > 0
+    with torch.no_grad():
+        loss, ref = model(**batch).loss, model(**ref_batch).loss
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)

@@ -145,14 +145,14 @@ def test_report_to_and_keep_best_are_checked_at_load():
 
 
 def test_passed_through_fields_reach_the_trainer_arguments(tmp_path):
-    from llava_ft.engine.run import _training_arguments
+    from llava_ft.engine.run import training_arguments
 
     cfg = config_from_dict({"name": "n", "model": {"llm": "x"},
                             "data": {"sources": [{"path": "d.jsonl"}], "val_split": 0.1},
                             "train": {"report_to": "tensorboard",
                                       "trainer_args": {"optim": "adafactor", "neftune_noise_alpha": 5.0}},
                             "evaluation": {"every_n_steps": 7}})
-    args = _training_arguments(cfg, str(tmp_path), None)
+    args = training_arguments(cfg, str(tmp_path), None)
     assert args.optim == "adafactor" and args.neftune_noise_alpha == 5.0
     assert args.report_to == ["tensorboard"] and args.run_name == "n"
     assert args.eval_strategy == "steps" and args.eval_steps == 7 and args.prediction_loss_only
@@ -161,7 +161,7 @@ def test_passed_through_fields_reach_the_trainer_arguments(tmp_path):
 def test_report_to_a_tracker_that_is_not_installed_says_so(tmp_path):
     from transformers.integrations import get_available_reporting_integrations
 
-    from llava_ft.engine.run import _training_arguments
+    from llava_ft.engine.run import training_arguments
 
     missing = [t for t in ("wandb", "mlflow", "comet_ml", "clearml") if t not in get_available_reporting_integrations()]
     if not missing:
@@ -169,14 +169,14 @@ def test_report_to_a_tracker_that_is_not_installed_says_so(tmp_path):
     cfg = config_from_dict({"model": {"llm": "x"}, "data": {"sources": [{"path": "d.jsonl"}]},
                             "train": {"report_to": missing[0]}})
     with pytest.raises(UserError, match=f"train.report_to: {missing[0]} is not installed here.*pip install"):
-        _training_arguments(cfg, str(tmp_path), None)
+        training_arguments(cfg, str(tmp_path), None)
 
 
 def test_a_value_transformers_rejects_at_build_is_one_user_error(tmp_path):
-    from llava_ft.engine.run import _training_arguments
+    from llava_ft.engine.run import training_arguments
 
     # a valid field and type, but transformers refuses it with train.dataloader_num_workers 0
     cfg = config_from_dict({"model": {"llm": "x"}, "data": {"sources": [{"path": "d.jsonl"}]},
                             "train": {"trainer_args": {"dataloader_prefetch_factor": 2}}})
     with pytest.raises(UserError, match="transformers rejected the TrainingArguments built with train.trainer_args.*prefetch"):
-        _training_arguments(cfg, str(tmp_path), None)
+        training_arguments(cfg, str(tmp_path), None)
