@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from llava_ft.errors import UserError
+from llava_ft.utf8 import BOM as _BOM
+from llava_ft.utf8 import decode_utf8  # noqa: F401  (re-exported: evaluate.py reads .tsv with it)
+from llava_ft.utf8 import utf8_message as _utf8_message
 
 _CHUNK = 1 << 20
-_BOM = b"\xef\xbb\xbf"
 # What `surrogateescape` turns an undecodable byte 0x80..0xff into.
 _ESCAPED = re.compile("[\udc80-\udcff]")
 _JSON_WS = re.compile(r"[ \t\n\r]*")  # the whitespace JSON allows between values
@@ -53,23 +55,6 @@ class JsonProblem:
         if self.kind == "not_utf8":
             return f"{path}:{self.line}: {self.message}{lost}"
         return f"{path}:{self.line}: not valid JSON ({self.message}){lost}; fix or delete that line and rerun"
-
-
-def _utf8_message(byte: int, offset: int) -> str:
-    return (f"byte 0x{byte:02x} at byte offset {offset} is not UTF-8; re-save the file as UTF-8 "
-            "(e.g. `iconv -f latin1 -t utf-8 IN > OUT`) or delete that line")
-
-
-def decode_utf8(data: bytes, path) -> str:
-    """A whole file's bytes as text (a UTF-8 BOM dropped); a non-UTF-8 byte is a UserError naming file,
-    line and byte offset (for files read at once: YAML configs, MMBench .tsv)."""
-    start = len(_BOM) if data.startswith(_BOM) else 0
-    try:
-        return data[start:].decode("utf-8")
-    except UnicodeDecodeError as err:
-        at = start + err.start
-        line = data.count(b"\n", 0, at) + 1
-        raise UserError(f"{path}:{line}: {_utf8_message(data[at], at)}") from None
 
 
 def _char_to_byte(path: Path, chars: int) -> tuple[int, int]:
