@@ -17,8 +17,9 @@ Stages, in order (each writes into the workspace and records itself in `<workspa
   chat            one answer about a held-out demo image from the llava-hf export
   corner_pad      finetune on wide images with a small coloured square at one end, one view per image
   corner_anyres   the same with model.image_aspect=anyres (overview + tiles at the tower's resolution)
-  eval_corner     held-out "what colour is the small square?" answered by both: a single low-resolution
-                  view cannot see it (CLIP's centre crop cuts the ends off), the AnyRes tiles can
+  eval_corner     held-out "what colour is the small square?" answered by both: in the single view (the
+                  recipe pads the 96x32 image to square, then the tower sees 32x32) the 12 px square is
+                  4 px; AnyRes tiles see it at full resolution
 
 A stage whose record matches its settings and whose outputs still exist is skipped ("reused"), so an
 interrupted demo continues where it stopped; `force=True` redoes everything. The recipes are the YAML
