@@ -143,6 +143,7 @@ def test_anyres_refuses_pad_to_square_and_open_clip(tiny_llama, tiny_clip, tmp_p
                           "data": {"sources": [{"path": "x.json"}], "pad_image_to_square": True}})
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("hw", [(40, 120), (120, 40), (48, 48)])
 def test_llava_next_export_equals_llava_ft(tmp_path, tiny_llama, tiny_clip, hw):
     """--format llava-hf of an AnyRes run is a LlavaNext folder whose logits equal llava_ft's forward."""

@@ -69,6 +69,7 @@ def _assert_stops(model, tok, template, gen_config=None, **inputs):
     assert new[-1] == end_id and len(new) == STEP + 1, new
 
 
+@pytest.mark.smoke
 def test_llava_hf_and_xtuner_layout_stop_at_im_end(tmp_path, end_llm, tiny_clip):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 

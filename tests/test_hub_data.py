@@ -44,6 +44,7 @@ def reference(demo_data, tiny_qwen2, tmp_path_factory):
     return tok, prepared.dataset
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("style", ["llava", "llava_list", "trl"])
 def test_saved_dataset_with_image_column_gives_the_json_tokens_and_pixels(style, reference, demo_data, tmp_path, capsys):
     tok, ref = reference

@@ -42,6 +42,7 @@ def _weights(folder) -> dict:
     return out
 
 
+@pytest.mark.smoke
 def test_internlm2_loads_as_llama_with_equal_logits(tiny_internlm2, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLAVA_FT_CACHE", str(tmp_path / "cache"))
     model, tok = _load(tiny_internlm2)
@@ -119,6 +120,7 @@ def test_full_run_exports_internlm2_layout(tiny_internlm2, tmp_path):
         assert torch.allclose(back(input_ids=IDS).logits, ref(input_ids=IDS).logits, atol=1e-5)
 
 
+@pytest.mark.smoke
 def test_export_in_internlm2_layout_is_bit_equal(tiny_internlm2, tmp_path):
     """A zero-effect LoRA (fresh adapter, B = 0) merged with --layout internlm2 gives back the input exactly."""
     from peft import LoraConfig, get_peft_model

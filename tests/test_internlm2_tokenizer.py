@@ -114,6 +114,7 @@ def test_detected_by_config_not_by_name(internlm2_tok, tmp_path, tiny_tokenizer)
     assert is_internlm2_tokenizer(str(bare))
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("which", ["internlm2", "llama_style"])
 def test_ids_equal_sentencepiece_reference(which, internlm2_tok, llama_style_tok):
     folder = internlm2_tok if which == "internlm2" else llama_style_tok
@@ -225,6 +226,7 @@ def xtuner_encode(ref: Reference, turns: list[dict], template, system: str) -> t
     return input_ids, labels
 
 
+@pytest.mark.smoke
 def test_internlm2_chat_template_ids_equal_xtuner(internlm2_tok):
     tok = load_internlm2_tokenizer(internlm2_tok)
     ref = Reference(internlm2_tok)

@@ -98,6 +98,7 @@ def supervised(batch) -> int:
     return int((batch["labels"][..., 1:] != -100).sum())
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("phase", ["pretrain", "finetune"])
 def test_packed_loss_equals_unpacked(tiny_llama, tiny_clip, mixed_data, phase):
     cfg = make_cfg(tiny_llama, tiny_clip, mixed_data, phase)

@@ -53,6 +53,7 @@ def kind_model(request, artifacts):
     return kind, artifacts[kind], _models[kind]
 
 
+@pytest.mark.smoke
 def test_chat_model_answers_text_only(kind_model, image):
     from llava_ft.inference.batch_stream import StreamRequest
 
@@ -106,6 +107,7 @@ def _png_data_url(path: str) -> str:
     return "data:image/png;base64," + base64.b64encode(open(path, "rb").read()).decode()
 
 
+@pytest.mark.smoke
 def test_serve_text_only_alone_after_image_and_batched(kind_model, image):
     """Over HTTP: a text-only request and a text-only turn after an image turn are 200 with the model's answer;
     in the worker, text-only requests that wait together are answered in one batch."""
