@@ -87,10 +87,19 @@ class ModelConfig:
 
 @dataclass
 class DataSource:
-    path: str = ""  # .json / .jsonl / .parquet file, or a `datasets.save_to_disk` folder
-    format: str = "auto"  # auto detects from the first record's keys
+    # .json / .jsonl / .parquet file, a `datasets.save_to_disk` folder, a folder of data files
+    # (parquet/json/csv, read by datasets.load_dataset) or a Hub dataset id (llava_ft.data.hub)
+    path: str = ""
+    format: str = "auto"  # auto detects from the columns / first record's keys (and logs its choice)
     image_folder: Optional[str] = None  # LLaVA: image paths are relative to this
     repeat: int = 1  # use this source N times per epoch
+    # --- Hub ids and data folders (passed to datasets.load_dataset) ---
+    split: Optional[str] = None  # default: train (or the only split)
+    subset: Optional[str] = None  # the dataset's configuration name (load_dataset's `name`)
+    name: Optional[str] = None  # alias of `subset`
+    data_files: Union[str, list, dict, None] = None
+    revision: Optional[str] = None  # branch, tag or commit of a Hub dataset
+    columns: dict = field(default_factory=dict)  # llava_ft name -> the dataset's column, e.g. {messages: conversations}
 
 
 @dataclass
@@ -106,6 +115,9 @@ class DataConfig:
     num_proc: int = 1  # processes for tokenization
     cache_dir: Optional[str] = None  # default: ~/.cache/llava_ft/datasets (LLAVA_FT_CACHE overrides)
     shuffle_before_pack: bool = True
+    # Validation loss (llava_ft.engine.validation): held-out sources, or a fraction of the training samples
+    val_sources: list = field(default_factory=list)  # list[DataSource], same schema as sources
+    val_split: float = 0.0  # e.g. 0.02: that share of the samples, held out deterministically by train.seed
 
 
 @dataclass
@@ -134,6 +146,12 @@ class TrainConfig:
     # see benchmarks/bench_sampler.py.
     length_group_multiplier: int = 16
     dataloader_num_workers: int = 0
+    # Experiment tracking: none | tensorboard | wandb | mlflow | ... (transformers' integrations), or a list
+    report_to: Union[str, list] = "none"
+    # Any further transformers.TrainingArguments field (optim, torch_compile, neftune_noise_alpha, ...);
+    # checked against TrainingArguments when the config loads (llava_ft.trainer_args)
+    trainer_args: dict = field(default_factory=dict)
+    keep_best: Optional[str] = None  # eval_loss: keep the best iter_N.pth as best_iter.pth (needs validation data)
 
 
 @dataclass
@@ -271,10 +289,12 @@ def _build(cls, raw: dict, prefix: str, where: str):
         kwargs[key] = _coerce(value, types[key], prefix + key, where)
     obj = cls(**kwargs)
     if cls is DataConfig:
-        obj.sources = [
-            _build(DataSource, s, f"data.sources.{i}.", where) if isinstance(s, dict) else _coerce(s, DataSource, f"data.sources.{i}", where)
-            for i, s in enumerate(obj.sources)
-        ]
+        for attr in ("sources", "val_sources"):
+            setattr(obj, attr, [
+                _build(DataSource, s, f"data.{attr}.{i}.", where) if isinstance(s, dict)
+                else _coerce(s, DataSource, f"data.{attr}.{i}", where)
+                for i, s in enumerate(getattr(obj, attr))
+            ])
     return obj
 
 
@@ -285,16 +305,21 @@ def _validate(cfg: Config, where: str) -> None:
             raise UserError(
                 f"{where}: '{dotted}' is {value!r}; allowed: {', '.join(allowed)}.{_closest(value, allowed)}"
             )
-    for i, src in enumerate(cfg.data.sources):
-        if src.format not in DATA_FORMATS:
-            raise UserError(
-                f"{where}: 'data.sources.{i}.format' is {src.format!r}; allowed: {', '.join(DATA_FORMATS)}."
-                f"{_closest(src.format, DATA_FORMATS)}"
-            )
-        if not src.path:
-            raise UserError(f"{where}: 'data.sources.{i}.path' is empty; set it to a .json/.jsonl/.parquet file")
-        if src.repeat < 1:
-            raise UserError(f"{where}: 'data.sources.{i}.repeat' must be >= 1, got {src.repeat}")
+    for attr in ("sources", "val_sources"):
+        for i, src in enumerate(getattr(cfg.data, attr)):
+            _validate_source(src, f"data.{attr}.{i}", where)
+    if not 0 <= cfg.data.val_split < 1:
+        raise UserError(f"{where}: 'data.val_split' must be in [0, 1) (e.g. 0.02), got {cfg.data.val_split}")
+    if cfg.data.val_split and cfg.data.val_sources:
+        raise UserError(f"{where}: set either data.val_sources or data.val_split, not both")
+    if cfg.train.keep_best not in (None, "none", "eval_loss"):
+        raise UserError(f"{where}: 'train.keep_best' is {cfg.train.keep_best!r}; allowed: eval_loss (or leave it unset)")
+    if cfg.train.keep_best == "eval_loss" and not (cfg.data.val_sources or cfg.data.val_split):
+        raise UserError(f"{where}: train.keep_best=eval_loss needs validation data; set data.val_sources or "
+                        "data.val_split (e.g. 0.02)")
+    from llava_ft.trainer_args import check_train_settings  # local import: it imports transformers lazily
+
+    check_train_settings(cfg.train, where)
     from llava_ft.templates import ALIASES, TEMPLATES  # local import: templates import nothing from config
 
     names = list(TEMPLATES) + list(ALIASES) + ["hf"]  # XTuner spellings (phi3_chat, ...) are accepted too
@@ -341,6 +366,26 @@ def _validate(cfg: Config, where: str) -> None:
             f"{where}: a {cfg.model.quantization} LLM cannot be trained fully; set model.llm_lora.enabled=true "
             "(QLoRA) or model.freeze_llm=true (e.g. LLaVA pretrain), or model.quantization=none for full training"
         )
+
+
+def _validate_source(src: DataSource, key: str, where: str) -> None:
+    if src.format not in DATA_FORMATS:
+        raise UserError(
+            f"{where}: '{key}.format' is {src.format!r}; allowed: {', '.join(DATA_FORMATS)}."
+            f"{_closest(src.format, DATA_FORMATS)}"
+        )
+    if not src.path:
+        raise UserError(f"{where}: '{key}.path' is empty; set it to a .json/.jsonl/.parquet file, a dataset "
+                        "folder or a Hub dataset id")
+    if src.repeat < 1:
+        raise UserError(f"{where}: '{key}.repeat' must be >= 1, got {src.repeat}")
+    if src.subset and src.name and src.subset != src.name:
+        raise UserError(f"{where}: '{key}' sets both subset ({src.subset!r}) and name ({src.name!r}); "
+                        "they are the same setting, keep one")
+    if not isinstance(src.columns, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in src.columns.items()):
+        raise UserError(f"{where}: '{key}.columns' must map llava_ft names to the dataset's column names, "
+                        f"e.g. {{messages: conversations, images: image}}; got {src.columns!r}")
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -406,9 +451,11 @@ def resolve_config_path(path_or_name: str) -> Path:
 
 def load_config(path_or_name: str, overrides: Optional[list] = None) -> Config:
     """Load a YAML recipe (file path or built-in name), apply overrides, validate."""
+    from llava_ft.textio import decode_utf8
+
     path = resolve_config_path(path_or_name)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(decode_utf8(path.read_bytes(), path)) or {}  # not the locale's encoding
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML: {err}") from None
     for override in overrides or []:

@@ -9,7 +9,8 @@ Accepted URLs: `data:image/...;base64,...` always; `http(s)://` only when remote
 local paths (`file://...`, absolute, or relative to the image dir) only when an image dir is set, and only
 if the real path (symlinks resolved) stays inside it. Sizes are checked before anything is decoded:
 encoded bytes against `max_bytes` (413), the header's width x height against `max_pixels` (413, the
-decompression-bomb guard), then the pixels are decoded (undecodable -> 400).
+decompression-bomb guard), then the pixels are decoded (undecodable -> 400) and converted by
+`llava_ft.data.images.normalize_image`, the function training uses.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import warnings
 from typing import Optional
 from urllib.parse import unquote, urlparse
 
+from llava_ft.data.images import normalize_image
 from llava_ft.serve.errors import ApiError
 
 
@@ -119,7 +121,9 @@ class ImageLoader:
                     raise ApiError(413, f"image is {width}x{height} pixels; the limit is {self.max_pixels} "
                                         "pixels", param="image_url", code="image_too_large")
                 img.load()
-                return img.convert("RGB")
+                # The training conversion (EXIF orientation, transparency on white, 16-bit grey rescaled),
+                # so the server sees the pixels training and chat see; a bare convert("RGB") does not.
+                return normalize_image(img)
         except ApiError:
             raise
         except Image.DecompressionBombError as err:

@@ -244,7 +244,17 @@ def _model_error(err: BaseException) -> ApiError:
     if isinstance(err, ApiError):
         return err
     from llava_ft.errors import UserError
+    from llava_ft.inference.chat_model import ContextLengthError
 
+    if isinstance(err, ContextLengthError):
+        # OpenAI's shape and wording for a prompt that alone fills the context (a too-large max_tokens is
+        # not an error: the model caps the answer at context - prompt and reports finish_reason "length").
+        images = (f" ({err.n_images} image(s) count {err.n_images * err.image_tokens})"
+                  if err.n_images and err.image_tokens else "")
+        return ApiError(400, f"This model's maximum context length is {err.context_length} tokens. However, your "
+                             f"messages resulted in {err.prompt_tokens} tokens{images}, which leaves no room for "
+                             "an answer. Please reduce the length of the messages or the number of images.",
+                        param="messages", code="context_length_exceeded")
     if isinstance(err, (UserError, ValueError)):
         return ApiError(400, f"the model rejected the request: {err}", code="invalid_request")
     return ApiError(500, f"generation failed: {type(err).__name__}: {err}", code="generation_failed")

@@ -183,3 +183,34 @@ def test_llava_next_export_equals_llava_ft(tmp_path, tiny_llama, tiny_clip, hw):
     vocab = ref_logits.shape[-1]
     assert hf_logits.shape[1] == ref_logits.shape[1]
     assert torch.allclose(hf_logits[..., :vocab], ref_logits, atol=1e-4)
+
+
+@pytest.mark.smoke
+def test_anyres_chat_on_every_artifact_kind(tmp_path, tiny_llama, tiny_clip):
+    """An AnyRes run answers the same through its iter file, the XTuner layout and the LlavaNext export,
+    with a wide image, a tall one, and a text-only turn."""
+    from llava_ft.convert import pth_to_hf
+    from llava_ft.inference import GenerationSettings, load_chat_model
+    from llava_ft.testing.checkpoints import write_random_checkpoint
+
+    pth = write_random_checkpoint(tmp_path / "run", {
+        "model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "image_aspect": "anyres", "freeze_llm": True,
+                  "llm_lora": {"enabled": True, "r": 8, "alpha": 16}},
+        "data": {"template": "chatml", "sources": [{"path": "unused.json"}]}})
+    xtuner = pth_to_hf(None, pth, tmp_path / "xtuner")
+    hf = pth_to_hf(None, pth, tmp_path / "hf", fmt="llava-hf")
+    greedy = GenerationSettings(max_new_tokens=6, temperature=0.0)
+    wide, tall = Image.new("RGB", (120, 40), (200, 30, 30)), Image.new("RGB", (40, 120), (30, 30, 200))
+    question = [{"role": "user", "content": "What colour is it?"}]
+    answers = {}
+    for name, artifact in (("pth", pth), ("xtuner", xtuner), ("llava_hf", hf)):
+        cm = load_chat_model(artifact, torch_dtype="fp32")
+        assert cm.anyres is not None, name
+        prompt = cm.encode(question, [wide])
+        assert prompt.length == len(prompt.ids) - 1 + cm.anyres.num_tokens((40, 120))
+        answers[name] = (cm.chat(question, [wide], greedy), cm.chat(question, [tall], greedy),
+                         cm.chat(question, [], greedy))
+    for kind in ("xtuner", "llava_hf"):
+        for ours, theirs in zip(answers["pth"], answers[kind]):
+            assert ours.text == theirs.text and ours.prompt_tokens == theirs.prompt_tokens, kind
+    assert answers["pth"][2].completion_tokens > 0  # the text-only turn is answered

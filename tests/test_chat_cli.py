@@ -8,9 +8,9 @@ import sys
 import pexpect
 import pytest
 
-from llava_ft.demo.assets import draw_shape
+from llava_ft.testing.assets import draw_shape
 from llava_ft.inference import GenerationSettings, load_chat_model
-from llava_ft.inference.testing import write_random_checkpoint
+from llava_ft.testing.checkpoints import write_random_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +108,41 @@ def test_bad_model_path_is_one_line_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no such file or folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, tiny_llama, tiny_clip):
+    """A LLaVA run over tiny_llama with a 128-token context: the default --max-new-tokens 512 is past it."""
+    from llava_ft.testing.variants import with_context
+
+    root = tmp_path_factory.mktemp("short_run")
+    raw = {"model": {"llm": with_context(tiny_llama, root / "llm", 128), "visual_encoder": tiny_clip,
+                     "freeze_llm": True},
+           "data": {"template": "chatml", "sources": [{"path": "unused.json"}]}}
+    return write_random_checkpoint(root / "run", raw)
+
+
+def test_short_context_caps_answers_and_names_flags(short_run, image, capsys):
+    """The default --max-new-tokens (512) on a 128-token model: answers come, capped at context - prompt, with
+    one notice; a prompt that alone fills the context names the numbers and what to change."""
+    from llava_ft.cli import main
+
+    cm = load_chat_model(short_run)
+    ask = [{"role": "user", "content": "<image>\nWhat is it?"}]
+    room = cm.context_length - cm.encode(ask, [image]).length
+    expected = cm.chat(ask, [image], GenerationSettings(max_new_tokens=room, temperature=0.0)).text
+    capsys.readouterr()
+    code = main(["chat", short_run, "--image", image, "--temperature", "0", "--prompt", "What is it?",
+                 "--prompt", "And the colour?", "--no-streamer"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "no room" not in out + err and "more than the model's context" not in out + err
+    assert out.count("[answers are capped") == 1 and "--max-new-tokens 512" in out
+    assert f"({room} tokens now" in out and expected.strip() in out
+
+    words = "circle square " * 80
+    assert main(["chat", short_run, "--prompt", words]) == 2
+    out, err = capsys.readouterr()
+    n = cm.encode([{"role": "user", "content": words}]).length
+    assert f"the prompt is {n} tokens, and the model's context is 128 tokens" in err and "Traceback" not in err
+    assert "--image" in err and "--system" in err

@@ -74,3 +74,100 @@ def test_log_dataset_json_and_text(tiny_llama, demo_data, tmp_path, capsys):
     assert main(["log-dataset", cfg, "--show", "masked_text", "-n", "1"]) == 0
     out = capsys.readouterr().out
     assert "<masked " in out and "--- masked_text ---" in out and "--- input_ids ---" not in out
+
+
+# ---- bad data: reported before the model loads, or skipped and counted -----------------------------
+
+def write_llava_cfg(tmp_path: Path, llm: str, clip: str, data: str, image_folder: str, **data_kw) -> str:
+    body = {
+        "model": {"llm": llm, "quantization": "none", "dtype": "fp32", "freeze_llm": True,
+                  "llm_lora": {"enabled": False}, "visual_encoder": clip, "projector_depth": 2},
+        "data": {"sources": [{"path": data, "format": "llava", "image_folder": image_folder}],
+                 "template": "qwen_chat", "max_length": 256, "cache_dir": str(tmp_path / "cache"), **data_kw},
+        "train": {"per_device_batch_size": 4, "max_steps": 1, "save_steps": 1, "logging_steps": 1,
+                  "dataloader_num_workers": 0},
+    }
+    path = tmp_path / "llava_recipe.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return str(path)
+
+
+def llava_rows(demo_data, n: int) -> list:
+    return json.loads(Path(demo_data["pretrain"]).read_text())[:n]
+
+
+def test_data_errors_come_before_the_model_loads(tiny_llama, tiny_clip, demo_data, tmp_path, capsys):
+    """model.llm points nowhere: had the model loaded first, every error below would be about the model."""
+    rows = llava_rows(demo_data, 8)
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows))
+    folder = demo_data["image_folder"]
+    wd = tmp_path / "wd"
+
+    def error(cfg: str, *extra: str) -> str:
+        assert main(["train", cfg, "model.llm=/nowhere/model", "--work-dir", str(wd), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "/nowhere/model" not in err
+        return err
+
+    cfg = write_llava_cfg(tmp_path, tiny_llama, tiny_clip, str(tmp_path / "missing.json"), folder)
+    assert "missing.json' does not exist" in error(cfg)
+    cfg = write_llava_cfg(tmp_path, tiny_llama, tiny_clip, str(data), str(tmp_path / "no_images"))
+    assert "image_folder" in error(cfg) and "is not a folder" in error(cfg)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(json.dumps(rows).encode().replace(b"caption", b"capti\xf3n", 1))
+    cfg = write_llava_cfg(tmp_path, tiny_llama, tiny_clip, str(latin), folder)
+    assert "latin.json:1: byte 0xf3 at byte offset" in error(cfg)
+    broken = tmp_path / "broken_images"
+    broken.mkdir()
+    for row in rows[:6]:
+        (broken / Path(row["image"]).name).write_bytes(b"\x89PNG\r\n\x1a\n cut")
+        row["image"] = str(broken / Path(row["image"]).name)
+    data.write_text(json.dumps(rows))
+    cfg = write_llava_cfg(tmp_path, tiny_llama, tiny_clip, str(data), folder)
+    err = error(cfg)
+    assert "6 bad record(s) in the training data (unreadable_image: 6)" in err
+    assert sum(str(broken) in line for line in err.splitlines()) == 6  # all six listed, not five
+    assert not wd.exists()  # nothing was started
+
+
+def test_skip_bad_samples_counts_everything_at_prep_and_at_the_end(tiny_llama, tiny_clip, demo_data, tmp_path,
+                                                                   capsys, caplog):
+    rows = llava_rows(demo_data, 5)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    rows[1]["image"] = str(broken)  # found only during training: no image check up front with the flag
+    rows[2]["conversations"][0]["from"] = "robot"
+    lines = [json.dumps(r) for r in rows] + ['{"id": "cut", "conversations": [']
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = write_llava_cfg(tmp_path, tiny_llama, tiny_clip, str(data), demo_data["image_folder"],
+                          skip_bad_samples=True)
+    assert main(["pretrain", cfg, "--work-dir", str(tmp_path / "wd")]) == 0
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "6 records -> 4 samples" in out and "skipped 2 bad record(s) (bad_role: 1, invalid_json: 1)" in out
+    final = [line for line in out.splitlines() if line.startswith("[llava_ft] bad samples:")]
+    assert final == ["[llava_ft] bad samples: 3 in all: 2 bad record(s) skipped while reading (bad_role: 1, "
+                     "invalid_json: 1), 0 sample(s) dropped at encoding, 1 unreadable image(s) skipped during training"]
+    assert "skipping bad image (1 so far): sample pretrain_00001" in caplog.text
+    assert "skip_bad_samples=true" not in out + caplog.text  # the flag is on: nothing tells the user to set it
+
+
+def test_pretrained_pth_accepts_a_pretrain_work_dir(tiny_llama, tiny_clip, demo_data, tmp_path, capsys):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(llava_rows(demo_data, 4)))
+    cfg = write_llava_cfg(tmp_path, tiny_llama, tiny_clip, str(data), demo_data["image_folder"])
+    pre = tmp_path / "pre"
+    assert main(["pretrain", cfg, "--work-dir", str(pre)]) == 0
+    capsys.readouterr()
+    fine = tmp_path / "fine"
+    assert main(["finetune", cfg, f"model.pretrained_pth={pre}", "--work-dir", str(fine)]) == 0
+    out = capsys.readouterr().out
+    loaded = torch.load(pre / "iter_1.pth", weights_only=True)["state_dict"]
+    assert (f"[llava_ft] model.pretrained_pth: loaded {len(loaded)} tensor(s) (projector {len(loaded)}) from "
+            f"{(pre / 'iter_1.pth').resolve()} (newest checkpoint of work dir {pre})") in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["finetune", cfg, f"model.pretrained_pth={empty}", "--work-dir", str(tmp_path / "x")]) == 2
+    assert "without last_checkpoint or iter_N.pth" in capsys.readouterr().err

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from llava_ft.convert import merge_adapter, pth_to_hf
-from llava_ft.demo.assets import draw_shape
+from llava_ft.testing.assets import draw_shape
 from llava_ft.errors import UserError
 from llava_ft.inference import GenerationSettings, build_from_checkpoint, load_chat_model
-from llava_ft.inference.testing import write_random_checkpoint
+from llava_ft.testing.checkpoints import write_random_checkpoint
 
 QUESTION = [{"role": "user", "content": "What colour is the shape?"}]
 GREEDY = GenerationSettings(max_new_tokens=8, temperature=0.0)
@@ -88,6 +88,8 @@ def test_text_lora_adapter_loads_alone_and_merges(tmp_path, tiny_llama):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from llava_ft.model.llm import peft_quiet
+
     pth = write_random_checkpoint(tmp_path / "run", _raw(tiny_llama, template="qwen_chat",
                                                          llm_lora={"enabled": True, "r": 8, "alpha": 16}))
     adapter = pth_to_hf(None, pth, tmp_path / "hf")
@@ -97,7 +99,8 @@ def test_text_lora_adapter_loads_alone_and_merges(tmp_path, tiny_llama):
     ref, _, _ = build_from_checkpoint(pth)
     with torch.no_grad():
         want = ref(input_ids=ids).logits
-        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), adapter).eval()
+        with peft_quiet():
+            peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), adapter).eval()
         got = peft(input_ids=ids).logits
         base = AutoModelForCausalLM.from_pretrained(tiny_llama)(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5)

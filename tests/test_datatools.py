@@ -259,6 +259,29 @@ def test_check_cli_exit_codes_and_report(defective, tiny_tokenizer, demo_data, t
     assert json.loads((tmp_path / "clean.json.check.json").read_text())["errors"] == 0
 
 
+def test_check_reports_non_utf8_and_paths_leaving_the_image_folder(tmp_path, demo_data, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    good = Path(demo_data["image_folder"]) / "pretrain" / "pretrain_00000.png"
+    shutil.copy(good, images / "good.png")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(good, tmp_path / "elsewhere" / "x.png")
+    qa = _turns(("human", "<image>\nWhat colour is the shape?"), ("gpt", "red"))
+    lines = [json.dumps({"id": "in", "image": "good.png", "conversations": qa}).encode(),
+             json.dumps({"id": "up", "image": "../elsewhere/x.png", "conversations": qa}).encode(),
+             b'{"id": "latin", "image": "good.png", "conversations": [{"from": "human", "value": "caf\xe9"}]}']
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rc = cli_main(["data", "check", "--data", str(path), "--image-folder", str(images)])
+    out = capsys.readouterr().out
+    assert rc == 1 and "Traceback" not in out
+    offset = len(lines[0]) + len(lines[1]) + 2 + lines[2].index(b"\xe9")
+    assert f"error: {path}:3: not_utf8: byte 0xe9 at byte offset {offset} is not UTF-8" in out
+    assert f"warning: {path}:2 (id up): image_outside_folder: image {tmp_path / 'elsewhere' / 'x.png'}" in out
+    path.write_bytes(b"\n".join(lines[:2]) + b"\n")  # the path alone is a warning: training accepts it
+    assert cli_main(["data", "check", "--data", str(path), "--image-folder", str(images)]) == 0
+
+
 # ---------------------------------------------------------------------------------------------- stats
 
 

@@ -6,7 +6,6 @@ and a rerun reuses every finished stage instead of training again.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from llava_ft.demo.assets import draw_shape
+from llava_ft.testing.assets import draw_shape
 from llava_ft.errors import UserError
 from llava_ft.inference import GenerationSettings, load_chat_model
 from llava_ft.inference.evaluate import evaluate, extract_choice, load_qa, normalize
-from llava_ft.inference.testing import write_random_checkpoint
+from llava_ft.testing.checkpoints import write_random_checkpoint
 
 MAX_NEW = 6
 
@@ -96,3 +96,28 @@ def test_bad_rows_name_file_and_line(tmp_path):
     bad.write_text('{"question": "q", "answer": "a"}\nnot json\n')
     with pytest.raises(UserError, match="qa.jsonl:2: not valid JSON"):
         load_qa(bad)
+
+
+def test_short_context_caps_answers_and_names_a_question_that_does_not_fit(tiny_llama, tmp_path):
+    """On a 64-token model, --max-new-tokens past the context is capped per question; a question that alone fills
+    the context is a one-line error naming its id and both numbers."""
+    from llava_ft.testing.variants import with_context
+
+    cm = load_chat_model(with_context(tiny_llama, tmp_path / "short", 64), prompt_template="chatml")
+    items = load_qa(_write_qa(tmp_path / "qa.jsonl", [{"id": "a", "question": "Count to ten.", "answer": "x"},
+                                                        {"id": "b", "question": "Hi", "answer": "y"}]))
+    report = evaluate(cm, items, GenerationSettings(max_new_tokens=500, temperature=0.0), batch_size=2)
+    for it, pred in zip(items, report.predictions):
+        room = 64 - cm.encode([{"role": "user", "content": it.question}]).length
+        assert pred["prediction"] == cm.chat([{"role": "user", "content": it.question}], settings=GenerationSettings(
+            max_new_tokens=room, temperature=0.0)).text
+    long = load_qa(_write_qa(tmp_path / "long.jsonl", [{"id": "ok", "question": "Hi", "answer": "y"},
+                                                       {"id": "too-long", "question": "circle " * 80, "answer": "z"}]))
+    with pytest.raises(UserError, match=r"question too-long: the prompt is \d+ tokens, and the model's context is "
+                                        r"64 tokens.*shorten that question"):
+        evaluate(cm, long, GenerationSettings(max_new_tokens=8, temperature=0.0))
+
+
+def _write_qa(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

@@ -140,7 +140,7 @@ def test_text_exports_carry_chat_template_and_card(tmp_path, tiny_qwen2, demo_da
 
 def test_llava_exports_have_cards(tmp_path, tiny_llama, tiny_clip):
     from llava_ft.convert import pth_to_hf
-    from llava_ft.inference.testing import write_random_checkpoint
+    from llava_ft.testing.checkpoints import write_random_checkpoint
 
     pth = write_random_checkpoint(tmp_path / "run", {
         "name": "tiny_llava", "model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "freeze_llm": True,
@@ -193,7 +193,7 @@ def test_card_reads_losses_up_to_the_exported_step(tmp_path, tiny_llama):
     """Final loss and eval loss are the last logged at or before the exported step (a later log line, e.g.
     from a run that went on, is not this checkpoint's)."""
     from llava_ft.convert import pth_to_hf
-    from llava_ft.inference.testing import write_random_checkpoint
+    from llava_ft.testing.checkpoints import write_random_checkpoint
 
     pth = write_random_checkpoint(tmp_path / "run", {
         "name": "losses", "model": {"llm": tiny_llama, "llm_lora": LORA_SMALL},

@@ -7,10 +7,12 @@ import shutil
 
 import pytest
 
-from llava_ft.demo.assets import draw_shape
+from llava_ft.testing.assets import draw_shape
 from llava_ft.errors import UserError
 from llava_ft.inference import GenerationSettings, detect_artifact, load_chat_model
-from llava_ft.inference.testing import write_random_checkpoint
+from llava_ft.inference.chat_model import ContextLengthError
+from llava_ft.testing.checkpoints import write_random_checkpoint
+from llava_ft.testing.variants import with_context
 
 GREEDY = GenerationSettings(max_new_tokens=12, temperature=0.0)
 Q = [{"role": "user", "content": "What shape is it?"}]
@@ -108,11 +110,50 @@ def test_history_is_trimmed_to_the_context(text_model):
         long += [{"role": "user", "content": f"question {i} about a red circle and a blue square"},
                  {"role": "assistant", "content": "A red circle next to a blue square, as always."}]
     long.append({"role": "user", "content": "last question"})
-    msgs, images, dropped = text_model.fit_history(long, [], max_new_tokens=1600)
+    ctx = text_model.context_length
+    msgs, images, dropped = text_model.fit_history(long, [], max_new_tokens=600)
     assert dropped > 0 and msgs[0]["role"] == "system" and msgs[-1]["content"] == "last question"
-    assert text_model.encode(msgs).length + 1600 <= text_model.context_length
-    with pytest.raises(UserError, match="context"):
+    assert text_model.encode(msgs).length + 600 <= ctx
+    # max_new_tokens past half the context: half the context stays for history, the answer is capped
+    big = text_model.fit(long, [], max_new_tokens=1600)
+    assert ctx // 2 - 40 < big.prompt_tokens <= ctx // 2 and big.max_new_tokens == ctx - big.prompt_tokens < 1600
+    with pytest.raises(ContextLengthError, match=rf"prompt is \d+ tokens.*context is {ctx} tokens") as info:
         text_model.fit_history([{"role": "user", "content": "x " * 3000}], [], 10)
+    assert info.value.prompt_tokens > ctx and info.value.context_length == ctx
+
+
+@pytest.fixture(scope="module")
+def short_model(tiny_llama, tmp_path_factory):
+    """tiny_llama with a 64-token context; greedy answers to Q run on without EOS (checked below)."""
+    return load_chat_model(with_context(tiny_llama, tmp_path_factory.mktemp("short") / "llm", 64),
+                           prompt_template="chatml")
+
+
+def test_answer_is_capped_at_context_minus_prompt(short_model):
+    """max_new_tokens past the context: every path generates context - prompt tokens, finish_reason length."""
+    from llava_ft.inference.batch_stream import StreamRequest
+
+    ctx = short_model.context_length
+    assert ctx == 64
+    huge = GenerationSettings(max_new_tokens=300, temperature=0.0)  # finite: the test must end unfixed too
+    other = [{"role": "user", "content": "Tell me about yourself, please."}]
+    room = ctx - short_model.encode(Q).length
+    whole = short_model.chat(Q, settings=huge)
+    assert (whole.completion_tokens, whole.finish_reason) == (room, "length")
+    assert whole.text == short_model.chat(Q, settings=GenerationSettings(max_new_tokens=room)).text
+    stream = short_model.stream_chat(Q, settings=huge)
+    assert "".join(stream) == whole.text and stream.result.completion_tokens == room
+    # a batch of prompts of different lengths: each row capped at its own room
+    batch = short_model.generate_batch([(Q, []), (other, [])], huge, batch_size=2)
+    rooms = [room, ctx - short_model.encode(other).length]
+    assert [r.completion_tokens for r in batch] == rooms and batch[0].text == whole.text
+    assert all(r.finish_reason == "length" for r in batch)
+    rows = short_model.stream_batch([StreamRequest(Q, [], huge, lambda d: None),
+                                     StreamRequest(other, [], huge, lambda d: None)])
+    assert [r.completion_tokens for r in rows] == rooms and rows[0].text == whole.text
+    # a prompt that alone fills the context is refused, naming both numbers
+    with pytest.raises(ContextLengthError, match=r"prompt is \d+ tokens, and the model's context is 64 tokens"):
+        short_model.chat([{"role": "user", "content": "circle square " * 40}], settings=huge)
 
 
 def test_text_model_refuses_images_and_bad_messages(text_model, tmp_path):

@@ -61,6 +61,13 @@ def test_internlm2_loads_as_llama_with_equal_logits(tiny_internlm2, tmp_path, mo
     assert cached.stat().st_mtime_ns == stamp
 
 
+def test_unwritable_cache_is_one_line(tiny_internlm2, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("LLAVA_FT_CACHE", str(tmp_path / "a_file" / "cache"))
+    with pytest.raises(UserError, match="set LLAVA_FT_CACHE to a writable folder"):
+        _load(tiny_internlm2)
+
+
 @pytest.mark.parametrize("variant", ["sharded_bias_dynamic_rope", "pytorch_bin"])
 def test_conversion_variants(tmp_path, monkeypatch, variant):
     from llava_ft.testing.internlm2 import build_tiny_internlm2
@@ -96,7 +103,7 @@ def test_quantized_loading_of_converted_weights(tiny_internlm2, quantization, la
 def test_full_run_exports_internlm2_layout(tiny_internlm2, tmp_path):
     from llava_ft.convert import pth_to_hf
     from llava_ft.inference import build_from_checkpoint
-    from llava_ft.inference.testing import write_random_checkpoint
+    from llava_ft.testing.checkpoints import write_random_checkpoint
 
     raw = {"model": {"llm": tiny_internlm2, "dtype": "fp32"},
            "data": {"template": "internlm2_chat", "sources": [{"path": "unused.json"}]}}
@@ -239,7 +246,18 @@ def test_llava_workflow_on_internlm2(tiny_internlm2, tiny_clip, demo_data, tmp_p
 
     assert main(["chat", str(tmp_path / "fin"), "--image", image, "--prompt", "What colour is the shape?",
                  "--max-new-tokens", "4", "--temperature", "0", "--no-streamer"]) == 0
-    assert capsys.readouterr().out.strip()
+    answer = capsys.readouterr().out.splitlines()[-1]  # after the run's [llava_ft] loading lines
+    assert answer.strip()
+    xtuner = tmp_path / "xtuner"  # XTuner layout: projector/ + llm_adapter/ (+ tower adapter), LLM from the run
+    assert main(["convert", "pth_to_hf", fin, str(tmp_path / "fin" / "iter_2.pth"), str(xtuner)]) == 0
+    capsys.readouterr()
+    assert main(["chat", str(xtuner), "--image", image, "--prompt", "What colour is the shape?", "--bits", "4",
+                 "--max-new-tokens", "4", "--temperature", "0", "--no-streamer"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == answer
+    predictions = tmp_path / "predictions.jsonl"
+    assert main(["eval", str(tmp_path / "fin"), "--data", demo_data["eval"], "--image-folder",
+                 demo_data["image_folder"], "--max-new-tokens", "3", "--output", str(predictions)]) == 0
+    assert len(predictions.read_text().splitlines()) == 15
 
     out = tmp_path / "llava_hf"
     assert main(["convert", "pth_to_hf", fin, str(tmp_path / "fin" / "iter_2.pth"), str(out),
@@ -323,6 +341,12 @@ def test_remote_code_needs_the_setting_then_runs_eager_without_loss_kwargs(tiny_
     cm = load_chat_model(str(tmp_path / "b"))
     assert type(cm.model.llm.get_base_model()).__name__ == "TinyRemoteForCausalLM"
     assert cm.model.llm.get_base_model().config._attn_implementation == "eager"
+    # and answers: stop words reach generate as a stopping criterion, never as a `tokenizer` keyword that
+    # would land in a forward without **kwargs
+    from llava_ft.inference import GenerationSettings
+
+    answer = cm.chat([{"role": "user", "content": "Who are you?"}], settings=GenerationSettings(max_new_tokens=4))
+    assert answer.completion_tokens > 0
 
 
 def test_loss_kwargs_reach_only_a_forward_that_takes_them(tiny_llama, tmp_path):

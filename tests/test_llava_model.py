@@ -44,9 +44,10 @@ def test_text_only_generate_returns_new_tokens(llm):
 
 
 def test_trainable_state_dict_roundtrip_and_errors(llm):
-    from peft import LoraConfig, get_peft_model
+    from llava_ft.config import LoraSettings
+    from llava_ft.model.llm import apply_lora
 
-    peft_llm = get_peft_model(llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft_llm = apply_lora(llm, LoraSettings(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     model = LlavaFtModel(peft_llm)
     sd = model.trainable_state_dict()
     assert sd and all(".lora_" in k for k in sd)

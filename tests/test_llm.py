@@ -58,6 +58,38 @@ def test_folder_without_config_json(tmp_path):
         load_llm(ModelConfig(llm=str(tmp_path)))
 
 
+def test_tokenizer_only_folder_is_accepted(tiny_llama, tiny_tokenizer):
+    from pathlib import Path
+
+    assert not (Path(tiny_tokenizer) / "config.json").exists()  # tokenizer files only
+    model, tok = load_llm(ModelConfig(llm=tiny_llama, tokenizer=tiny_tokenizer), for_training=False)
+    assert tok.name_or_path == tiny_tokenizer and tok("red")["input_ids"]
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_checkpointing_and_lora_raise_no_future_warning(tiny_llama, quantization):
+    """transformers 5 deprecated gradient_checkpointing_enable / is_gradient_checkpointing (gone in v6)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model, _ = load_llm(ModelConfig(llm=tiny_llama, quantization=quantization, gradient_checkpointing=True))
+        model = apply_lora(model, LoraSettings(enabled=True, r=4, alpha=8))
+    assert model.base_model.model.model.gradient_checkpointing
+
+
+def test_vision_lora_raises_no_future_warning(tiny_clip):
+    import warnings
+
+    from llava_ft.model.vision import apply_vision_lora, load_visual_encoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        ve = apply_vision_lora(load_visual_encoder(ModelConfig(llm="unused", visual_encoder=tiny_clip)),
+                               LoraSettings(enabled=True, r=4, alpha=8, target_modules="all-linear"))
+    assert any("lora_" in n for n, _ in ve.named_parameters())
+
+
 @pytest.mark.parametrize("zero3_storage", [False, True])
 def test_summary_counts_4bit_weights_as_the_values_they_hold(tiny_llama, monkeypatch, zero3_storage):
     """The start-of-run line reports the model's real size for 4-bit weights, in uint8 or (ZeRO-3) fp32 storage."""

@@ -5,7 +5,6 @@ Run: python -m pytest tests/test_mm_collate.py -x -q
 """
 from __future__ import annotations
 
-import shutil
 
 import datasets
 import pytest

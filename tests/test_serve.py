@@ -349,10 +349,45 @@ def test_malformed_requests_are_400(text_server, body):
 @pytest.mark.parametrize("stream", [False, True])
 def test_prompt_longer_than_context_is_400(text_server, text_model, stream):
     words = "circle square triangle " * (text_model.context_length // 2)
+    messages = [{"role": "user", "content": words}]
     with pytest.raises(openai.BadRequestError) as info:
         client(text_server).chat.completions.create(model="tiny-text", stream=stream, max_tokens=4,
-                                                    messages=[{"role": "user", "content": words}])
-    assert "context" in str(info.value)
+                                                    messages=messages)
+    err = info.value.body  # OpenAI's shape: code context_length_exceeded, both numbers in the message
+    n_prompt = text_model.encode(messages).length
+    assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
+    assert f"maximum context length is {text_model.context_length} tokens" in err["message"]
+    assert f"resulted in {n_prompt} tokens" in err["message"]
+
+
+@pytest.fixture(scope="module")
+def short_model(tiny_llama, tmp_path_factory):
+    from llava_ft.testing.variants import with_context
+
+    return load_chat_model(with_context(tiny_llama, tmp_path_factory.mktemp("short") / "llm", 64), device="cpu")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_past_the_context_is_capped(short_model, stream):
+    """max_tokens 1e12 on a 64-token model: context - prompt tokens, finish_reason "length" (not 1e12 tokens,
+    and not an error); the same answer the model gives with exactly that budget."""
+    messages = [{"role": "user", "content": LONG_PROMPT}]
+    room = short_model.context_length - short_model.encode(messages).length
+    expected = short_model.chat(messages, settings=GenerationSettings(max_new_tokens=room, temperature=0))
+    assert expected.finish_reason == "length"  # the tiny model runs on without EOS for this prompt
+    with serve_in_thread(create_app(short_model, "short")) as url:
+        resp = client(url).chat.completions.create(
+            model="short", messages=messages, max_tokens=10**12, temperature=0, stream=stream,
+            **({"stream_options": {"include_usage": True}} if stream else {}))
+        if stream:
+            chunks = list(resp)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            usage = chunks[-1].usage
+        else:
+            text, finish, usage = resp.choices[0].message.content, [resp.choices[0].finish_reason], resp.usage
+    assert text == expected.text and finish == ["length"]
+    assert usage.completion_tokens == room and usage.prompt_tokens + usage.completion_tokens == 64
 
 
 def test_openai_client_raises_bad_request(text_server):

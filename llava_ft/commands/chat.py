@@ -14,6 +14,7 @@ dropped with a notice. A missing or unreadable image is a one-line error and the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from llava_ft import IMAGE_TOKEN
@@ -59,10 +60,21 @@ class Session:
     """One conversation: history, images waiting for the next message, and how to answer."""
 
     def __init__(self, chat_model, settings, system, stream: bool, out=None):
-        # sys.stdout read now, not at import: a default argument would keep the stream of whoever imported us
+        # sys.stdout looked up now, not when the module was imported (it may have been replaced since)
         self.cm, self.settings, self.system, self.stream = chat_model, settings, system, stream
         self.out = out if out is not None else sys.stdout
+        self.cap_noted = False
         self.reset()
+
+    def _fit(self, messages: list, images: list):
+        """The conversation trimmed to the context; a prompt that alone fills it names what to change."""
+        from llava_ft.inference.chat_model import ContextLengthError
+
+        try:
+            return self.cm.fit(messages, images, self.settings.max_new_tokens)
+        except ContextLengthError as err:
+            raise UserError(f"{err.summary}; shorten the message, attach fewer images (--image, /image) or use a "
+                            "shorter --system (earlier turns are already dropped; /reset starts over)") from None
 
     def reset(self) -> None:
         self.messages: list = [{"role": "system", "content": self.system}] if self.system else []
@@ -79,14 +91,23 @@ class Session:
         content = "".join(IMAGE_TOKEN + "\n" for _ in self.pending) + text
         messages = self.messages + [{"role": "user", "content": content}]
         images = self.images + self.pending
-        messages, images, dropped = self.cm.fit_history(messages, images, self.settings.max_new_tokens)
+        fitted = self._fit(messages, images)
+        messages, images, dropped = fitted.messages, fitted.images, fitted.dropped_turns
         if dropped:
             print(f"[dropped the {dropped} oldest turn(s) to fit the {self.cm.context_length}-token context]",
                   file=self.out, flush=True)
+        settings = self.settings
+        if fitted.max_new_tokens < settings.max_new_tokens:
+            if not self.cap_noted:  # said once: it applies to every later answer alike
+                self.cap_noted = True
+                print(f"[answers are capped at what the {self.cm.context_length}-token context leaves after the "
+                      f"prompt ({fitted.max_new_tokens} tokens now; the prompt is {fitted.prompt_tokens}); "
+                      f"--max-new-tokens {settings.max_new_tokens} does not fit]", file=self.out, flush=True)
+            settings = dataclasses.replace(settings, max_new_tokens=fitted.max_new_tokens)
         parts: list = []
         try:
             if self.stream:
-                stream = self.cm.stream_chat(messages, images, self.settings)
+                stream = self.cm.stream_chat(messages, images, settings)
                 try:
                     for delta in stream:
                         parts.append(delta)
@@ -94,7 +115,7 @@ class Session:
                 finally:
                     stream.close()  # Ctrl-C lands here too: generation stops before we go on
             else:
-                parts.append(self.cm.chat(messages, images, self.settings).text)
+                parts.append(self.cm.chat(messages, images, settings).text)
                 print(parts[0], end="", file=self.out, flush=True)
         except KeyboardInterrupt:
             # Ctrl-C stops this answer, not the session. What was shown stays in the history (the next

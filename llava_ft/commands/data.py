@@ -30,7 +30,7 @@ def _io_args(p: argparse.ArgumentParser) -> None:
 def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="a YAML config: checks every data source with its model's tokenizer")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
-    p.add_argument("--data", help="a data file (instead of a config)")
+    p.add_argument("--data", help="a data file, dataset folder or Hub dataset id (instead of a config)")
     p.add_argument("--image-folder", help="folder image paths are relative to (default: the data file's folder)")
     p.add_argument("--format", default=None, help="data format (default auto: detected from the first record)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the config's model.tokenizer / model.llm)")
@@ -80,7 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _first_data(plan) -> str:
-    return plan.sources[0].path
+    """Where reports go by default: next to the first data file; a Hub id names a file in the current folder."""
+    from llava_ft.data.hub import is_hub_id
+
+    path = plan.sources[0].path
+    return path.replace("/", "__") if is_hub_id(path) else path.rstrip("/")
 
 
 def run(args: argparse.Namespace) -> int:

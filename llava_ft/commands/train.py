@@ -1,10 +1,12 @@
 """`llava_ft train|pretrain|finetune CONFIG [--work-dir D] [--deepspeed NAME|PATH] [--resume auto|PATH] [key=value ...]`.
 
 CONFIG is a YAML path or a built-in recipe name (`llava_ft list-cfg`). Overrides like
-`train.learning_rate=1e-4` are applied and validated before any model loads. `pretrain` checks that only
-the projector trains; `finetune` checks that the config has a visual encoder. Under torchrun/deepspeed
-launchers every process runs this same command. `--dry-run` stops after these checks and prints the recipe
-file, work dir and DeepSpeed JSON that a real run would use (no model or data loads).
+`train.learning_rate=1e-4` are applied and validated, and data files and image folders checked, before any
+model loads (llava_ft.engine.run then reads the data itself, still before the model). `pretrain` checks
+that only the projector trains; `finetune` checks that the config has a visual encoder. Under torchrun/deepspeed
+launchers every process runs this same command. `--dry-run` stops after the config
+checks and prints the recipe file, work dir and DeepSpeed JSON that a real run would use (no model or data
+loads).
 """
 from __future__ import annotations
 
@@ -41,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides=args.overrides)  # all config errors surface before torch loads
     if getattr(args, "dry_run", False):
         return _dry_run(cfg, args)
+
+    from llava_ft.data.read import check_sources
+
+    check_sources(cfg.data)  # a missing data file or image folder fails here, once, before any launcher or model
     from llava_ft.engine import launch
 
     # After the config check (a typo fails once, not N times); may replace this process by torchrun.

@@ -6,7 +6,9 @@
 The base is loaded unquantized in its saved dtype (or fp32 with `fp32=True`), so an adapter trained on a
 4-bit base merges into real weights. The tokenizer (LLM) or image processor (vision tower) is saved beside
 the weights: from the adapter folder when it holds one (e.g. `pth_to_hf` saved it), else from the base.
-`llava_ft.json` (prompt template, system) is carried over so `llava_ft chat OUT` prompts as in training.
+`llava_ft.json` (prompt template, system; for an XTuner `llm_adapter/`, the layout's) is carried over so
+`llava_ft chat OUT` prompts as in training, and the merged generation_config.json lists the template's
+end-of-turn tokens as eos (`convert/turn_end.py`).
 
 The base loads the way training loaded it (`llava_ft.model.llm.load_causal_lm`): an InternLM2 base runs
 as Llama, so the merged folder is a plain LlamaForCausalLM (`layout="llama"`, loads in transformers, vLLM,
@@ -37,6 +39,7 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
     from peft import PeftModel
 
     from llava_ft.model.internlm2 import LAYOUTS, check_adapter_layout, save_internlm2_layout
+    from llava_ft.model.llm import peft_quiet
 
     adapter_dir = Path(adapter)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -61,14 +64,22 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
         check_adapter_layout(adapter_dir, str(base))
         model, extra = _load_llm(str(base), adapter_dir, kwargs, trust, attn)
     try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with peft_quiet():
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, KeyError, RuntimeError) as err:
         raise UserError(f"adapter {adapter} does not fit base {base}: {str(err).splitlines()[0]}") from None
     merged = model.merge_and_unload()
     meta = read_meta(adapter_dir)
-    if meta.get("template") and not is_clip:
+    if not meta and not is_clip and (adapter_dir.parent / "projector").is_dir():
+        meta = read_meta(adapter_dir.parent)  # llm_adapter/ of an XTuner layout: the run's meta sits beside it
+    if not is_clip and meta.get("template"):
+        from llava_ft.convert.turn_end import with_turn_end
+
         # The merged model prompts like training even when the adapter folder predates chat templates.
         extra.chat_template = training_chat_template(extra, meta["template"], meta.get("system"))
+        # eos: the run template's end-of-turn tokens, so plain generate stops where llava_ft chat does
+        merged.generation_config = with_turn_end(merged.generation_config, extra, meta["template"],
+                                                 where=str(save_dir))
     tmp = staging_dir(save_dir)
     try:
         merged.save_pretrained(str(tmp), max_shard_size=max_shard_size)

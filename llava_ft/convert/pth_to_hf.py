@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
@@ -124,7 +124,9 @@ def pth_to_hf(config, pth, save_dir, fmt: str = "xtuner", fp32: bool = False,
             if m.llm_lora.enabled:
                 model.llm.save_pretrained(str(tmp))
                 tok.save_pretrained(str(tmp))
+                _turn_end_config(model.llm, tok, cfg).save_pretrained(str(tmp))  # PEFT saves none
             elif llm_full:
+                model.llm.generation_config = _turn_end_config(model.llm, tok, cfg)
                 tok.save_pretrained(str(tmp))  # before: the InternLM2 layout replaces it with the base's files
                 _save_full_llm(model.llm, tmp, max_shard_size, layout, m.llm)
             else:
@@ -155,9 +157,11 @@ def _save_xtuner_llava(model, tok, cfg, out: Path, fp32: bool, max_shard_size, l
     if m.llm_lora.enabled:
         _cast(model.llm, fp32)
         model.llm.save_pretrained(str(out / "llm_adapter"))
+        _turn_end_config(model.llm, tok, cfg).save_pretrained(str(out / "llm_adapter"))
     elif not m.freeze_llm:
         _cast(model.llm, fp32)
         tok.chat_template = training_chat_template(tok, cfg.data.template, cfg.data.system)
+        model.llm.generation_config = _turn_end_config(model.llm, tok, cfg)
         tok.save_pretrained(str(out / "llm"))
         _save_full_llm(model.llm, out / "llm", max_shard_size, layout, m.llm)
     ve = model.visual_encoder
@@ -172,6 +176,13 @@ def _save_xtuner_llava(model, tok, cfg, out: Path, fp32: bool, max_shard_size, l
         ve.model.save_pretrained(str(out / "visual_encoder"), max_shard_size=max_shard_size)
         if ve.processor is not None and hasattr(ve.processor, "save_pretrained"):
             ve.processor.save_pretrained(str(out / "visual_encoder"))
+
+
+def _turn_end_config(llm, tok, cfg):
+    """The LLM's generation config with the run template's end-of-turn tokens as eos (convert/turn_end.py)."""
+    from llava_ft.convert.turn_end import with_turn_end
+
+    return with_turn_end(getattr(llm, "generation_config", None), tok, cfg.data.template)
 
 
 def _merged(module):
@@ -255,10 +266,8 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
     if fp32:
         hf.to(torch.float32)
     hf.to(llm.get_input_embeddings().weight.dtype)
-    gen = llm.generation_config.to_dict() if getattr(llm, "generation_config", None) is not None else {}
+    gen = _turn_end_config(llm, tok, cfg).to_dict()  # eos: the template's end-of-turn tokens too
     gen = {k: v for k, v in gen.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id") and v is not None}
-    if tok.pad_token_id is not None:
-        gen.setdefault("pad_token_id", tok.pad_token_id)
     hf.generation_config = GenerationConfig(**gen, suppress_tokens=[image_id])
 
     template = cfg.data.template

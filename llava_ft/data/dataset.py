@@ -3,7 +3,12 @@
     prepared = prepare_dataset(cfg.data, tokenizer, num_image_tokens=576)
     prepared.dataset   # datasets.Dataset: id, input_ids, labels, length, modality_length, images
                        #                   (+ position_ids when packed)
-    prepared.stats     # {"records", "samples", "dropped": {reason: n}, "cache_hit", ...}
+    prepared.stats     # {"records", "samples", "dropped": {reason: n}, "skipped": {reason: n}, "cache_hit", ...}
+    prepare_dataset(cfg.data, tokenizer, source_data=read_sources(cfg.data))   # reuse the read pass's records
+
+Records are read by llava_ft.data.read.read_sources (the engine runs it before loading the model and passes
+its result here); bad records are listed in one error, or skipped and counted as `skipped` when
+`data.skip_bad_samples` is on. `dropped` counts samples encoding drops (empty answer, too long, ...).
 
 The result is saved under `data.cache_dir` (default ~/.cache/llava_ft/datasets, env LLAVA_FT_CACHE)
 in a folder named by a hash of everything that changes it: each data file's path+size+mtime, format,
@@ -19,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
@@ -28,9 +34,11 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from llava_ft.config import DataConfig, DataSource, as_data_source
+from llava_ft.data import hub
 from llava_ft.data.encode import encode_records
-from llava_ft.data.formats import iter_records, source_files
+from llava_ft.data.formats import source_files
 from llava_ft.data.packing import arrow_column, pack_samples
+from llava_ft.data.read import SourceData, read_sources
 from llava_ft.errors import UserError
 from llava_ft.fileio import staging_dir
 from llava_ft.templates import HF_TEMPLATE, get_template
@@ -38,7 +46,7 @@ from llava_ft.templates import HF_TEMPLATE, get_template
 log = logging.getLogger(__name__)
 
 # Bump when encoding/packing output changes, so old caches are not reused.
-CACHE_VERSION = 2  # 2: packing takes LLaVA data, masks each sample's first label
+CACHE_VERSION = 3  # 2: packing takes LLaVA data, masks each sample's first label; 3: image bytes
 _BATCH = 1000
 _FEATURES = datasets.Features({
     "id": datasets.Value("string"),
@@ -47,6 +55,8 @@ _FEATURES = datasets.Features({
     "length": datasets.Value("int32"),
     "modality_length": datasets.Value("int32"),
     "images": datasets.Sequence(datasets.Value("string")),
+    # encoded bytes of images stored inside a dataset source (b"" for images given as paths); llava_ft.data.hub
+    "image_bytes": datasets.Sequence(datasets.Value("binary")),
     "drop_reason": datasets.Value("string"),
 })
 
@@ -77,9 +87,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def cache_key(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int) -> str:
     files = []
     for src in map(as_data_source, data_cfg.sources):
-        for path in source_files(src.path):
-            st = os.stat(path)
-            files.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
+        if hub.is_dataset_source(src):  # folders, parquet, Hub ids: files or the Hub fingerprint + settings
+            files.append(hub.source_key(src))
+        else:
+            for path in source_files(src.path):
+                st = os.stat(path)
+                files.append((os.path.abspath(path), st.st_size, st.st_mtime_ns))
         files.append((src.format, src.image_folder and os.path.abspath(src.image_folder), src.repeat))
     key = {
         "v": CACHE_VERSION, "files": files, "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -94,6 +107,17 @@ def cache_key(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int)
 
 def _encode_batch(batch: dict, tokenizer, template, data_cfg: DataConfig, num_image_tokens: int) -> dict:
     records = [json.loads(r) for r in batch["record"]]
+    return _encode_to_columns(records, tokenizer, template, data_cfg, num_image_tokens)
+
+
+def _encode_rows(batch: dict, indices: list, src: DataSource, fmt: str, tokenizer, template, data_cfg: DataConfig,
+                 num_image_tokens: int) -> dict:
+    """A batch of a `datasets` source (llava_ft.data.hub): rows -> canonical records -> sample columns."""
+    records = hub.batch_records(batch, indices, src, fmt)
+    return _encode_to_columns(records, tokenizer, template, data_cfg, num_image_tokens)
+
+
+def _encode_to_columns(records: list, tokenizer, template, data_cfg: DataConfig, num_image_tokens: int) -> dict:
     results = encode_records(records, tokenizer, template, data_cfg.max_length, data_cfg.system,
                              num_image_tokens, data_cfg.truncation, data_cfg.skip_bad_samples)
     out = {k: [] for k in _FEATURES}
@@ -102,14 +126,51 @@ def _encode_batch(batch: dict, tokenizer, template, data_cfg: DataConfig, num_im
                            "modality_length": 0, "images": []}
         for k in ("id", "input_ids", "labels", "length", "modality_length", "images"):
             out[k].append(s[k])
+        out["image_bytes"].append(list(rec.get("image_data") or [b""] * len(s["images"])) if res.sample else [])
         out["drop_reason"].append(res.drop_reason or "")
     return out
 
 
-def _encode_source(src: DataSource, tokenizer, template, data_cfg: DataConfig, num_image_tokens: int):
-    raw = [json.dumps(r, ensure_ascii=False) for r in iter_records(src)]
-    if not raw:
-        raise UserError(f"data file '{src.path}' holds no records")
+def _encode_dataset_source(src: DataSource, tokenizer, template, data_cfg: DataConfig, num_image_tokens: int,
+                           scratch: Optional[str]):
+    """Encode a `datasets` source row by row with Dataset.map (no JSON round trip; images stay bytes)."""
+    ds, fmt = hub.open_source(src)
+    if len(ds) == 0:
+        raise UserError(f"data source '{src.path}' holds no records")
+    tag = hashlib.sha256(f"{src.path}{len(ds)}{ds._fingerprint}".encode()).hexdigest()[:16]
+    # Map output goes to our scratch folder (removed once the result is cached), never into the user's
+    # dataset folder; without a scratch folder (use_cache=False) it stays in memory.
+    files = {"cache_file_name": os.path.join(scratch, f"{tag}.arrow")} if scratch else {"keep_in_memory": True}
+    encoded = ds.map(
+        _encode_rows, batched=True, batch_size=_BATCH, with_indices=True, remove_columns=ds.column_names,
+        features=_FEATURES, num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 and len(ds) > _BATCH else None,
+        fn_kwargs=dict(src=src, fmt=fmt, tokenizer=tokenizer, template=template, data_cfg=data_cfg,
+                       num_image_tokens=num_image_tokens),
+        new_fingerprint=tag, desc=f"tokenizing {src.path}", **files,
+    )
+    return _drop_marked(encoded.with_format(None), src, len(ds),
+                        os.path.join(scratch, f"{tag}-kept.arrow") if scratch else None)
+
+
+def _drop_marked(encoded, src: DataSource, n_records: int, cache_file_name: Optional[str] = None):
+    reasons = Counter(r for r in arrow_column(encoded, "drop_reason").to_pylist() if r)
+    if reasons:
+        encoded = encoded.filter(lambda r: [x == "" for x in r], batched=True, input_columns=["drop_reason"],
+                                 new_fingerprint=hashlib.sha256(f"f{src.path}{n_records}".encode()).hexdigest()[:16],
+                                 cache_file_name=cache_file_name, keep_in_memory=cache_file_name is None)
+    encoded = encoded.remove_columns(["drop_reason"])
+    return encoded, n_records, reasons
+
+
+def _encode_source(src: DataSource, raw: Optional[list], tokenizer, template, data_cfg: DataConfig,
+                   num_image_tokens: int, scratch: Optional[str] = None):
+    """Encode one source: a `datasets` source row by row (`raw` None), else the records read_sources read."""
+    if hub.is_dataset_source(src):
+        return _encode_dataset_source(src, tokenizer, template, data_cfg, num_image_tokens, scratch)
+    if not raw:  # every record was bad and skipped
+        return datasets.Dataset.from_dict({k: [] for k in _FEATURES if k != "drop_reason"},
+                                          features=datasets.Features({k: v for k, v in _FEATURES.items()
+                                                                      if k != "drop_reason"})), 0, Counter()
     table = datasets.Dataset.from_dict({"record": raw})
     # new_fingerprint: skip datasets' hashing of the tokenizer/closure (slow, and we cache ourselves).
     encoded = table.map(
@@ -119,19 +180,17 @@ def _encode_source(src: DataSource, tokenizer, template, data_cfg: DataConfig, n
         new_fingerprint=hashlib.sha256(f"{src.path}{len(raw)}".encode()).hexdigest()[:16],
         desc=f"tokenizing {os.path.basename(src.path)}",
     )
-    reasons = Counter(r for r in arrow_column(encoded, "drop_reason").to_pylist() if r)
-    if reasons:
-        encoded = encoded.filter(lambda r: [x == "" for x in r], batched=True, input_columns=["drop_reason"],
-                                 new_fingerprint=hashlib.sha256(f"f{src.path}{len(raw)}".encode()).hexdigest()[:16])
-    encoded = encoded.remove_columns(["drop_reason"])
-    return encoded, len(raw), reasons
+    return _drop_marked(encoded, src, len(raw))
 
 
-def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int) -> PreparedData:
+def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int,
+           source_data: Optional[SourceData] = None, scratch: Optional[str] = None) -> PreparedData:
     template = HF_TEMPLATE if data_cfg.template == HF_TEMPLATE else get_template(data_cfg.template)
+    source_data = source_data or read_sources(data_cfg)
     parts, dropped, per_source, n_records = [], Counter(), [], 0
-    for src in map(as_data_source, data_cfg.sources):
-        encoded, n, reasons = _encode_source(src, tokenizer, template, data_cfg, num_image_tokens)
+    for src, raw in zip(map(as_data_source, data_cfg.sources), source_data.records):
+        encoded, n, reasons = _encode_source(src, raw, tokenizer, template, data_cfg, num_image_tokens,
+                                             scratch)
         n_records += n
         dropped += reasons
         per_source.append({"path": src.path, "records": n, "kept": len(encoded), "repeat": src.repeat,
@@ -140,11 +199,15 @@ def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int) ->
         for reason, count in reasons.items():
             log.warning("%s: dropped %d sample(s): %s", src.path, count, reason)
     dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    stats = {"records": n_records, "dropped": dict(dropped), "dropped_total": sum(dropped.values()),
-             "sources": per_source}
+    skipped = source_data.skipped
+    stats = {"records": n_records + sum(skipped.values()), "dropped": dict(dropped),
+             "dropped_total": sum(dropped.values()), "skipped": dict(skipped),
+             "skipped_total": sum(skipped.values()), "sources": per_source,
+             "images_outside_folder": source_data.outside_image_folder}
     if len(dataset) == 0:
-        raise UserError(f"no training samples left after encoding: {n_records} record(s), all dropped "
-                        f"({dict(dropped)}); check data.template, data.max_length and that records have answers")
+        raise UserError(f"no training samples left after encoding: {stats['records']} record(s), all dropped "
+                        f"({dict(dropped)}) or skipped ({dict(skipped)}); check data.template, data.max_length "
+                        "and that records have answers")
     stats["samples"] = len(dataset)
     stats["tokens"] = int(pa.compute.sum(arrow_column(dataset, "length")).as_py())
     if data_cfg.pack_to_max_length:
@@ -154,8 +217,10 @@ def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int) ->
 
 
 def prepare_dataset(data_cfg: DataConfig, tokenizer, num_image_tokens: int = 0, seed: int = 42,
-                    use_cache: bool = True) -> PreparedData:
-    """Encode (or load from cache) every source of `data_cfg`; see the module docstring."""
+                    use_cache: bool = True, source_data: Optional[SourceData] = None) -> PreparedData:
+    """Encode (or load from cache) every source of `data_cfg`; see the module docstring.
+
+    `source_data`: the records read_sources already read (else they are read here on a cache miss)."""
     if not data_cfg.sources:
         raise UserError("data.sources is empty; add at least one {path: ...} entry")
     if data_cfg.template != HF_TEMPLATE:
@@ -168,10 +233,18 @@ def prepare_dataset(data_cfg: DataConfig, tokenizer, num_image_tokens: int = 0, 
             stats = json.load(fh)
         stats.update(cache_hit=True, cache_path=folder)
         return PreparedData(datasets.load_from_disk(folder), stats)
-    prepared = _build(data_cfg, tokenizer, num_image_tokens, seed)
-    prepared.stats.update(cache_hit=False, cache_path=folder if use_cache else None)
-    if use_cache:
+    if not use_cache:
+        prepared = _build(data_cfg, tokenizer, num_image_tokens, seed, source_data)
+        prepared.stats.update(cache_hit=False, cache_path=None)
+        return prepared
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".scratch-", dir=os.path.dirname(folder))  # map output of `datasets` sources
+    try:
+        prepared = _build(data_cfg, tokenizer, num_image_tokens, seed, source_data, scratch)
+        prepared.stats.update(cache_hit=False, cache_path=folder)
         _save(prepared, folder, stats_file)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return prepared
 
 

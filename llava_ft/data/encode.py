@@ -222,7 +222,11 @@ def encode_records(records: Sequence[dict], tokenizer, template: Union[Template,
             input_ids += ids
             labels += ids if supervised else [IGNORE_INDEX] * len(ids)
         images = list(record.get("images") or [])
-        cut = _truncate(input_ids, labels, images, max_length, num_image_tokens, truncation)
+        # What a token counter reads for each image: its encoded bytes when the dataset holds them
+        # (llava_ft.data.hub), else its path.
+        blobs = list(record.get("image_data") or [])
+        refs = [{"bytes": b, "path": p} if b else p for p, b in zip(images, blobs)] if blobs else images
+        cut = _truncate(input_ids, labels, refs, max_length, num_image_tokens, truncation)
         if isinstance(cut, str):
             results.append(EncodeResult(None, cut))
             continue
@@ -230,7 +234,7 @@ def encode_records(records: Sequence[dict], tokenizer, template: Union[Template,
         if all(label == IGNORE_INDEX for label in labels):
             results.append(EncodeResult(None, DROP_TRUNCATED))
             continue
-        length = (len(input_ids) - len(images) + image_feature_tokens(num_image_tokens, images)
+        length = (len(input_ids) - len(images) + image_feature_tokens(num_image_tokens, refs)
                   if num_image_tokens else len(input_ids))
         results.append(EncodeResult({
             "id": str(record["id"]), "input_ids": input_ids, "labels": labels, "length": length,

@@ -13,12 +13,18 @@ Canonical record (see docs/architecture.md): {"id", "messages": [{"role", "conte
 or {"id", "text"}. Errors name the file and line (or record index) and say what to do.
 
     for rec in iter_records(DataSource(path="train.jsonl")): ...
+    for rec in iter_records(src, on_problem=lambda reason, message: ...): ...   # bad records reported, skipped
+
+With `on_problem`, a record that cannot be read (invalid JSON or UTF-8, not an object, a bad role, a
+missing key, wrong types) is reported as (reason, message) and skipped instead of raising; problems with
+the file itself (missing, unsupported type) still raise. A syntax error inside a JSON list is reported with
+reason LIST_CUT: nothing after it can be read, so callers must not treat it as skippable.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from llava_ft import IMAGE_TOKEN
 from llava_ft.config import DATA_FORMATS, DataSource
@@ -26,6 +32,19 @@ from llava_ft.data.jsonio import detect_container, iter_raw as iter_json
 from llava_ft.errors import UserError
 
 FORMATS = tuple(f for f in DATA_FORMATS if f != "auto")
+OnProblem = Callable[[str, str], None]  # (reason, message naming file and line)
+# Reason of a JSON-list syntax error: the rest of that file is unreadable, so no flag may skip it.
+LIST_CUT = "json_list_cut"
+
+
+class RecordError(UserError):
+    """A problem with one record (not the file or the config), with a short `reason` used for counting."""
+
+    def __init__(self, message: str, reason: str = "malformed"):
+        super().__init__(message)
+        self.reason = reason
+
+
 _ROLE_FROM = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "bot": "assistant", "model": "assistant", "system": "system"}
 
@@ -39,8 +58,10 @@ def source_files(path: str) -> list[str]:
     raise UserError(f"data file '{path}' does not exist; fix data.sources[].path in the config")
 
 
-def iter_raw(path: str) -> Iterator[tuple[str, Any]]:
-    """Yield (where, raw_dict) for every record of a file; `where` is 'file:line' (JSON/JSONL) or 'file[#index]'."""
+def iter_raw(path: str, on_problem: Optional[OnProblem] = None) -> Iterator[tuple[str, Any]]:
+    """Yield (where, raw_dict) for every record of a file; `where` is 'file:line' (JSON/JSONL) or 'file[#index]'.
+
+    With `on_problem`, unreadable records (invalid JSON / UTF-8, not an object) go there and are skipped."""
     source_files(path)
     lower = path.lower()
     if os.path.isdir(path):
@@ -62,13 +83,18 @@ def iter_raw(path: str) -> Iterator[tuple[str, Any]]:
             if single is not None:
                 yield f"{path}:1", single
                 return
+        on_error = None if on_problem is None else (lambda p: on_problem(LIST_CUT if p.stops else p.kind, p.describe(path)))
         # Streamed with line numbers by the shared reader (memory does not grow with the file).
-        for rec in iter_json(path, container=container):
+        for rec in iter_json(path, container=container, on_error=on_error):
             if not isinstance(rec.value, dict):
                 kind = "line" if container == "jsonl" else "list item"
-                raise UserError(f"{path}:{rec.line}: expected a JSON object per {kind}, got "
-                                f"{type(rec.value).__name__}; each record must be an object such as "
-                                '{"messages": [...]}')
+                message = (f"{path}:{rec.line}: expected a JSON object per {kind}, got "
+                           f"{type(rec.value).__name__}; each record must be an object such as "
+                           '{"messages": [...]}')
+                if on_problem is None:
+                    raise UserError(message)
+                on_problem("not_an_object", message)
+                continue
             yield f"{path}:{rec.line}", rec.value
     elif lower.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -86,7 +112,7 @@ def _single_json_object(path: str) -> Optional[dict]:
     with open(path, encoding="utf-8-sig") as fh:
         try:
             value = json.load(fh)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):  # the line reader names the bad line / byte
             return None
     if not isinstance(value, dict):
         raise UserError(f"{path}: expected a JSON list of records, got {type(value).__name__}")
@@ -110,8 +136,8 @@ def detect_format(row: dict, where: str, image_folder: Optional[str] = None) -> 
 
 def _need(row: dict, key: str, where: str, fmt: str) -> Any:
     if key not in row or row[key] is None:
-        raise UserError(f"{where}: {fmt} record has no '{key}' (keys: {sorted(row)}); "
-                        f"fix the record or set data.sources[].format correctly")
+        raise RecordError(f"{where}: {fmt} record has no '{key}' (keys: {sorted(row)}); "
+                          f"fix the record or set data.sources[].format correctly", f"no_{key}")
     return row[key]
 
 
@@ -135,7 +161,8 @@ def _openai(row: dict, where: str) -> list[dict]:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise UserError(f"{where}: messages[{j}] must be an object with 'role' and 'content'")
         if m["role"] not in ("system", "user", "assistant"):
-            raise UserError(f"{where}: messages[{j}] has role {m['role']!r}; expected system, user or assistant")
+            raise RecordError(f"{where}: messages[{j}] has role {m['role']!r}; expected system, user or assistant",
+                              "bad_role")
         out.append(_msg(m["role"], m["content"], f"{where} messages[{j}]", _parse_loss(m.get("loss", True))))
     return out
 
@@ -167,7 +194,8 @@ def _sharegpt(row: dict, where: str, move_images: bool) -> list[dict]:
             raise UserError(f"{where}: conversations[{j}] must be an object with 'from' and 'value'")
         role = _ROLE_FROM.get(str(turn["from"]).lower())
         if role is None:
-            raise UserError(f"{where}: conversations[{j}] has from={turn['from']!r}; expected human, gpt or system")
+            raise RecordError(f"{where}: conversations[{j}] has from={turn['from']!r}; expected human, gpt or system",
+                              "bad_role")
         value = turn["value"]
         if role == "user" and move_images and isinstance(value, str):
             value = _move_image_tokens(value)
@@ -230,14 +258,39 @@ def to_record(row: dict, fmt: str, where: str, index: int, image_folder: Optiona
     return {"id": rid, "messages": messages, "images": images}
 
 
-def iter_records(source: DataSource) -> Iterator[dict]:
-    """Canonical records of one source (without `repeat`, which the dataset builder applies)."""
+def iter_records(source: DataSource, on_problem: Optional[OnProblem] = None) -> Iterator[dict]:
+    """Canonical records of one source (without `repeat`, which the dataset builder applies).
+
+    `on_problem(reason, message)`: report and skip bad records instead of raising (module docstring)."""
     fmt = source.format
     if fmt != "auto" and fmt not in FORMATS:
         raise UserError(f"unknown data format '{fmt}'; valid formats: auto, {', '.join(FORMATS)}")
     base_dir = os.path.dirname(os.path.abspath(source.path))
-    for index, (where, row) in enumerate(iter_raw(source.path)):
+    for index, (where, row) in enumerate(iter_raw(source.path, on_problem)):
+        if getattr(source, "columns", None):
+            row = rename_keys(row, source.columns)
+        try:
+            rec_fmt = detect_format(row, where, source.image_folder) if fmt == "auto" else fmt
+            record = to_record(row, rec_fmt, where, index, source.image_folder, base_dir)
+        except UserError as err:  # everything to_record raises is about this one record
+            if on_problem is None:
+                raise
+            on_problem(getattr(err, "reason", "malformed"), str(err))
+            continue
         if fmt == "auto":
-            fmt = detect_format(row, where, source.image_folder)
-        yield to_record(row, fmt, where, index, source.image_folder, base_dir)
+            print(f"[llava_ft] {source.path}: format auto -> {rec_fmt} (keys: {', '.join(row)})", flush=True)
+        fmt = rec_fmt
+        yield record
+
+
+def rename_keys(row: dict, columns: dict) -> dict:
+    """`data.sources[].columns` on one record: {llava_ft name: the record's key} -> keys llava_ft reads."""
+    if not isinstance(row, dict):
+        return row
+    mapped = set(columns.values())
+    out = {k: v for k, v in row.items() if k not in mapped and k not in columns}
+    for name, key in columns.items():
+        if key in row:
+            out[name] = row[key]
+    return out
 

@@ -1,6 +1,8 @@
 """Image loading for LLaVA data: any file mode -> RGB, pad-to-square, and a fast pre-training check.
 
     img = load_image(path, sample_id="42")            # PIL RGB; BadImageError (a UserError) names id + path
+    img = normalize_image(pil)                        # the same conversion for an image decoded elsewhere
+    img = load_image_bytes(data, "org/ds[#3].images[0]", "42")   # same, for an image stored in a dataset
     img = expand2square(img, ve.image_mean)           # pad with the processor's mean colour (LLaVA-1.5)
     problems = verify_images(dataset, num_threads=16) # [ImageProblem(sample_id, path, reason)], no full decode
 
@@ -64,17 +66,36 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def normalize_image(img: Image.Image) -> Image.Image:
+    """THE conversion of a decoded image to what the model sees: EXIF orientation applied, then `to_rgb`.
+
+    Training (`load_image`), chat and eval (`llava_ft.inference.images`) and serve (`serve.images`) all end
+    here, so one file gives the same pixels everywhere (the orientation first: compositing makes a new
+    image without the EXIF block)."""
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
 def load_image(path: str, sample_id="?") -> Image.Image:
     """Open, fully decode and convert to RGB; any failure is a BadImageError naming sample and path."""
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file must fail here, not later inside the processor
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            return normalize_image(img)
     except FileNotFoundError:
         raise BadImageError(sample_id, path, "file not found (check data.sources.*.image_folder)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadImageError(sample_id, path, f"cannot decode ({type(err).__name__}: {err})") from None
+
+
+def load_image_bytes(data: bytes, name: str = "<bytes>", sample_id="?") -> Image.Image:
+    """`load_image` for an encoded image held in memory (a datasets.Image stored in the dataset);
+    `name` labels it in errors (e.g. `org/ds[#12].images[0]`)."""
+    import io
+
+    try:
+        return load_image(io.BytesIO(data), sample_id)
+    except BadImageError as err:
+        raise BadImageError(sample_id, name, err.reason) from None
 
 
 def expand2square(img: Image.Image, background=(0, 0, 0)) -> Image.Image:
@@ -125,10 +146,22 @@ def check_image_file(path: str) -> Optional[str]:
 
 
 def _rows(rows) -> Iterable[dict]:
-    # A datasets.Dataset: read only the two columns needed instead of decoding input_ids too.
+    # A datasets.Dataset: read only the columns needed instead of decoding input_ids too.
     if hasattr(rows, "select_columns") and hasattr(rows, "column_names"):
-        return rows.select_columns([c for c in ("id", "images") if c in rows.column_names])
+        return rows.select_columns([c for c in ("id", "images", "image_bytes") if c in rows.column_names])
     return rows
+
+
+def check_image_bytes(data: bytes) -> Optional[str]:
+    """`check_image_file` for an image held in memory: reason it is unusable, or None (PIL verify, no decode)."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+    except Exception as err:  # PIL raises many types for broken data
+        return f"cannot decode ({type(err).__name__}: {err})"
+    return None
 
 
 def verify_images(rows, num_threads: int = 16, progress: bool = False) -> list[ImageProblem]:
@@ -138,8 +171,15 @@ def verify_images(rows, num_threads: int = 16, progress: bool = False) -> list[I
     Returns the problems (empty list = all good), one per bad file, naming the first sample using it.
     """
     users: dict[str, list] = {}
+    embedded: list = []  # ImageProblem for images stored in the dataset (bytes), checked here one by one
     for row in _rows(rows):
-        for path in row.get("images") or []:
+        paths = row.get("images") or []
+        for path, blob in zip(paths, row.get("image_bytes") or [b""] * len(paths)):
+            if blob:
+                reason = check_image_bytes(blob)
+                if reason is not None:
+                    embedded.append(ImageProblem(str(row.get("id", "?")), path, reason))
+                continue
             users.setdefault(path, []).append(row.get("id", "?"))
     paths: Sequence[str] = list(users)
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
@@ -149,5 +189,5 @@ def verify_images(rows, num_threads: int = 16, progress: bool = False) -> list[I
 
             results = tqdm(results, total=len(paths), desc="checking images", unit="img")
         reasons = list(results)
-    return [ImageProblem(str(users[p][0]), p, reason, len(users[p]) - 1)
-            for p, reason in zip(paths, reasons) if reason is not None]
+    return embedded + [ImageProblem(str(users[p][0]), p, reason, len(users[p]) - 1)
+                       for p, reason in zip(paths, reasons) if reason is not None]

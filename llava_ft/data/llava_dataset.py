@@ -8,14 +8,16 @@
     ds.num_bad_images  # images found unreadable during training (summed over DataLoader workers)
     ds["modality_length"], ds.column_names   # columns of the prepared dataset (for the sampler)
 
-Images are opened in `__getitem__`, i.e. inside DataLoader worker processes, never all up front. Each
+Images are opened in `__getitem__`, i.e. inside DataLoader worker processes, never all up front: files by
+path, or (images stored inside a `datasets` source) the row's `image_bytes`, decoded by the same function. Each
 sample must have exactly one image per IMAGE_TOKEN_INDEX in its input_ids (else UserError naming the
 sample id). A truncated or corrupt image met during training:
-  * skip_bad_samples=true: logged with sample id and path, counted, and the sample replaced by the next
-    sample (in index order) whose images all load -- the run goes on (a packed row is one block of
-    samples: the whole block is replaced);
-  * skip_bad_samples=false: BadImageError naming sample id and path. `images.verify_images` (which the
-    engine runs before training in that mode) normally finds such files before step 1.
+  * skip_bad_samples=true: logged with sample id, path and reason (not the error's advice to set the
+    flag), counted (the engine's end-of-run summary includes `num_bad_images`), and the sample replaced by
+    the next sample (in index order) whose images all load -- the run goes on (a packed row is one
+    block of samples: the whole block is replaced);
+  * skip_bad_samples=false: BadImageError naming sample id and path. `images.verify_images` (which
+    llava_ft.data.read runs before the model loads in that mode) normally finds such files first.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llava_ft import IMAGE_TOKEN_INDEX
-from llava_ft.data.images import BadImageError, expand2square, load_image
+from llava_ft.data.images import BadImageError, expand2square, load_image, load_image_bytes
 from llava_ft.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -88,8 +90,10 @@ class LlavaDataset(Dataset):
         if not paths:
             return None
         tensors, sizes = [], []
-        for path in paths:
-            img = load_image(path, row.get("id", "?"))
+        # Images stored inside a `datasets` source arrive as encoded bytes (llava_ft.data.hub); b"" = a path.
+        data = list(row.get("image_bytes") or [b""] * len(paths))
+        for path, blob in zip(paths, data):
+            img = load_image_bytes(blob, path, row.get("id", "?")) if blob else load_image(path, row.get("id", "?"))
             if self.anyres is not None:
                 # AnyRes: the overview + tiles of each image; its size tells the model how to lay them out.
                 sizes.append((img.height, img.width))
@@ -128,7 +132,8 @@ class LlavaDataset(Dataset):
                 self._known_bad.add(candidate)
                 with self._bad.get_lock():
                     self._bad.value += 1
-                log.warning("skipping bad image (%d so far): %s; using sample %d instead of %d",
-                            self._bad.value, err, (candidate + 1) % n, index)
+                # The reason only: the error's own advice (set skip_bad_samples) is what the user already did.
+                log.warning("skipping bad image (%d so far): sample %s: image %s: %s; using sample %d instead of %d",
+                            self._bad.value, err.sample_id, err.path, err.reason, (candidate + 1) % n, index)
         raise UserError(f"{MAX_REPLACEMENTS} consecutive samples from index {index} have unreadable images; "
                         "check data.sources.*.image_folder and run `llava_ft data check`")

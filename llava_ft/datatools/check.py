@@ -2,6 +2,7 @@
 
 Problem kinds (severity error unless noted):
   invalid_json        a line (JSONL) or position (JSON list) that is not valid JSON
+  not_utf8            a line or record with a byte that is not UTF-8 (the message gives the byte offset)
   malformed           a record the parser rejects (wrong keys/types, unknown role)
   empty_conversation  no messages, no assistant turn, or an empty answer
   roles_out_of_order  turns not (system?) user, assistant, user, assistant, ...
@@ -9,6 +10,8 @@ Problem kinds (severity error unless noted):
                       (images with no marker at all: warning, they are put at the start of the first turn)
   duplicate_id        (warning) an id seen before (the message names the first line)
   missing_image / unreadable_image / truncated_image
+  image_outside_folder  (warning) an image path that leaves the source's image_folder (`../x.png`, an
+                      absolute path); training uses it as given and prints how many there are
   too_long            longer than max_length after image expansion (error for image samples, which are
                       dropped; warning for text-only ones, which are cut). Needs a tokenizer.
   dropped             (warning) a sample the encoder would drop for another reason
@@ -25,6 +28,9 @@ from pathlib import Path
 from typing import Optional
 
 from llava_ft import IMAGE_TOKEN
+from llava_ft.data import hub
+from llava_ft.data.images import check_image_bytes
+from llava_ft.data.read import outside_folder
 from llava_ft.fileio import write_json
 from llava_ft.datatools.sources import Plan, Problem, as_dict, encode_lengths, iter_canonical, load_tokenizer
 from llava_ft.errors import UserError
@@ -124,7 +130,7 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
     tokenizer = load_tokenizer(plan.tokenizer) if plan.tokenizer and plan.max_length else None
     report.lengths_checked = tokenizer is not None
     for src in plan.sources:
-        if not os.path.isfile(src.path):
+        if not os.path.isfile(src.path) and not hub.is_dataset_source(_as_source(src)):
             raise UserError(f"data file '{src.path}' does not exist")
         seen: dict[str, int] = {}
         image_refs: dict[str, list] = {}  # image path -> [(line, id)] that use it
@@ -154,7 +160,7 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
                            else "; it will be cut at max_length"), src.path, it.raw.line, rid))
             pending.clear()
 
-        for it in tqdm(iter_canonical(src.path, src.format, src.image_folder, on_problem),
+        for it in tqdm(iter_canonical(src.path, src.format, src.image_folder, on_problem, source=src),
                        desc="check", unit="rec", disable=not progress):
             report.records += 1
             raw_id = it.raw.value.get("id")
@@ -173,8 +179,20 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
                 found = _conversation_problems(it.record)
             for kind, severity, message in found:
                 report.problems.append(Problem(kind, severity, message, src.path, it.raw.line, rid))
-            for image in it.record.get("images") or []:
+            images = it.record.get("images") or []
+            for image, blob in zip(images, it.record.get("image_data") or [b""] * len(images)):
+                if blob:  # stored inside the dataset (llava_ft.data.hub): check the bytes themselves
+                    reason = check_image_bytes(blob)
+                    if reason is not None:
+                        report.problems.append(Problem("unreadable_image", "error", f"{image}: {reason}",
+                                                       src.path, it.raw.line, rid))
+                    continue
                 image_refs.setdefault(image, []).append((it.raw.line, rid))
+                if src.image_folder is not None and outside_folder(image, src.image_folder):
+                    report.problems.append(Problem(
+                        "image_outside_folder", "warning",
+                        f"image {image} lies outside the image folder {os.path.abspath(src.image_folder)}",
+                        src.path, it.raw.line, rid))
             # a record already in error is not encoded: its drop would only repeat that error
             if tokenizer is not None and not any(severity == "error" for _, severity, _ in found):
                 pending.append(it)
@@ -192,6 +210,13 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
                     report.problems.append(Problem(kind, "error", message, src.path, line, rid))
     report.problems.sort(key=lambda p: (report.files.index(p.file) if p.file in report.files else 0, p.line or 0))
     return report
+
+
+def _as_source(src):
+    from llava_ft.config import DataSource
+
+    return src if isinstance(src, DataSource) else DataSource(path=src.path, format=src.format,
+                                                              image_folder=src.image_folder)
 
 
 def format_summary(report: CheckReport, limit: int = 20) -> str:

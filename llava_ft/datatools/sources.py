@@ -1,8 +1,11 @@
 """What `data check` / `data stats` look at: data files + tokenizer settings, from a config or from flags.
 
     plan = plan_from_args(args)        # CONFIG -> every data source, tokenizer, template, max_length, ...
-    for item in iter_canonical(src.path, src.format, src.image_folder, on_problem):  # lenient reader
+    for item in iter_canonical(src.path, src.format, src.image_folder, on_problem, source=src):  # lenient reader
         item.raw, item.record          # RawRecord (line) and the canonical record (llava_ft.data.formats)
+
+Sources read with `datasets` (Hub ids, dataset folders, parquet; llava_ft.data.hub) are checked too: their
+`line` is the 1-based row number, and images stored inside the dataset travel as `record["image_data"]`.
 
 Records are parsed with llava_ft.data.formats.to_record (the parser training uses); a record it rejects
 is reported to `on_problem` as kind `malformed` and skipped, so one bad record never hides the others.
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from llava_ft.data.formats import FORMATS, detect_format, to_record
+from llava_ft.data.formats import FORMATS, detect_format, rename_keys, to_record
 from llava_ft.data.jsonio import RawRecord, iter_raw
 from llava_ft.errors import UserError
 
@@ -77,7 +80,8 @@ def plan_from_args(args) -> Plan:
         from llava_ft.config import load_config
 
         cfg = load_config(args.config, getattr(args, "overrides", None) or [])
-        plan.sources = [Source(s.path, s.format, s.image_folder) for s in cfg.data.sources]
+        # DataSource (split/subset/columns for `datasets` sources); validation sources are checked too
+        plan.sources = list(cfg.data.sources) + list(cfg.data.val_sources)
         plan.tokenizer = cfg.model.tokenizer or cfg.model.llava or cfg.model.llm or None
         plan.template, plan.system, plan.max_length = cfg.data.template, cfg.data.system, cfg.data.max_length
         if cfg.is_llava and not getattr(args, "num_image_tokens", None):
@@ -114,17 +118,44 @@ def record_id(raw: RawRecord, file: str) -> Optional[str]:
     return None
 
 
+def _iter_dataset_source(src, on_problem: Callable[[Problem], None]) -> Iterator[Item]:
+    """iter_canonical for a source read with `datasets` (llava_ft.data.hub); line = 1-based row number."""
+    from llava_ft.data import hub
+
+    ds, fmt = hub.open_source(src)
+    for index, row in enumerate(hub.iter_rows(ds)):
+        where = f"{src.path}[#{index}]"
+        rid = str(row["id"]) if row.get("id") not in (None, "") else None
+        try:
+            record = hub.row_record(row, fmt, where, index, src)
+        except UserError as err:
+            message = str(err).removeprefix(where + ": ").removeprefix(where + " ")
+            on_problem(Problem("malformed", "error", message, src.path, index + 1, rid))
+            continue
+        yield Item(RawRecord(index, index + 1, row), record, fmt)
+
+
 def iter_canonical(path: str, fmt: str, image_folder: Optional[str],
-                   on_problem: Callable[[Problem], None]) -> Iterator[Item]:
-    """Canonical records of a file; invalid JSON and records the parser rejects go to `on_problem`."""
+                   on_problem: Callable[[Problem], None], source=None) -> Iterator[Item]:
+    """Canonical records of a file; invalid JSON and records the parser rejects go to `on_problem`.
+
+    `source` (a DataSource) carries split/subset/columns for sources read with `datasets`."""
     if fmt != "auto" and fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not a format; choose auto or one of: {', '.join(FORMATS)}")
+    from llava_ft.config import DataSource
+    from llava_ft.data import hub
+
+    src = source if isinstance(source, DataSource) else DataSource(path=path, format=fmt, image_folder=image_folder)
+    if hub.is_dataset_source(src):
+        yield from _iter_dataset_source(src, on_problem)
+        return
     base_dir = os.path.dirname(os.path.abspath(path))
     folder = image_folder if image_folder is not None else base_dir
     detected: Optional[str] = None if fmt == "auto" else fmt
 
     def json_problem(p) -> None:
-        on_problem(Problem("invalid_json", "error", p.message, path, p.line))
+        lost = "; nothing after it in this JSON list can be read" if p.stops else ""
+        on_problem(Problem(p.kind, "error", p.message + lost, path, p.line))  # invalid_json or not_utf8
 
     for raw in iter_raw(path, on_error=json_problem):
         rid = record_id(raw, path)
@@ -134,8 +165,9 @@ def iter_canonical(path: str, fmt: str, image_folder: Optional[str],
                                path, raw.line, rid))
             continue
         try:
-            rec_fmt = detected or detect_format(raw.value, where, image_folder)
-            record = to_record(raw.value, rec_fmt, where, raw.index, folder, base_dir)
+            value = rename_keys(raw.value, src.columns) if src.columns else raw.value
+            rec_fmt = detected or detect_format(value, where, image_folder)
+            record = to_record(value, rec_fmt, where, raw.index, folder, base_dir)
         except UserError as err:
             message = str(err).removeprefix(where + ": ").removeprefix(where + " ")
             on_problem(Problem("malformed", "error", message, path, raw.line, rid))

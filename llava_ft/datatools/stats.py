@@ -75,7 +75,7 @@ def compute_stats(plan: Plan, batch: int = 512) -> Stats:
 
     for src in plan.sources:
         pending: list = []
-        for item in iter_canonical(src.path, src.format, src.image_folder, skip):
+        for item in iter_canonical(src.path, src.format, src.image_folder, skip, source=src):
             rec = item.record
             stats.records += 1
             n_img = len(rec.get("images") or [])

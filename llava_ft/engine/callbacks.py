@@ -1,7 +1,9 @@
 """Trainer callbacks that write the work dir's human-facing files (rank 0 only).
 
-    JsonlLogCallback(work_dir)        -> train_log.jsonl: {step, loss, lr, grad_norm, tokens_per_s, elapsed}
-    LossPlotCallback(work_dir)        -> loss.png, redrawn at every save and at the end (matplotlib Agg)
+    JsonlLogCallback(work_dir)        -> train_log.jsonl: {step, loss, lr, grad_norm, tokens_per_s, elapsed},
+                                         and {step, eval_loss, eval_runtime, epoch} after each validation
+    LossPlotCallback(work_dir)        -> loss.png (training loss, eval_loss points, lr), redrawn at every save
+                                         and at the end (matplotlib Agg)
     EvalChatCallback(work_dir, cfg, tokenizer) -> eval_outputs_iter_<step>.txt: the recipe's
                                          evaluation.prompts answered every evaluation.every_n_steps and at the end
 
@@ -53,11 +55,17 @@ class JsonlLogCallback(TrainerCallback):
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept) if state.global_step else "")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
+        if not state.is_world_process_zero or not logs:
             return
-        row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
-               "grad_norm": logs.get("grad_norm"), "tokens_per_s": logs.get("tokens_per_s"),
-               "elapsed": logs.get("elapsed"), "epoch": logs.get("epoch")}
+        if "loss" in logs:
+            row = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
+                   "grad_norm": logs.get("grad_norm"), "tokens_per_s": logs.get("tokens_per_s"),
+                   "elapsed": logs.get("elapsed"), "epoch": logs.get("epoch")}
+        elif "eval_loss" in logs:  # validation (llava_ft.engine.validation): its own line
+            row = {"step": state.global_step, "eval_loss": logs["eval_loss"],
+                   "eval_runtime": logs.get("eval_runtime"), "epoch": logs.get("epoch")}
+        else:
+            return
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -72,9 +80,15 @@ def plot_loss(work_dir) -> Optional[Path]:
     matplotlib.use("Agg")  # no display on training nodes
     import matplotlib.pyplot as plt
 
+    evals = [r for r in rows if "eval_loss" in r]
+    rows = [r for r in rows if "loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
     ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], color="tab:green", marker="o",
+                label="eval_loss")
+        ax.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -104,7 +118,7 @@ class LossPlotCallback(TrainerCallback):
             plot_loss(self.work_dir)
 
 
-def _keep_4bit_training_layout(model) -> None:
+def keep_4bit_training_layout(model) -> None:
     """Stop bitsandbytes (CPU, AVX512-BF16) from repacking 4-bit weights for inference in eval mode.
 
     bitsandbytes 0.50 repacks a Linear4bit's weight into a CPU inference layout on the first eval-mode
@@ -147,7 +161,7 @@ class EvalChatCallback(TrainerCallback):
 
         settings = GenerationSettings(max_new_tokens=self.cfg.evaluation.max_new_tokens, temperature=0.0)
         out = []
-        _keep_4bit_training_layout(model)
+        keep_4bit_training_layout(model)
         was_training = model.training
         chat = chat_model_for_run(model, self.tokenizer, self.cfg)  # puts the model in eval mode
         try:

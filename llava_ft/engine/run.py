@@ -5,10 +5,13 @@
     result = run_training(load_config("configs/demo/tiny_text_qlora.yaml"), work_dir="work_dirs/x")
     result.last_checkpoint   # work_dirs/x/iter_<step>.pth
 
-Order matters for the user: the config is checked and saved, the resume point and DeepSpeed config are
-resolved, the dataset is encoded and its counts printed (training refuses to start on an empty dataset)
-and only then does training start. `command` ('train' | 'pretrain' | 'finetune') adds the phase checks
-of `llava_ft pretrain` / `llava_ft finetune`.
+Order matters for the user: the config is checked, the resume point and DeepSpeed config are resolved,
+the data is read and checked (llava_ft.data.read: missing files or image folders, undecodable data, bad
+records and, for LLaVA, unreadable images are reported before any model loads), the config is saved, the
+model loads, the dataset is encoded and its counts printed (training refuses to start on an empty
+dataset) and only then does training start. The run ends with one line totalling the bad samples
+skipped or dropped, images found unreadable during training included. `command` ('train' | 'pretrain' |
+'finetune') adds the phase checks of `llava_ft pretrain` / `llava_ft finetune`.
 """
 from __future__ import annotations
 
@@ -73,14 +76,15 @@ def resolve_deepspeed(name_or_path: Optional[str]) -> Optional[str]:
 
 def training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
     import torch
-    from transformers import TrainingArguments
 
+    from llava_ft.engine.tracking import training_arguments as with_tracking_and_passthrough
     from llava_ft.model.llm import resolve_dtype
 
     t = cfg.train
     dtype = resolve_dtype(cfg.model.dtype)
     on_gpu = torch.cuda.is_available()
-    return TrainingArguments(
+    # training_arguments adds train.report_to, the validation settings and train.trainer_args
+    return with_tracking_and_passthrough(cfg, dict(
         output_dir=work_dir,
         per_device_train_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -102,21 +106,27 @@ def training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
         data_seed=t.seed,
         bf16=on_gpu and dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
-        report_to="none",
         remove_unused_columns=False,  # the collators need `images`, the sampler `modality_length`
         dataloader_num_workers=t.dataloader_num_workers,
         deepspeed=deepspeed,
         disable_tqdm=False,
         use_cpu=not on_gpu,
-    )
+    ))
 
 
 def _print_data_stats(stats: dict) -> None:
+    from llava_ft.data.problems import format_counts
+
     dropped = stats.get("dropped") or {}
     line = (f"[llava_ft] data: {stats.get('records', '?')} records -> {stats.get('samples', '?')} samples, "
             f"{stats.get('tokens', '?')} tokens; dropped {stats.get('dropped_total', 0)}")
     if dropped:
-        line += " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(dropped.items())) + ")"
+        line += f" ({format_counts(dropped)})"
+    if stats.get("skipped"):
+        line += f"; skipped {stats.get('skipped_total', 0)} bad record(s) ({format_counts(stats['skipped'])})"
+    if stats.get("images_outside_folder"):
+        line += (f"; {stats['images_outside_folder']} image path(s) lie outside their image_folder "
+                 "(used as given)")
     if stats.get("packing"):
         line += f"; packed: {json.dumps(stats['packing'])}"
     if stats.get("cache_hit"):
@@ -124,35 +134,73 @@ def _print_data_stats(stats: dict) -> None:
     print(line, flush=True)
 
 
-def build_train_data(cfg: Config, model, tokenizer):
-    """-> (train dataset, collator, stats): text runs use TextCollator, LLaVA runs the multimodal pair."""
+def _print_bad_summary(stats: dict, dataset, skip_bad_samples: bool) -> None:
+    """The end-of-run line totalling what was skipped or dropped (silent when nothing was and the flag is off)."""
+    from llava_ft.data.problems import format_counts
+
+    bad_images = int(getattr(dataset, "num_bad_images", 0))
+    skipped, dropped = stats.get("skipped") or {}, stats.get("dropped") or {}
+    total = sum(skipped.values()) + sum(dropped.values()) + bad_images
+    if not total and not skip_bad_samples:
+        return
+    parts = [f"{sum(skipped.values())} bad record(s) skipped while reading"
+             + (f" ({format_counts(skipped)})" if skipped else ""),
+             f"{sum(dropped.values())} sample(s) dropped at encoding" + (f" ({format_counts(dropped)})" if dropped else ""),
+             f"{bad_images} unreadable image(s) skipped during training"]
+    print(f"[llava_ft] bad samples: {total} in all: " + ", ".join(parts), flush=True)
+
+
+def build_train_data(cfg: Config, model, tokenizer, source_data=None, with_eval: bool = False):
+    """-> (train dataset, collator, stats): text runs use TextCollator, LLaVA runs the multimodal pair.
+
+    `source_data`: the records read (and checked, images included) by llava_ft.data.read.read_sources.
+    with_eval=True: (train dataset, collator, stats, eval dataset or None), the eval data from
+    data.val_sources / data.val_split (llava_ft.engine.validation; stats["validation"] counts it).
+    """
     from llava_ft.data.dataset import prepare_dataset
+    from llava_ft.engine.validation import eval_split
 
     from llava_ft.model.anyres import image_token_counter
 
     num_image_tokens = image_token_counter(model.visual_encoder) if cfg.is_llava else 0
-    prepared = prepare_dataset(cfg.data, tokenizer, num_image_tokens=num_image_tokens, seed=cfg.train.seed)
+    prepared = prepare_dataset(cfg.data, tokenizer, num_image_tokens=num_image_tokens, seed=cfg.train.seed,
+                               source_data=source_data)
     if len(prepared.dataset) == 0:
         raise UserError("no training samples left after encoding; see the dropped counts above")
+    train_hf, eval_hf, eval_info = eval_split(cfg, tokenizer, num_image_tokens, prepared.dataset)
+    if eval_info:
+        prepared.stats["validation"] = eval_info
     if cfg.is_llava:
         from llava_ft.data.llava_dataset import LlavaDataset
         from llava_ft.data.mm_collate import MultimodalCollator
 
-        if not cfg.data.skip_bad_samples:
+        from llava_ft.data import hub
+
+        if not cfg.data.skip_bad_samples and any(map(hub.is_dataset_source, cfg.data.sources)):
             from llava_ft.data.images import verify_images
 
-            # Find unreadable images before step 1 rather than hours into the run.
-            problems = verify_images(prepared.dataset)
+            # Images inside `datasets` sources are not part of the data pass before the model (read.py,
+            # which checks files on disk): find unreadable ones here, before step 1.
+            problems = [p for part in (prepared.dataset, eval_hf) if part is not None for p in verify_images(part)]
             if problems:
                 listed = "; ".join(str(p) for p in problems[:5])
                 raise UserError(f"{len(problems)} unreadable image(s): {listed}. Fix or remove them, or set "
                                 "data.skip_bad_samples=true to skip (and count) such samples")
-        dataset = LlavaDataset(prepared.dataset, model.visual_encoder, cfg.data)
+        dataset = LlavaDataset(train_hf, model.visual_encoder, cfg.data)
+        eval_dataset = None if eval_hf is None else LlavaDataset(eval_hf, model.visual_encoder, cfg.data)
         collator = MultimodalCollator(tokenizer, image_shape=model.visual_encoder.image_shape)
-        return dataset, collator, prepared.stats
-    from llava_ft.data.collate import TextCollator
+    else:
+        from llava_ft.data.collate import TextCollator
+        import pyarrow.compute as pc
 
-    return prepared.dataset, TextCollator(tokenizer), prepared.stats
+        from llava_ft.data.packing import arrow_column
+
+        with_images = pc.sum(pc.greater(arrow_column(prepared.dataset, "modality_length"), 0)).as_py() or 0
+        if with_images:  # e.g. a Hub VLM dataset in a text config: image placeholders would crash the LLM
+            raise UserError(f"{with_images} sample(s) carry images but model.visual_encoder is not set; set it "
+                            "for a LLaVA run, or use a source without images")
+        dataset, eval_dataset, collator = train_hf, eval_hf, TextCollator(tokenizer)
+    return (dataset, collator, prepared.stats, eval_dataset) if with_eval else (dataset, collator, prepared.stats)
 
 
 def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[str] = None,
@@ -188,6 +236,19 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
             # whole model. Not for 4/8-bit LLMs: bitsandbytes loading needs a device_map, which transformers
             # refuses under ZeRO-3 (their weights are small anyway).
             args = training_arguments(cfg, work_dir, ds_config)
+    # Data before model: a missing file or image folder, undecodable data and bad records (all of them, or
+    # skipped and counted) are reported in seconds. Rank 0 of each node reads (it encodes and caches below);
+    # the other ranks load that cache, so they only check that the files exist.
+    from llava_ft.data.read import check_sources, read_sources
+    from llava_ft.model.builder import resolve_pretrained_pth
+
+    if cfg.model.pretrained_pth:
+        resolve_pretrained_pth(cfg.model.pretrained_pth)  # a wrong path fails now, not after the LLM loads
+    if dist.local_rank() == 0:
+        source_data = read_sources(cfg.data, check_images=cfg.is_llava)
+    else:
+        check_sources(cfg.data)
+        source_data = None
     is_main = dist.is_main_process()
     if is_main:
         os.makedirs(work_dir, exist_ok=True)
@@ -201,7 +262,8 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
             print(f"[llava_ft] ZeRO-3: {sharded} weight tensors were built sharded (deepspeed.zero.Init); "
                   "each rank holds only its part", flush=True)
     with dist.main_process_first("tokenize"):  # rank 0 of each node encodes + caches; the others load the cache
-        dataset, collator, stats = build_train_data(cfg, model, tokenizer)
+        dataset, collator, stats, eval_dataset = build_train_data(cfg, model, tokenizer, source_data, with_eval=True)
+    source_data = None  # the encoded dataset holds what training needs; free the raw records
     if is_main:
         _print_data_stats(stats)
         from llava_ft.convert.model_card import RUN_INFO, current_command, run_info
@@ -211,15 +273,26 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
         if cfg.data.pack_to_max_length and cfg.train.group_by_length:
             print("[llava_ft] packed data: train.group_by_length does not apply (blocks are all ~max_length); "
                   "blocks are shuffled per epoch instead", flush=True)
+        if stats.get("validation"):
+            v = stats["validation"]
+            print(f"[llava_ft] validation: {v['samples']} samples from {v['from']}; eval_loss every "
+                  f"{cfg.evaluation.every_n_steps} steps and at the end", flush=True)
     args = args or training_arguments(cfg, work_dir, ds_config)
     callbacks = [JsonlLogCallback(work_dir), LossPlotCallback(work_dir), EvalChatCallback(work_dir, cfg, tokenizer)]
     callbacks.append(NonFiniteGuard(cfg.train.max_nonfinite_steps))  # stops NaN runs before they save
+    if eval_dataset is not None:
+        from llava_ft.engine.validation import FinalEvalCallback
+
+        callbacks.append(FinalEvalCallback())
     callbacks += list(extra_callbacks or ())
-    trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                             callbacks=callbacks, llava_cfg=cfg, work_dir=work_dir)
+    trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                             data_collator=collator, callbacks=callbacks, llava_cfg=cfg, work_dir=work_dir)
     if resume_from and is_main:
         print(f"[llava_ft] resuming from {resume_from}", flush=True)
     output = trainer.train(resume_from_checkpoint=resume_from)
+    stats["bad_images_in_training"] = int(getattr(dataset, "num_bad_images", 0))
+    if is_main:
+        _print_bad_summary(stats, dataset, cfg.data.skip_bad_samples)
     last = Path(work_dir) / "last_checkpoint"
     return TrainResult(
         work_dir=work_dir,

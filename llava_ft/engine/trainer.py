@@ -9,7 +9,9 @@
 - checkpoints: `iter_<step>.pth` with only the trainable weights (docs/architecture.md), written before
   Trainer's `checkpoint-<step>/` (optimizer, scheduler, RNG, trainer_state.json). The folder holds no
   model weights: resume loads them back from the iter file. Both are rotated with `save_total_limit`;
-- logs: `tokens_per_s` (image features counted, padding not) and `elapsed` added to every logged step.
+- logs: `tokens_per_s` (image features counted, padding not) and `elapsed` added to every logged step;
+- validation: Trainer's own eval loop; with `train.keep_best` a `validation.BestKeeper` keeps the best
+  weights as best_iter.pth (llava_ft.engine.validation).
 
 Built by `llava_ft.engine.run.run_training`; not meant to be constructed by users directly.
 """
@@ -20,11 +22,10 @@ import re
 import time
 from pathlib import Path
 
-import torch
 from transformers import Trainer
 
 from llava_ft import __version__
-from llava_ft.checkpoint import iter_path, load_iter_checkpoint, save_iter_checkpoint
+from llava_ft.checkpoint import iter_path, load_iter_checkpoint
 from llava_ft.config import config_to_dict
 from llava_ft.engine import checkpoint as ckpt
 from llava_ft.model.llava import LlavaFtModel
@@ -38,6 +39,12 @@ class LlavaFtTrainer(Trainer):
         self._tokens_since_log = 0
         self._last_log_time = None
         self._start_time = None
+        self.best_keeper = None
+        if llava_cfg is not None and llava_cfg.train.keep_best == "eval_loss":
+            from llava_ft.engine.validation import BestKeeper
+
+            self.best_keeper = BestKeeper(self.work_dir)
+            self.add_callback(self.best_keeper)
 
     # ---- data order -------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -145,16 +152,30 @@ class LlavaFtTrainer(Trainer):
         if output_dir and self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
 
+    def checkpoint_meta(self) -> dict:
+        return {"step": self.state.global_step, "phase": self.llava_cfg.resolved_phase,
+                "llava_ft_version": __version__, "config": config_to_dict(self.llava_cfg)}
+
     def _save_checkpoint(self, model, trial):
         step = self.state.global_step
         sd = self.trainable_state_dict()
         if self.args.should_save:
-            meta = {"step": step, "phase": self.llava_cfg.resolved_phase, "llava_ft_version": __version__,
-                    "config": config_to_dict(self.llava_cfg)}
-            save_iter_checkpoint(self.work_dir, step, sd, meta)
+            ckpt.save_iter_checkpoint(self.work_dir, step, sd, self.checkpoint_meta())
         super()._save_checkpoint(model, trial)
+        if self.best_keeper is not None:
+            self.best_keeper.after_save(self, step)  # before rotation: it links the iter file just written
         if self.args.should_save:
             ckpt.rotate_checkpoints(self.work_dir, self.llava_cfg.train.save_total_limit, keep=step)
+
+    def evaluate(self, *args, **kwargs):
+        from llava_ft.engine.callbacks import keep_4bit_training_layout
+
+        # eval mode must not let bitsandbytes repack 4-bit weights for CPU inference (training breaks after)
+        keep_4bit_training_layout(self.model)
+        metrics = super().evaluate(*args, **kwargs)
+        if self.best_keeper is not None:
+            self.best_keeper.after_eval(self, metrics)
+        return metrics
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.is_deepspeed_enabled:

@@ -9,11 +9,12 @@
 See docs/architecture.md (Inference) for the contract.
 """
 from llava_ft.inference.artifacts import Artifact, detect_artifact
-from llava_ft.inference.chat_model import ChatModel, ChatResult, ChatStream, GenerationSettings
+from llava_ft.inference.chat_model import (ChatModel, ChatResult, ChatStream, ContextLengthError,
+                                           FittedConversation, GenerationSettings)
 from llava_ft.inference.loader import build_from_checkpoint, load_chat_model
 
 # `llava_ft/__init__.py` names this `load_model`; both spellings work.
 load_model = load_chat_model
 
-__all__ = ["Artifact", "ChatModel", "ChatResult", "ChatStream", "GenerationSettings", "build_from_checkpoint",
-           "detect_artifact", "load_chat_model", "load_model"]
+__all__ = ["Artifact", "ChatModel", "ChatResult", "ChatStream", "ContextLengthError", "FittedConversation",
+           "GenerationSettings", "build_from_checkpoint", "detect_artifact", "load_chat_model", "load_model"]

@@ -17,6 +17,8 @@ never shown: streamed text is held back while it could still be the start of a s
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -26,6 +28,8 @@ import torch
 from llava_ft import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava_ft.errors import UserError
 from llava_ft.inference.stops import cut_at_stop, holdback
+
+log = logging.getLogger("llava_ft")
 
 
 @dataclass
@@ -50,10 +54,41 @@ class ChatResult:
 
 
 @dataclass
+class FittedConversation:
+    """What `ChatModel.fit` returns: the conversation trimmed to the context and the answer's token budget."""
+
+    messages: list
+    images: list
+    dropped_turns: int
+    prompt_tokens: int
+    max_new_tokens: int  # the requested max_new_tokens, capped at context - prompt
+
+
+class ContextLengthError(UserError):
+    """The prompt alone fills the model's context: no room is left for an answer.
+
+    Carries the numbers so each front end can say what to change in its own terms (serve answers 400
+    `context_length_exceeded`, chat names its flags)."""
+
+    def __init__(self, prompt_tokens: int, context_length: int, n_images: int = 0, image_tokens: int = 0,
+                 advice: str = "shorten the messages or send fewer images"):
+        self.prompt_tokens, self.context_length = int(prompt_tokens), int(context_length)
+        self.n_images, self.image_tokens = int(n_images), int(image_tokens)
+        self.index: Optional[int] = None  # generate_batch: which conversation it was
+        images = (f", of which {n_images} image(s) take {n_images * image_tokens}" if n_images and image_tokens
+                  else "")
+        self.summary = (f"the prompt is {self.prompt_tokens} tokens{images}, and the model's context is "
+                        f"{self.context_length} tokens: no room is left for an answer")
+        super().__init__(f"{self.summary}; {advice}")
+
+
+@dataclass
 class _Prompt:
     ids: list  # token ids; IMAGE_TOKEN_INDEX once per image
-    pixel_values: Optional[torch.Tensor]  # [n_images, 3, H, W] or None
+    pixel_values: Optional[torch.Tensor]  # [n_images, 3, H, W] or None (AnyRes: [all views, 3, S, S])
     length: int  # positions the model sees (image placeholders expanded)
+    image_sizes: Optional[torch.Tensor] = None  # AnyRes: [n_images, 2] (height, width)
+    image_tokens: tuple = ()  # feature vectors per image, in placeholder order
 
 
 class _Cancel:
@@ -90,7 +125,8 @@ class ChatModel:
 
     def __init__(self, model, tokenizer, template, system: Optional[str] = None, image_processor=None,
                  image_mean: Optional[tuple] = None, pad_image_to_square: bool = False,
-                 num_image_tokens: int = 0, hf_llava: bool = False, source: str = "", device=None):
+                 num_image_tokens: int = 0, hf_llava: bool = False, source: str = "", device=None,
+                 anyres=None):
         self.model = model
         self.tokenizer = tokenizer
         self.template = template  # a templates.Template, or "hf" (tokenizer's chat template)
@@ -99,10 +135,14 @@ class ChatModel:
         self.image_mean = image_mean
         self.pad_image_to_square = pad_image_to_square
         self.num_image_tokens = num_image_tokens
+        # AnyRes (llava_ft.model.anyres.AnyResSpec): images become an overview + tiles, and their token
+        # count depends on their size; None = one view of num_image_tokens per image.
+        self.anyres = anyres
         self.hf_llava = hf_llava
         self.source = source
         self.device = device if device is not None else _model_device(model)
         self._lock = threading.Lock()  # one generation at a time per model (the server may call from threads)
+        self._cap_logged = False
 
     # ---- properties the CLI and server rely on -------------------------------------------------
     @property
@@ -147,40 +187,60 @@ class ChatModel:
         if n_markers != len(images):
             raise UserError(f"the messages hold {n_markers} '{IMAGE_TOKEN}' marker(s) but {len(images)} image(s) "
                             "were given; use one marker per image (or none: images then go first)")
-        pixel_values = None
-        if images:
+        pixel_values = sizes = None
+        counts = [self.num_image_tokens] * len(images)
+        if images and self.anyres is not None:
+            pils = [self.load_image(im) for im in images]
+            pixel_values = torch.cat([self.anyres.views(im) for im in pils])
+            sizes = torch.tensor([(im.height, im.width) for im in pils], dtype=torch.long)
+            counts = [self.anyres.num_tokens(hw) for hw in sizes.tolist()]
+        elif images:
             pixel_values = torch.stack([self.image_processor(self.load_image(im)) for im in images])
-        length = len(ids) + len(images) * max(self.num_image_tokens - 1, 0)
-        return _Prompt(ids, pixel_values, length)
+        length = len(ids) - len(images) + sum(counts)
+        return _Prompt(ids, pixel_values, length, sizes, tuple(counts))
 
-    def fit_history(self, messages: list, images: Sequence = (), max_new_tokens: int = 0):
-        """Drop the oldest user/assistant turns (and their images) until prompt + answer fit the context.
+    def fit(self, messages: list, images: Sequence = (), max_new_tokens: int = 0) -> FittedConversation:
+        """Drop the oldest user/assistant turns (and their images) until the prompt leaves room for the answer.
 
-        Returns (messages, images, n_dropped_turns). The system message and the last user turn are kept;
-        when even that does not fit, UserError says how long it is.
+        The room kept for the answer is `max_new_tokens`, but at most half the context: a max_new_tokens as
+        large as the context (512 on a 512-token model) must not wipe the history (and its image) at every
+        turn. The answer is then capped at context - prompt (`.max_new_tokens`). The system message and the
+        last user turn are always kept; when they alone fill the context, ContextLengthError.
         """
         images = list(images or ())
         msgs = [dict(m) for m in messages]
+        room = max(1, min(int(max_new_tokens), self.context_length // 2))
         dropped = 0
         while True:
             prompt = self.encode(msgs, images)
-            if prompt.length + max_new_tokens <= self.context_length:
-                return msgs, images, dropped
+            if prompt.length + room <= self.context_length:
+                break
             first = next((i for i, m in enumerate(msgs) if m["role"] == "user"), None)
             nxt = next((i for i, m in enumerate(msgs) if i > (first or 0) and m["role"] == "user"), None)
             if first is None or nxt is None:
-                raise UserError(f"the prompt is {prompt.length} tokens and the answer may take {max_new_tokens}, "
-                                f"more than the model's context of {self.context_length}; shorten the message "
-                                "or lower max_new_tokens")
+                self._check_fits(prompt)
+                break  # the last turn alone fits, with less room than asked: the answer is capped
             gone = msgs[first:nxt]
             # Images belong to markers in order; drop the ones the removed turns carried.
             n_img = _images_in(gone, msgs, images)
             images = images[n_img:]
             del msgs[first:nxt]
             dropped += 1
+        return FittedConversation(msgs, images, dropped, prompt.length,
+                                  self.answer_budget(prompt.length, max_new_tokens))
+
+    def fit_history(self, messages: list, images: Sequence = (), max_new_tokens: int = 0):
+        """`fit` as a tuple (messages, images, n_dropped_turns)."""
+        fitted = self.fit(messages, images, max_new_tokens)
+        return fitted.messages, fitted.images, fitted.dropped_turns
+
+    def answer_budget(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Tokens an answer may take: `max_new_tokens`, capped at what the context leaves after the prompt."""
+        return max(0, min(int(max_new_tokens), self.context_length - int(prompt_tokens)))
 
     # ---- generation ----------------------------------------------------------------------------
-    def _gen_kwargs(self, settings: GenerationSettings) -> dict:
+    def _eos_ids(self) -> list:
+        """The tokenizer's EOS plus the model's generation_config eos ids (exports list end-of-turn tokens)."""
         tok = self.tokenizer
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         gen_cfg = getattr(self.model, "generation_config", None)
@@ -188,6 +248,11 @@ class ChatModel:
         for e in ([model_eos] if isinstance(model_eos, int) else (model_eos or [])):
             if e not in eos:
                 eos.append(e)
+        return eos
+
+    def _gen_kwargs(self, settings: GenerationSettings) -> dict:
+        tok = self.tokenizer
+        eos = self._eos_ids()
         pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
         kw = dict(max_new_tokens=int(settings.max_new_tokens), eos_token_id=eos or None, pad_token_id=pad,
                   repetition_penalty=float(settings.repetition_penalty))
@@ -198,10 +263,10 @@ class ChatModel:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         stops = self.stop_words + tuple(settings.stop or ())
         if stops:
-            # Checked inside generate, so no token is spent after a stop word appears. Given as a stopping
-            # criterion rather than generate(stop_strings=, tokenizer=): with trust_remote_code models
-            # transformers hands `tokenizer` on to a forward() that does not take it (TypeError).
-            from transformers import StoppingCriteriaList, StopStringCriteria
+            # Checked inside generate, so no token is spent after a stop word appears. A StopStringCriteria
+            # rather than generate(stop_strings=, tokenizer=): the `tokenizer` keyword reaches the forward of
+            # models whose own code takes no **kwargs (remote code) and breaks it.
+            from transformers import StopStringCriteria, StoppingCriteriaList
 
             kw["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(tok, list(stops))])
         return kw
@@ -214,9 +279,11 @@ class ChatModel:
         for p in prompts:
             ids = p.ids
             if self.hf_llava:
-                # transformers' Llava wants N image tokens per image (what LlavaProcessor writes).
+                # transformers' Llava wants N image tokens per image (what LlavaProcessor writes); LlavaNext
+                # as many as each image's AnyRes features.
                 image_id = self.model.config.image_token_id
-                ids = [t for x in ids for t in ([image_id] * self.num_image_tokens if x == IMAGE_TOKEN_INDEX else [x])]
+                counts = iter(p.image_tokens)
+                ids = [t for x in ids for t in ([image_id] * next(counts) if x == IMAGE_TOKEN_INDEX else [x])]
             rows.append(ids)
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -228,32 +295,58 @@ class ChatModel:
         pv = [p.pixel_values for p in prompts if p.pixel_values is not None]
         if pv:
             out["pixel_values"] = torch.cat(pv).to(self.device)
+        sizes = [p.image_sizes for p in prompts if p.image_sizes is not None]
+        if sizes:
+            out["image_sizes"] = torch.cat(sizes).to(self.device)
         return out
 
     def _generate(self, inputs: dict, **kw) -> torch.Tensor:
         """New tokens only, [batch, new_len], for either backend."""
         if self.hf_llava:
+            extra = {}
             pv = inputs.get("pixel_values")
             if pv is not None:
-                pv = pv.to(self.model.dtype)
+                extra["pixel_values"] = pv.to(self.model.dtype)
+            if "image_sizes" in inputs:
+                # LlavaNext takes the views of all images of the batch as [n_images, max views, 3, S, S].
+                extra["pixel_values"] = _per_image_views(extra["pixel_values"], inputs["image_sizes"], self.anyres)
+                extra["image_sizes"] = inputs["image_sizes"]
+            # No pixel_values key at all for a text-only prompt: transformers >= 5.24 runs the vision tower
+            # on any `pixel_values` key passed to generate, None included, and crashes on it.
             out = self.model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                      pixel_values=pv, **kw)
+                                      **extra, **kw)
             return out[:, inputs["input_ids"].shape[1]:]
-        return self.model.generate(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"), **kw)
+        return self.model.generate(inputs["input_ids"], inputs["attention_mask"], inputs.get("pixel_values"),
+                                   image_sizes=inputs.get("image_sizes"), **kw)
 
-    def _check_fits(self, prompt: _Prompt, settings: GenerationSettings) -> None:
+    def _check_fits(self, prompt: _Prompt, settings: Optional[GenerationSettings] = None) -> None:
         if prompt.length >= self.context_length:
-            raise UserError(f"the prompt is {prompt.length} tokens, more than the model's context of "
-                            f"{self.context_length}; drop earlier turns (chat does this itself) or shorten it")
+            n_images = sum(1 for t in prompt.ids if t == IMAGE_TOKEN_INDEX)
+            raise ContextLengthError(prompt.length, self.context_length, n_images, self.num_image_tokens)
+
+    def _fit_settings(self, prompt: _Prompt, settings: GenerationSettings) -> GenerationSettings:
+        """`settings` with max_new_tokens capped at context - prompt (ContextLengthError when nothing is left).
+
+        Generating past the context would run positions the model never saw (or fail), so a too-large
+        max_new_tokens is capped, not refused; the answer then ends with finish_reason "length"."""
+        self._check_fits(prompt)
+        budget = self.answer_budget(prompt.length, settings.max_new_tokens)
+        if budget >= settings.max_new_tokens:
+            return settings
+        if not self._cap_logged:
+            self._cap_logged = True  # said once per model: a server would otherwise log it per request
+            log.warning("max_new_tokens %d does not fit beside a %d-token prompt in the model's %d-token context; "
+                        "answers are capped at context - prompt (%d here). This is said once.",
+                        settings.max_new_tokens, prompt.length, self.context_length, budget)
+        return dataclasses.replace(settings, max_new_tokens=budget)
 
     def stream_chat(self, messages: list, images: Sequence = (),
                     settings: Optional[GenerationSettings] = None) -> ChatStream:
         """Generate an answer; iterate for text deltas as tokens arrive. `.result` is set at the end."""
         from transformers import TextIteratorStreamer
 
-        settings = settings or GenerationSettings()
         prompt = self.encode(messages, images)
-        self._check_fits(prompt, settings)
+        settings = self._fit_settings(prompt, settings or GenerationSettings())
         inputs = self._to_model_inputs([prompt])
         stops = self.stop_words + tuple(settings.stop or ())
 
@@ -261,7 +354,7 @@ class ChatModel:
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
             box: dict = {}
             kw = self._gen_kwargs(settings)
-            kw["stopping_criteria"] = _stopping_list(stream._cancel, kw.get("stopping_criteria", ()))
+            kw["stopping_criteria"] = _stopping_list(stream._cancel, kw.get("stopping_criteria"))
 
             def work():
                 try:
@@ -320,21 +413,33 @@ class ChatModel:
         stops = self.stop_words + tuple(settings.stop or ())
         results: list = []
         prompts = [self.encode(m, im) for m, im in conversations]
-        for p in prompts:
-            self._check_fits(p, settings)
-        kw = self._gen_kwargs(settings)
-        for start in range(0, len(prompts), max(1, batch_size)):
+        # Each row's own max_new_tokens, capped at what the context leaves after its prompt.
+        row_settings = []
+        for i, p in enumerate(prompts):
+            try:
+                row_settings.append(self._fit_settings(p, settings))
+            except ContextLengthError as err:
+                if len(prompts) > 1:
+                    err.args = (f"conversation {i}: {err}",)
+                err.index = i
+                raise
+        batch_size = max(1, batch_size)
+        for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
+            budgets = row_settings[start:start + batch_size]
+            kw = self._gen_kwargs(dataclasses.replace(settings, max_new_tokens=max(
+                b.max_new_tokens for b in budgets)))
             inputs = self._to_model_inputs(chunk)
             with self._lock:
                 if settings.seed is not None:
                     torch.manual_seed(int(settings.seed))
                 new = self._generate(inputs, **kw)
-            for p, row in zip(chunk, new.tolist()):
-                row = _strip_after_eos(row, kw["eos_token_id"] or [], kw["pad_token_id"])
+            for p, row, row_set in zip(chunk, new.tolist(), budgets):
+                # A row with a smaller budget than the batch's longest ran on (discarded here).
+                row = _strip_after_eos(row, kw["eos_token_id"] or [], kw["pad_token_id"])[:row_set.max_new_tokens]
                 text = self._decode_answer(row, stops)
                 results.append(ChatResult(text, p.length, len(row),
-                                          self._finish_reason(row, text, stops, settings)))
+                                          self._finish_reason(row, text, stops, row_set)))
         return results
 
     def stream_batch(self, requests: Sequence) -> list:
@@ -346,11 +451,9 @@ class ChatModel:
         if len({batch_key(r.settings) for r in requests}) != 1 or batch_key(requests[0].settings) is None:
             raise ValueError("stream_batch needs requests with the same sampling settings and no seed")
         prompts = [self.encode(r.messages, r.images) for r in requests]
-        for p, r in zip(prompts, requests):
-            self._check_fits(p, r.settings)
-        max_new = [int(r.settings.max_new_tokens) for r in requests]
+        max_new = [int(self._fit_settings(p, r.settings).max_new_tokens) for p, r in zip(prompts, requests)]
         kw = self._gen_kwargs(requests[0].settings)
-        kw.pop("stopping_criteria", None)  # per row, in the streamer: rows have different stop words
+        kw.pop("stopping_criteria", None)  # stop words per row, in the streamer: rows have different ones
         kw["max_new_tokens"] = max(max_new)
         streamer = RowStreamer(self.tokenizer, [self.stop_words + tuple(r.settings.stop or ()) for r in requests],
                                max_new, kw["eos_token_id"] or [], [r.on_delta for r in requests],
@@ -376,18 +479,18 @@ class ChatModel:
         return cut_at_stop(text, stops)[0]
 
     def _finish_reason(self, ids: list, text: str, stops, settings: GenerationSettings) -> str:
-        eos = self.tokenizer.eos_token_id
-        full = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if (ids and ids[-1] == eos) or cut_at_stop(full, stops)[1] or len(ids) < settings.max_new_tokens:
+        # Any eos id (an export's <|im_end|> too), and stop words in the raw text: a stop word that is a
+        # special token is missing from the shown text.
+        full = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if (ids and ids[-1] in self._eos_ids()) or cut_at_stop(full, stops)[1] or len(ids) < settings.max_new_tokens:
             return "stop"
         return "length"
 
 
-def _stopping_list(cancel: _Cancel, others=()):
-    """The cancel flag plus the criteria `_gen_kwargs` made (stop words)."""
+def _stopping_list(cancel: _Cancel, others=None):
     from transformers import StoppingCriteriaList
 
-    return StoppingCriteriaList([*others, cancel])
+    return StoppingCriteriaList([*(others or []), cancel])
 
 
 def _strip_after_eos(row: list, eos: list, pad: int) -> list:
@@ -422,3 +525,14 @@ def _model_device(model) -> torch.device:
         return model.get_input_embeddings().weight.device
     except AttributeError:
         return next(model.parameters()).device
+
+
+def _per_image_views(views: torch.Tensor, image_sizes: torch.Tensor, anyres) -> torch.Tensor:
+    """[all views, 3, S, S] -> [n_images, max views, 3, S, S], zero-padded, as LlavaNext's processor batches."""
+    counts = [anyres.num_views(hw) for hw in image_sizes.tolist()]
+    out = views.new_zeros((len(counts), max(counts), *views.shape[1:]))
+    start = 0
+    for i, n in enumerate(counts):
+        out[i, :n] = views[start:start + n]
+        start += n
+    return out

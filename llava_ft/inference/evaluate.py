@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from llava_ft.data.jsonio import iter_raw
+from llava_ft.data.images import normalize_image
+from llava_ft.data.jsonio import decode_utf8, iter_raw
 from llava_ft.errors import UserError
 from llava_ft.fileio import write_jsonl
 
@@ -86,8 +87,8 @@ def _load_mmbench(p: Path) -> list:
     from PIL import Image
 
     csv.field_size_limit(sys.maxsize)  # base64 images are long fields
-    with p.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+    text = decode_utf8(p.read_bytes(), p)  # a non-UTF-8 byte: file, line and byte offset, no traceback
+    rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"))
     items = []
     for lineno, row in enumerate(rows, 2):
         missing = [k for k in ("question", "answer", "A", "B") if not row.get(k)]
@@ -101,7 +102,10 @@ def _load_mmbench(p: Path) -> list:
         images = []
         if row.get("image"):
             try:
-                images = [Image.open(io.BytesIO(base64.b64decode(row["image"]))).convert("RGB")]
+                img = Image.open(io.BytesIO(base64.b64decode(row["image"])))
+                img.load()
+                # Converted like a training image (EXIF, transparency on white, 16-bit grey), not .convert("RGB")
+                images = [normalize_image(img)]
             except Exception as err:  # bad base64 or not an image
                 raise UserError(f"{p}:{lineno}: the image column is not a base64 image ({err})") from None
         items.append(QAItem(str(row.get("index", lineno)), question, row["answer"].strip(), images, choices))
@@ -112,8 +116,15 @@ def _load_mmbench(p: Path) -> list:
 
 def evaluate(chat_model, items: list, settings, batch_size: int = 8) -> EvalReport:
     """Answer every item (left-padded batches) and score them."""
+    from llava_ft.inference.chat_model import ContextLengthError
+
     convs = [([{"role": "user", "content": it.question}], it.images) for it in items]
-    results = chat_model.generate_batch(convs, settings, batch_size=batch_size)
+    try:
+        results = chat_model.generate_batch(convs, settings, batch_size=batch_size)
+    except ContextLengthError as err:
+        item = items[err.index or 0]
+        raise UserError(f"question {item.id}: {err.summary}; shorten that question or remove it from --data"
+                        ) from None
     preds = []
     em = contains = choice_hits = n_choice = 0
     for it, res in zip(items, results):

@@ -83,12 +83,14 @@ def _apply_adapter(model, adapter: str, base: str = "the base model"):
     from peft import PeftModel
 
     from llava_ft.model.internlm2 import check_adapter_layout
+    from llava_ft.model.llm import peft_quiet
 
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"adapter {adapter}: no adapter_config.json; give a PEFT adapter folder "
                         "(e.g. what `llava_ft convert pth_to_hf` wrote)")
     check_adapter_layout(adapter, base)
-    model = PeftModel.from_pretrained(model, adapter)
+    with peft_quiet():
+        model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model
 
@@ -175,7 +177,7 @@ def _vision_chat_model(model, tok, meta: dict, cfg_data, prompt_template, system
     return ChatModel(model, tok, template,
                      system=system if system is not None else (meta.get("system") or (cfg_data or {}).get("system")),
                      image_processor=ve.preprocess, image_mean=ve.image_mean, pad_image_to_square=bool(pad),
-                     num_image_tokens=ve.num_image_tokens, source=source)
+                     num_image_tokens=ve.num_image_tokens, source=source, anyres=getattr(ve, "anyres", None))
 
 
 def build_from_checkpoint(path: str, quantization: Optional[str] = None, dtype: Optional[str] = None,
@@ -258,10 +260,17 @@ def _load_xtuner_llava(folder, llm, visual_encoder, adapter, quant, dtype, devic
                         open_clip_pretrained=run_model.get("open_clip_pretrained"),
                         visual_select_layer=run_model.get("visual_select_layer", -2))
     ve = load_visual_encoder(ve_cfg, dtype=compute)
+    if run_model.get("image_aspect") == "anyres":
+        from llava_ft.model.anyres import enable_anyres
+
+        enable_anyres(ve, run_model.get("image_grid_pinpoints"), run_model.get("max_image_tiles"))
     if (root / "visual_encoder_adapter").is_dir():
         from peft import PeftModel
 
-        ve.model = PeftModel.from_pretrained(ve.model, str(root / "visual_encoder_adapter"))
+        from llava_ft.model.llm import peft_quiet
+
+        with peft_quiet():
+            ve.model = PeftModel.from_pretrained(ve.model, str(root / "visual_encoder_adapter"))
     projector = Projector.from_pretrained(root / "projector").to(compute)
     model = LlavaFtModel(llm_model, ve, projector)
     data = (meta.get("config") or {}).get("data")
@@ -269,8 +278,9 @@ def _load_xtuner_llava(folder, llm, visual_encoder, adapter, quant, dtype, devic
 
 
 def _load_llava_hf(folder, quant, dtype, device, prompt_template, system, settings=None) -> ChatModel:
-    """A LlavaForConditionalGeneration folder (our `--format llava-hf` export or any llava-hf model)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """A LlavaForConditionalGeneration folder (our `--format llava-hf` export or any llava-hf model), or a
+    LlavaNextForConditionalGeneration one (an AnyRes run's export, or any llava-v1.6 model)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     from llava_ft.model.llm import _quantization_config, resolve_dtype
 
@@ -285,7 +295,9 @@ def _load_llava_hf(folder, quant, dtype, device, prompt_template, system, settin
     if dmap is not None:
         kwargs["device_map"] = dmap
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(folder, **kwargs)
+        next_ = _config_model_type(folder) == "llava_next"
+        model_cls = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
+        model = model_cls.from_pretrained(folder, **kwargs)
         processor = AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise UserError(f"{folder}: cannot load as a llava-hf model ({str(err).splitlines()[0]})") from None
@@ -308,7 +320,22 @@ def _load_llava_hf(folder, quant, dtype, device, prompt_template, system, settin
         return ip(images=image, return_tensors="pt")["pixel_values"][0]
 
     mean = tuple(round(v * 255) for v in (ip.image_mean or (0, 0, 0)))
+    anyres = None
+    if next_:
+        from llava_ft.model.anyres import AnyResSpec
+
+        anyres = AnyResSpec(ip, cfg.image_grid_pinpoints, n)
     return ChatModel(model, tok, template, system=system if system is not None else meta.get("system"),
                      image_processor=preprocess, image_mean=mean,
                      pad_image_to_square=bool(meta.get("pad_image_to_square", False)),
-                     num_image_tokens=n, hf_llava=True, source=folder)
+                     num_image_tokens=n, hf_llava=True, source=folder, anyres=anyres)
+
+
+def _config_model_type(folder) -> str:
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        return ""

@@ -205,6 +205,9 @@ class AnyResSpec:
     def num_views(self, image_hw_: Sequence[int]) -> int:
         return num_tiles(image_hw_, self.pinpoints, self.tile_size)
 
+    def num_tokens(self, image_hw_: Sequence[int]) -> int:
+        return anyres_num_tokens(image_hw_, self.pinpoints, self.tile_size, self.patches_per_side, self.base_tokens)
+
     def pack(self, features: torch.Tensor, image_sizes, newline: torch.Tensor) -> list[torch.Tensor]:
         """Projected features of every view of a batch [V, N, D] -> one [tokens_i, D] tensor per image."""
         out, start = [], 0

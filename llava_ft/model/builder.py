@@ -6,11 +6,16 @@
 Text runs: LlavaFtModel(llm) with LoRA (`model.llm_lora.enabled`), a frozen LLM (`model.freeze_llm`) or
 full training. LLaVA runs (`model.visual_encoder` set): LlavaFtModel(llm, visual_encoder, projector);
 the vision tower is frozen unless `freeze_visual_encoder: false` or `visual_encoder_lora.enabled`;
-the projector always trains; `model.pretrained_pth` (a pretrain run's iter_N.pth) is loaded by name.
+the projector always trains; `model.pretrained_pth` (a pretrain run's iter_N.pth, or its work dir: the
+newest checkpoint, as chat/eval/convert resolve it) is loaded by name, and the file and tensor count are printed.
 `model.llava` (a released LlavaForConditionalGeneration) supplies LLM, tokenizer, tower and projector
 weights instead (llava_ft.model.llava_hf_import); freezing and LoRA then apply as configured.
 """
 from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -68,15 +73,42 @@ def build_model(cfg, for_training: bool = True):
             _freeze(projector)
     model = LlavaFtModel(llm, visual_encoder, projector)
     if m.pretrained_pth:
-        from llava_ft.checkpoint import load_iter_checkpoint
-
-        state = load_iter_checkpoint(m.pretrained_pth)["state_dict"]
-        # strict=False: a pretrain checkpoint holds the projector only; LoRA weights start fresh.
-        model.load_trainable_state_dict(state, strict=False, source=f"model.pretrained_pth {m.pretrained_pth}")
+        _load_pretrained(model, m.pretrained_pth)
     if for_training and not any(p.requires_grad for p in model.parameters()):
         raise UserError("no trainable parameters: every weight is frozen. Enable model.llm_lora.enabled, set "
                         "model.freeze_llm=false, or add a visual encoder (its projector trains)")
     return model, tokenizer
+
+
+def resolve_pretrained_pth(path: str) -> Path:
+    """`model.pretrained_pth` as a file: an iter_N.pth as given, a work dir -> its newest checkpoint."""
+    from llava_ft.checkpoint import newest_iter_file
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        newest = newest_iter_file(p)
+        if newest is None:
+            raise UserError(f"model.pretrained_pth {p} is a folder without last_checkpoint or iter_N.pth; point "
+                            "it at the pretrain run's work dir or one of its iter_N.pth files")
+        return newest
+    if not p.is_file():
+        raise UserError(f"model.pretrained_pth {p} does not exist; give the pretrain run's work dir or its "
+                        "iter_N.pth")
+    return p
+
+
+def _load_pretrained(model, path: str) -> None:
+    from llava_ft.checkpoint import load_iter_checkpoint
+
+    file = resolve_pretrained_pth(path)
+    state = load_iter_checkpoint(file)["state_dict"]
+    # strict=False: a pretrain checkpoint holds the projector only; LoRA weights start fresh.
+    names = model.load_trainable_state_dict(state, strict=False, source=f"model.pretrained_pth {file}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        parts = ", ".join(f"{module} {n}" for module, n in sorted(Counter(map(model.module_of, names)).items()))
+        via = f" (newest checkpoint of work dir {path})" if Path(path).expanduser().is_dir() else ""
+        print(f"[llava_ft] model.pretrained_pth: loaded {len(names)} tensor(s) ({parts}) from {file}{via}",
+              flush=True)
 
 
 def _seed_new_weights(cfg, part: int) -> None:

@@ -25,6 +25,7 @@ library we use converts this layout (transformers has no InternLM2 model).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -45,6 +46,8 @@ LAYOUTS = ("llama", "internlm2")
 ARCHITECTURE = "InternLM2ForCausalLM"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _MARKER = "llava_ft_internlm2.json"
+# Errors that mean "the cache cannot be written here" (not a broken checkpoint).
+_UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
 
 # Per-layer renames (InternLM2 name after `model.layers.N.` -> Llama name); wqkv is split separately.
 _LAYER_RENAMES = {
@@ -313,6 +316,17 @@ def convert_to_llama(folder, out_dir=None) -> str:
     dst = Path(out_dir) if out_dir is not None else converted_path(src)
     if (dst / _MARKER).is_file():
         return str(dst)
+    try:
+        return _convert_locked(src, dst)
+    except OSError as err:
+        if err.errno not in _UNWRITABLE:
+            raise
+        need = sum(p.stat().st_size for p in src.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES)) / 1e9
+        raise UserError(f"cannot write the converted InternLM2 weights under {dst.parent} ({err.strerror or err}); "
+                        f"they need about {need:.1f} GB: set LLAVA_FT_CACHE to a writable folder with room") from None
+
+
+def _convert_locked(src: Path, dst: Path) -> str:
     dst.parent.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 

@@ -18,9 +18,11 @@ from_pretrained call every workflow (train, merge, chat, eval, serve) goes throu
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -64,7 +66,8 @@ def check_model_source(name: str, what: str = "model.llm") -> str:
         raise UserError(f"'{what}' is empty; set it to a Hugging Face hub id or a local model folder")
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
-        if not os.path.isfile(os.path.join(expanded, "config.json")):
+        # A tokenizer-only folder (no config.json) is fine for model.tokenizer: AutoTokenizer loads it.
+        if what != "model.tokenizer" and not os.path.isfile(os.path.join(expanded, "config.json")):
             raise UserError(f"'{what}' folder {expanded} has no config.json; point it at a Hugging Face model folder")
         return expanded
     if os.path.exists(expanded) or _looks_like_path(name):
@@ -154,7 +157,7 @@ def _remote_code_message(source: str, model_type, what: str) -> str:
 
 
 def _model_code_frame(err: BaseException) -> Optional[str]:
-    """The file of a model's own code (hub module cache or the model folder) where `err` was raised."""
+    """The file of a model's own code (transformers runs it from its module cache) where `err` was raised."""
     for frame in reversed(traceback.extract_tb(err.__traceback__)):
         name = frame.filename.replace(os.sep, "/")
         if "/transformers_modules/" in name:
@@ -178,7 +181,8 @@ def explain_load_error(err: BaseException, source: str, what: str = "model.llm",
                              "exist in this environment; that code was written for another transformers version "
                              "(use a revision made for this one, or a model transformers supports natively)")
     if isinstance(err, ImportError) and quantization is not None:
-        return UserError(f"loading '{source}' with quantization={quantization} needs a missing package: {first}")
+        how = f" with quantization={quantization}" if quantization != "none" else ""
+        return UserError(f"loading '{source}'{how} needs a missing package: {first}")
     if isinstance(err, OSError):
         return UserError(f"could not load model '{source}': {first} "
                          "(no such local folder, and not downloadable from the hub)")
@@ -231,13 +235,7 @@ def load_causal_lm(source: str, *, dtype, attn_implementation: str = "auto", qua
     source = resolve_llm_source(source, what, verbose=verbose)
     check_remote_code(source, trust_remote_code, what)
     try:
-        try:
-            cls = model_class(source, trust_remote_code)
-        except (ValueError, ImportError, OSError):
-            raise
-        except Exception:  # an odd config: from_pretrained below reports it in its own words
-            cls = None
-        attn, why = choose_attention(attn_implementation, cls)
+        attn, why = choose_attention(attn_implementation, model_class(source, trust_remote_code))
         if describe is not None:
             describe(attn, why)
         kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
@@ -329,10 +327,9 @@ def load_llm(model_cfg: Any, device_map: Optional[Any] = None, for_training: boo
         if quant is not None:
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=model_cfg.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif model_cfg.gradient_checkpointing:
+            # Checkpointing is enabled below under its current name (peft would call the deprecated one).
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if model_cfg.gradient_checkpointing:
             enable_checkpointing(model)
     return model, tokenizer
 
@@ -353,7 +350,7 @@ def apply_lora(module: torch.nn.Module, lora_settings: Any, exclude: tuple = ("l
     `target_modules: all-linear` means every nn.Linear (and bnb Linear4bit/8bitLt) except those whose
     name ends in one of `exclude` (lm_head by default: XTuner and QLoRA leave the output layer alone).
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     targets = lora_settings.target_modules
     if targets == "all-linear":
@@ -365,9 +362,27 @@ def apply_lora(module: torch.nn.Module, lora_settings: Any, exclude: tuple = ("l
     config = LoraConfig(r=lora_settings.r, lora_alpha=lora_settings.alpha, lora_dropout=lora_settings.dropout,
                         target_modules=targets, bias="none", task_type=task_type)
     try:
-        return get_peft_model(module, config)
+        return peft_wrap(module, config)
     except ValueError as err:
         raise UserError(f"LoRA target_modules {targets}: {str(err).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def peft_quiet():
+    """Around `get_peft_model` / `PeftModel.from_pretrained`: peft 0.21's PeftModel.__init__ reads
+    `is_gradient_checkpointing`, deprecated in transformers 5 (FutureWarning). Not a call of ours to rename,
+    so only that one warning is silenced, only inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def peft_wrap(module: torch.nn.Module, config):
+    """`peft.get_peft_model` inside `peft_quiet()` (the LLM and the vision tower alike)."""
+    from peft import get_peft_model
+
+    with peft_quiet():
+        return get_peft_model(module, config)
 
 
 def find_linear_names(module: torch.nn.Module, exclude: tuple = ("lm_head",)) -> list[str]:

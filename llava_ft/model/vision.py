@@ -214,7 +214,9 @@ def load_visual_encoder(model_cfg, dtype: Optional[torch.dtype] = None) -> Visua
 
 def apply_vision_lora(visual_encoder: VisualEncoder, lora_settings) -> VisualEncoder:
     """Wrap the tower's model in PEFT LoRA (only LoRA weights train); returns the same VisualEncoder."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from llava_ft.model.llm import peft_wrap
 
     if not getattr(lora_settings, "enabled", True):
         return visual_encoder
@@ -224,7 +226,7 @@ def apply_vision_lora(visual_encoder: VisualEncoder, lora_settings) -> VisualEnc
     config = LoraConfig(r=lora_settings.r, lora_alpha=lora_settings.alpha, lora_dropout=lora_settings.dropout,
                         target_modules=targets, bias="none")
     try:
-        visual_encoder.model = get_peft_model(visual_encoder.model, config)
+        visual_encoder.model = peft_wrap(visual_encoder.model, config)
     except ValueError as err:
         raise UserError(f"model.visual_encoder_lora: {err}") from None
     return visual_encoder

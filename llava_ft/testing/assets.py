@@ -401,3 +401,53 @@ def build_demo_workspace(
     paths["root"] = str(out)
     fileio.write_json(marker, {"settings": settings, "paths": paths}, indent=1)
     return paths
+
+
+CORNER_QUESTION = "What colour is the small square?"
+
+
+def make_corner_data(out_dir: PathLike, seed: int = 0, n_train: int = 160, n_eval: int = 40,
+                     tile: int = 32, square: int = 6) -> dict[str, str]:
+    """Wide images (tile x 3 tile) with one small coloured square near the left or right end: a question a
+    single low-resolution view cannot answer (CLIP's centre crop cuts both ends off; padding to square
+    shrinks the square to a pixel or two) and AnyRes tiles can (the demo's AnyRes stages).
+
+    Keys: image_folder, finetune (LLaVA json, one QA turn per image), eval (jsonl {id, image, question, answer}).
+    """
+    from PIL import Image
+
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    images = out / "images"
+    height, width = tile, 3 * tile
+    colours = list(COLOURS)
+
+    def draw(colour: str):
+        grey = 235 + rng.randint(-10, 10)
+        img = Image.new("RGB", (width, height), (grey, grey, grey))
+        # Left or right third only: never inside the centre crop of a pad-mode view.
+        x = rng.randint(1, tile - square - 1) + (0 if rng.random() < 0.5 else 2 * tile)
+        y = rng.randint(1, height - square - 1)
+        img.paste(COLOURS[colour], (x, y, x + square, y + square))
+        return img
+
+    def split(name: str, n: int) -> list[tuple[str, str, str]]:
+        (images / name).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(n):
+            colour = colours[(i + rng.randrange(len(colours))) % len(colours)]
+            rel = f"{name}/corner_{name}_{i:05d}.png"
+            with fileio.atomic_path(images / rel, suffix=".tmp.png") as tmp:
+                draw(colour).save(tmp, format="PNG")
+            rows.append((f"corner_{name}_{i:05d}", rel, colour))
+        return rows
+
+    train = [{"id": i, "image": rel, "conversations": [
+        {"from": "human", "value": f"<image>\n{CORNER_QUESTION}"}, {"from": "gpt", "value": c}]}
+        for i, rel, c in split("train", n_train)]
+    evals = [{"id": i, "image": rel, "question": CORNER_QUESTION, "answer": c} for i, rel, c in split("eval", n_eval)]
+    paths = {"image_folder": str(images), "finetune": str(out / "corner_finetune.json"),
+             "eval": str(out / "corner_eval.jsonl")}
+    fileio.write_json(paths["finetune"], train, indent=1)
+    fileio.write_jsonl(paths["eval"], evals)
+    return paths

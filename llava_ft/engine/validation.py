@@ -1,0 +1,158 @@
+"""Validation loss: held-out data, Trainer's eval loop settings, the final evaluation, `train.keep_best`.
+
+    train_hf, eval_hf, info = eval_split(cfg, tokenizer, num_image_tokens, prepared.dataset)
+    args = TrainingArguments(**base, **eval_training_kwargs(cfg))   # eval every evaluation.every_n_steps
+    callbacks.append(FinalEvalCallback())                            # ... and once more at the last step
+    keeper = BestKeeper(work_dir)   # LlavaFtTrainer calls keeper.after_eval / keeper.after_save
+
+Where the held-out samples come from:
+  * `data.val_sources` (same schema as data.sources): encoded and cached like the training data;
+  * `data.val_split: 0.02`: that share of the prepared training samples, picked by a permutation seeded
+    with `train.seed` (so every rank and every rerun holds out the same samples), removed from training.
+The loss itself is transformers.Trainer's own eval loop (`prediction_loss_only`, the training collator,
+a sequential sampler; sharded across ranks when distributed), logged as `eval_loss`.
+
+`train.keep_best: eval_loss`: whenever the eval loss improves, the weights of that step become
+`best_iter.pth` (same layout as iter_N.pth) and `best_checkpoint.json` records {step, eval_loss}. When iter_<step>.pth is saved at the same step it is hard-linked (copied where links
+are not supported), otherwise the trainable weights are written directly. Rotation only touches
+iter_<step>.pth names, so the best file outlives it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from transformers import TrainerCallback
+
+from llava_ft.errors import UserError
+
+BEST_NAME = "best_iter.pth"
+BEST_RECORD = "best_checkpoint.json"
+METRIC = "eval_loss"
+
+
+def has_validation(cfg) -> bool:
+    return bool(cfg.data.val_sources or cfg.data.val_split)
+
+
+def eval_training_kwargs(cfg) -> dict:
+    """TrainingArguments fields that switch on Trainer's eval loop (empty without validation data)."""
+    if not has_validation(cfg):
+        return {}
+    return {"eval_strategy": "steps", "eval_steps": cfg.evaluation.every_n_steps,
+            "per_device_eval_batch_size": cfg.train.per_device_batch_size,
+            "prediction_loss_only": True, "label_names": ["labels"]}
+
+
+def hold_out(dataset, fraction: float, seed: int):
+    """(train, held_out) datasets: `fraction` of the rows, chosen by a permutation seeded with `seed`."""
+    import numpy as np
+
+    n = len(dataset)
+    k = max(1, int(round(n * fraction)))
+    if k >= n:
+        raise UserError(f"data.val_split={fraction} would hold out all {n} sample(s); lower it or use "
+                        "data.val_sources")
+    order = np.random.default_rng(seed).permutation(n)
+    held, kept = sorted(order[:k].tolist()), sorted(order[k:].tolist())
+    # keep_in_memory: only the index mapping is built (the rows stay memory-mapped in the cache)
+    return dataset.select(kept, keep_in_memory=True), dataset.select(held, keep_in_memory=True)
+
+
+def eval_split(cfg, tokenizer, num_image_tokens: int, train_dataset):
+    """-> (train dataset, eval dataset or None, info dict or None) from data.val_sources / data.val_split."""
+    if cfg.data.val_sources:
+        from llava_ft.data.dataset import prepare_dataset
+
+        val_cfg = dataclasses.replace(cfg.data, sources=list(cfg.data.val_sources), val_sources=[], val_split=0.0)
+        prepared = prepare_dataset(val_cfg, tokenizer, num_image_tokens=num_image_tokens, seed=cfg.train.seed)
+        return train_dataset, prepared.dataset, {"samples": len(prepared.dataset), "from": "val_sources",
+                                                 "dropped": prepared.stats.get("dropped_total", 0)}
+    if cfg.data.val_split:
+        train, held = hold_out(train_dataset, cfg.data.val_split, cfg.train.seed)
+        return train, held, {"samples": len(held), "from": f"val_split {cfg.data.val_split} (seed {cfg.train.seed})"}
+    return train_dataset, None, None
+
+
+class FinalEvalCallback(TrainerCallback):
+    """Evaluate at the last step too (Trainer evaluates only every eval_steps)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_evaluate = True
+        return control
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    from llava_ft.fileio import atomic_path
+
+    with atomic_path(dst) as tmp:
+        os.unlink(tmp)  # os.link wants a free name
+        try:
+            os.link(src, tmp)  # no second copy of the weights on disk
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+class BestKeeper(TrainerCallback):
+    """Keeps `best_iter.pth` = the weights at the lowest eval loss so far (see module docstring).
+
+    LlavaFtTrainer registers it as a callback (on_train_begin restores the best of a resumed run) and
+    calls `after_eval` from `evaluate` and `after_save` from `_save_checkpoint`.
+    """
+
+    def __init__(self, work_dir):
+        self.work_dir = Path(work_dir)
+        self.best: Optional[tuple] = None  # (step, eval_loss)
+        self.pending: Optional[int] = None  # step whose iter file, once saved, becomes the best file
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.best, self.pending = None, None
+        if state.global_step:
+            self.restore(state.global_step)
+
+    def restore(self, resumed_step: int) -> None:
+        """On resume: the best so far, if it was recorded at or before the resumed step."""
+        record = self.work_dir / BEST_RECORD
+        if record.is_file() and (self.work_dir / BEST_NAME).is_file():
+            data = json.loads(record.read_text())
+            if data.get("step", 1 << 62) <= resumed_step:
+                self.best = (int(data["step"]), float(data[METRIC]))
+
+    def _record(self, step: int, value: float) -> None:
+        from llava_ft.engine.checkpoint import atomic_write_text
+
+        atomic_write_text(self.work_dir / BEST_RECORD,
+                          json.dumps({"step": step, METRIC: value, "file": BEST_NAME}) + "\n")
+
+    def after_eval(self, trainer, metrics: dict) -> None:
+        value = (metrics or {}).get(METRIC)
+        step = trainer.state.global_step
+        if value is None or (self.best is not None and value >= self.best[1]):
+            return
+        self.best = (step, float(value))
+        if trainer.control.should_save:  # iter_<step>.pth is written right after this evaluation
+            self.pending = step
+            return
+        state_dict = trainer.trainable_state_dict()  # every rank: gathers ZeRO-3 shards
+        if trainer.args.should_save:
+            from llava_ft.engine import checkpoint as ckpt
+
+            meta = dict(trainer.checkpoint_meta(), **{METRIC: float(value)})
+            ckpt.atomic_torch_save({"state_dict": state_dict, "meta": meta}, self.work_dir / BEST_NAME)
+            self._record(step, float(value))
+
+    def after_save(self, trainer, step: int) -> None:
+        if self.pending != step:
+            return
+        self.pending = None
+        if trainer.args.should_save:
+            from llava_ft.engine.checkpoint import iter_path
+
+            _link_or_copy(iter_path(self.work_dir, step), self.work_dir / BEST_NAME)
+            self._record(step, self.best[1])
