@@ -278,6 +278,7 @@ def gpu_qlora_throughput(quick: bool = False, device: str = "cuda", shape: dict 
         arms = (("text, unpacked batch 8", "text", False, 8), ("text, packed 2048", "text", True, 1),
                 ("LLaVA finetune, grouped batch 4", "llava", False, 4), ("LLaVA finetune, packed 2048", "llava", True, 1))
         for attn in attns:
+            rate_of = {}
             for label, kind, pack, batch in arms:
                 name = f"gpu_{attn}_{kind}_{'packed' if pack else 'unpacked'}"
                 model = ModelConfig(llm=assets["llm"], quantization="4bit", dtype="auto", attn_implementation=attn,
@@ -296,6 +297,7 @@ def gpu_qlora_throughput(quick: bool = False, device: str = "cuda", shape: dict 
                 res = run_training(c, work_dir=os.path.join(work, name))
                 rates = [h["tokens_per_s"] for h in res.log_history if h.get("tokens_per_s")][1:]
                 tps = sorted(rates)[len(rates) // 2] if rates else float("nan")
+                rate_of[(kind, pack)] = tps
                 figs.append(figure(f"7B-shaped QLoRA {label} ({attn}): tokens/s", tps, "tokens/s",
                                    f"run_training on {device}, {steps} steps, median of per-step tokens_per_s after "
                                    "the first; gradient checkpointing on, NF4 double quant, LoRA r64"))
@@ -307,6 +309,10 @@ def gpu_qlora_throughput(quick: bool = False, device: str = "cuda", shape: dict 
                     figs.append(figure(f"7B-shaped QLoRA {label} ({attn}): peak GPU memory",
                                        torch.cuda.max_memory_allocated() / 2**30, "GiB",
                                        "torch.cuda.max_memory_allocated since the section started (cumulative)"))
+            packed_gain = rate_of[("llava", True)] / rate_of[("llava", False)]
+            figs.append(figure(f"7B-shaped QLoRA LLaVA finetune packed / grouped ({attn}): tokens/s ratio", packed_gain,
+                               "x", "ratio of the two LLaVA arms' tokens/s above (same records; image features "
+                               "counted as tokens on both sides)"))
         notes.append(f"Model: random-init Llama-2-7B dims ({shape['layers']} layers"
                      f"{' -- quick: 4 of 32' if quick else ''}), {n_params / 1e9:.2f} B LLM params; LLaVA arm adds a "
                      f"CLIP tower ({shape['vis_layers']} layers, {shape['image']} px / patch {shape['patch']}) + "

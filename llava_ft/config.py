@@ -451,7 +451,7 @@ def resolve_config_path(path_or_name: str) -> Path:
 
 def load_config(path_or_name: str, overrides: Optional[list] = None) -> Config:
     """Load a YAML recipe (file path or built-in name), apply overrides, validate."""
-    from llava_ft.textio import decode_utf8
+    from llava_ft.utf8 import decode_utf8
 
     path = resolve_config_path(path_or_name)
     try:

@@ -120,8 +120,9 @@ def test_gpu_section_code_runs_on_cpu_with_tiny_shapes():
     result = bench_memory.gpu_qlora_throughput(quick=True, device="cpu", shape=tiny, steps=3)
     assert result["status"] == "ok"
     names = [f["name"] for f in result["figures"]]
-    assert len(names) == 4 and any("packed" in n for n in names)
-    assert sum("LLaVA finetune" in n for n in names) == 2 and any("LLaVA finetune, packed" in n for n in names)
+    assert len(names) == 5 and any("text, packed" in n for n in names)
+    assert sum("LLaVA finetune" in n for n in names) == 3 and any("LLaVA finetune, packed" in n for n in names)
+    assert any("packed / grouped" in n for n in names)
     for fig in result["figures"]:
         _check_figure(fig)
         assert fig["value"] > 0

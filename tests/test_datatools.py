@@ -280,6 +280,8 @@ def test_check_reports_non_utf8_and_paths_leaving_the_image_folder(tmp_path, dem
     assert f"warning: {path}:2 (id up): image_outside_folder: image {tmp_path / 'elsewhere' / 'x.png'}" in out
     path.write_bytes(b"\n".join(lines[:2]) + b"\n")  # the path alone is a warning: training accepts it
     assert cli_main(["data", "check", "--data", str(path), "--image-folder", str(images)]) == 0
+    assert cli_main(["data", "check", "--data", str(path), "--image-folder", str(tmp_path / "nope")]) == 2
+    assert "image folder" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- stats

@@ -12,7 +12,7 @@ import pytest
 from llava_ft.cli import main
 
 STAGES = ["workspace", "text_pretrain", "llava_pretrain", "eval_before", "llava_finetune", "eval_after",
-          "convert", "chat"]
+          "convert", "chat", "corner_pad", "corner_anyres", "eval_corner"]
 
 
 @pytest.mark.slow
@@ -37,8 +37,15 @@ def test_fast_demo_runs_end_to_end_and_reuses_stages(tmp_path, capsys):
     hf_cfg = json.loads((ws / "export" / "llava_hf" / "config.json").read_text())
     assert "Llava" in hf_cfg["architectures"][0]
     # Both evaluations scored the held-out colour questions (the fast run's accuracy means nothing).
-    for key in ("colour_accuracy_before", "colour_accuracy_after"):
+    for key in ("colour_accuracy_before", "colour_accuracy_after", "corner_accuracy_one_view",
+                "corner_accuracy_anyres"):
         assert 0.0 <= summary[key] <= 1.0
+    # The AnyRes arm trained on tiles (its iter file holds the image-newline vector), the other did not.
+    import torch
+
+    for aspect, has_newline in (("anyres", True), ("pad", False)):
+        pth = next((ws / "work_dirs" / f"tiny_llava_corner_{aspect}").glob("iter_*.pth"))
+        assert ("projector.image_newline" in torch.load(pth, weights_only=True)["state_dict"]) == has_newline
     preds = (ws / "eval" / "eval_after.predictions.jsonl").read_text().splitlines()
     assert len(preds) == len((ws / "data" / "eval.jsonl").read_text().splitlines()) > 0
     chat = next(s for s in summary["stages"] if s["name"] == "chat")

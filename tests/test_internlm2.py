@@ -372,3 +372,24 @@ def test_missing_import_inside_model_code_is_named(tiny_llama, tmp_path):
     message = str(info.value)
     assert "modeling_tinyremote.py imports 'transformers.modeling_gone_utils'" in message
     assert "missing package" not in message and "\n" not in message
+
+
+def test_data_stats_counts_with_the_native_internlm2_tokenizer(tiny_internlm2, tmp_path):
+    """`data stats --tokenizer <InternLM2 folder>` tokenizes as training does (the converted tokenizer; the
+    folder's remote tokenizer code raises if imported)."""
+    import json
+
+    from llava_ft.cli import main
+    from llava_ft.model.internlm2_tokenizer import load_internlm2_tokenizer
+
+    data = tmp_path / "d.jsonl"
+    text = "你好, world 123 🙂"
+    data.write_text(json.dumps({"text": text}) + "\n")
+    out = tmp_path / "stats.json"
+    assert main(["data", "stats", "--data", str(data), "--format", "text", "--tokenizer", tiny_internlm2,
+                 "--json", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+    figures = json.loads(out.read_text())
+    from llava_ft.data.encode import encode_record
+
+    sample = encode_record({"id": "0", "text": text}, load_internlm2_tokenizer(tiny_internlm2), "default", 2048).sample
+    assert figures["text_length"]["p100"] == len(sample["input_ids"]), figures

@@ -3,8 +3,7 @@
 Every import statement (at module level or inside a function: a deferred import is still a dependency)
 is read with `ast`, without importing anything. The layers, lowest first:
 
-    0  llava_ft (constants), errors, versions, fileio, textio, config, trainer_args,    what everything shares
-       templates, checkpoint
+    0  llava_ft (constants), errors, versions, fileio, utf8, config, trainer_args, templates, checkpoint
     1  model, data                                                                      built from a config
     2  engine, inference, convert, datatools, testing                                   use models and data
     3  serve, demo                                                                      put those together
@@ -24,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "llava_ft"
 LAYERS = [
-    {"", "errors", "versions", "fileio", "textio", "config", "trainer_args", "templates", "checkpoint"},
+    {"", "errors", "versions", "fileio", "utf8", "config", "trainer_args", "templates", "checkpoint"},
     {"model", "data"},
     {"engine", "inference", "convert", "datatools", "testing"},
     {"serve", "demo"},

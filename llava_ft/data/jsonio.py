@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from llava_ft.errors import UserError
-from llava_ft.textio import BOM as _BOM
-from llava_ft.textio import decode_utf8  # noqa: F401  (re-exported: readers of whole files import it here)
-from llava_ft.textio import not_utf8_message as _utf8_message
+from llava_ft.utf8 import BOM as _BOM
+from llava_ft.utf8 import decode_utf8  # noqa: F401  (re-exported: evaluate.py reads .tsv with it)
+from llava_ft.utf8 import utf8_message as _utf8_message
 
 _CHUNK = 1 << 20
 # What `surrogateescape` turns an undecodable byte 0x80..0xff into.

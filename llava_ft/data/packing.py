@@ -117,7 +117,7 @@ def _pack_table(dataset: datasets.Dataset, bins: list, lengths: list) -> dataset
     columns["id"] = pa.array([",".join(ids_text[i] for i in members) for members in bins], type=pa.string())
     bin_tokens = per_bin(np.asarray([lengths[i] for members in bins for i in members], dtype=np.int64))
     columns["length"] = pa.array(bin_tokens.astype(np.int32))
-    # modality_length keeps its meaning (+ with images, - text only), though the sampler is off when packed.
+    # modality_length keeps its meaning (+ with images, - text only); packed runs do not group by it.
     has_image = per_bin(n_images) > 0
     columns["modality_length"] = pa.array(np.where(has_image, bin_tokens, -bin_tokens).astype(np.int32))
     names = ["id", "input_ids", "labels", "position_ids", "length", "modality_length", "images"]
@@ -125,7 +125,8 @@ def _pack_table(dataset: datasets.Dataset, bins: list, lengths: list) -> dataset
 
 
 def pack_samples(dataset: datasets.Dataset, max_length: int, seed: Optional[int] = 0) -> tuple:
-    """Pack an encoded dataset; returns (packed dataset, {"blocks", "samples", "padding_ratio"})."""
+    """Pack an encoded dataset; returns (packed dataset, {"blocks", "samples", "padding_ratio"} + "image_blocks"
+    when some block holds an image). Samples must already fit `max_length` (encode.py truncates or drops)."""
     if "position_ids" in dataset.column_names:
         raise UserError("dataset is already packed")
     lengths = arrow_column(dataset, "length").to_pylist()

@@ -132,6 +132,9 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
     for src in plan.sources:
         if not os.path.isfile(src.path) and not hub.is_dataset_source(_as_source(src)):
             raise UserError(f"data file '{src.path}' does not exist")
+        if src.image_folder is not None and not os.path.isdir(src.image_folder):
+            raise UserError(f"image folder '{src.image_folder}' is not a folder; fix --image-folder or the "
+                            "config's data.sources[].image_folder")
         seen: dict[str, int] = {}
         image_refs: dict[str, list] = {}  # image path -> [(line, id)] that use it
         pending: list = []

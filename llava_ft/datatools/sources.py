@@ -102,12 +102,16 @@ def plan_from_args(args) -> Plan:
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    """The tokenizer training would use for `path` (llava_ft.model.llm.load_tokenizer: InternLM2's
+    sentencepiece tokenizer converted natively, tokenizer-only folders accepted)."""
+    from types import SimpleNamespace
+
+    from llava_ft.model.llm import load_tokenizer as load_training_tokenizer
 
     if not os.path.exists(path):
         raise UserError(f"tokenizer '{path}' does not exist; pass --tokenizer DIR (a folder with tokenizer files)")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return load_training_tokenizer(SimpleNamespace(llm=path, tokenizer=None, trust_remote_code=False))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a tokenizer from '{path}': {err}") from None
 

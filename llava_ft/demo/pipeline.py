@@ -15,6 +15,11 @@ Stages, in order (each writes into the workspace and records itself in `<workspa
   eval_after      the same questions answered by the finetuned model
   convert         pth_to_hf: XTuner layout (projector/, llm_adapter/, visual_encoder_adapter/) and llava-hf
   chat            one answer about a held-out demo image from the llava-hf export
+  corner_pad      finetune on wide images with a small coloured square at one end, one view per image
+  corner_anyres   the same with model.image_aspect=anyres (overview + tiles at the tower's resolution)
+  eval_corner     held-out "what colour is the small square?" answered by both: in the single view (the
+                  recipe pads the 96x32 image to square, then the tower sees 32x32) the 12 px square is
+                  4 px; AnyRes tiles see it at full resolution
 
 A stage whose record matches its settings and whose outputs still exist is skipped ("reused"), so an
 interrupted demo continues where it stopped; `force=True` redoes everything. The recipes are the YAML
@@ -62,6 +67,10 @@ class DemoSettings:
     finetune_steps: int = 300
     finetune_batch: int = 8
     eval_batch: int = 16
+    # AnyRes stages: a small square at one end of a wide image, finetuned with one view vs AnyRes tiles
+    n_corner: int = 160
+    n_corner_eval: int = 40
+    corner_steps: int = 300
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -69,7 +78,8 @@ class DemoSettings:
 
 FULL = DemoSettings()
 FAST = DemoSettings(n_pretrain=16, n_finetune=16, n_eval=6, n_text=16, text_steps=3, text_batch=2,
-                    pretrain_steps=3, pretrain_batch=4, finetune_steps=3, finetune_batch=4, eval_batch=6)
+                    pretrain_steps=3, pretrain_batch=4, finetune_steps=3, finetune_batch=4, eval_batch=6,
+                    n_corner=8, n_corner_eval=4, corner_steps=3)
 
 
 @dataclass
@@ -375,19 +385,66 @@ def run_demo(workspace="demo_workspace", fast: bool = False, force: bool = False
                 {"image": item.images[0], "answer": res.text, "truth": item.answer})
 
     stages.run("chat", chat_stage)
+    corner = _corner_stages(stages, ws, paths, s, str(llm_pretrained), pre_pth)
 
     report = DemoReport(str(ws), stages.results)
-    report.summary_path = _write_summary(report, before.data, after.data)
+    report.summary_path = _write_summary(report, before.data, after.data, corner.data)
     return report
 
 
-def _write_summary(report: DemoReport, before: dict, after: dict) -> str:
+def _corner_stages(stages: "_Stages", ws: Path, paths: dict, s: DemoSettings, llm: str, pre_pth: str):
+    """AnyRes vs one view on a question only high resolution answers; returns the eval_corner result."""
+    from llava_ft.testing.assets import make_corner_data
+
+    corner = make_corner_data(ws / "data" / "corner", seed=s.seed, n_train=s.n_corner, n_eval=s.n_corner_eval,
+                              tile=s.image_size, square=max(4, s.image_size * 3 // 8))
+    pths = {}
+    for aspect in ("pad", "anyres"):
+        work_dir = ws / "work_dirs" / f"tiny_llava_corner_{aspect}"
+
+        def corner_stage(aspect=aspect, work_dir=work_dir):
+            cfg = _recipe("tiny_llava_finetune_qlora", ws, paths, llm, s.corner_steps, s.finetune_batch)
+            cfg.model.pretrained_pth = pre_pth
+            cfg.model.image_aspect = aspect
+            cfg.data.sources[0].path, cfg.data.sources[0].image_folder = corner["finetune"], corner["image_folder"]
+            if aspect == "anyres":
+                cfg.data.pad_image_to_square = False  # AnyRes keeps the aspect ratio by tiling
+            cfg.evaluation.images = [str(Path(corner["image_folder"]) / "eval" / "corner_eval_00000.png")]
+            pth, info = _train(cfg, work_dir, "finetune")
+            info["pth"] = pth
+            return _loss_text(info), [pth], info
+
+        pths[aspect] = stages.run(f"corner_{aspect}", corner_stage).data["pth"]
+
+    def eval_corner():
+        from llava_ft.inference import GenerationSettings, load_chat_model
+        from llava_ft.inference.evaluate import evaluate, load_qa, write_predictions
+
+        items = load_qa(corner["eval"], image_folder=corner["image_folder"])
+        acc, outs = {}, []
+        for aspect, pth in pths.items():
+            report = evaluate(load_chat_model(pth), items, GenerationSettings(max_new_tokens=8, temperature=0.0),
+                              batch_size=s.eval_batch)
+            acc[aspect] = sum(p["exact_match"] for p in report.predictions) / len(report.predictions)
+            out = ws / "eval" / f"corner_{aspect}.predictions.jsonl"
+            write_predictions(report.predictions, out)
+            outs.append(out)
+        return (f"small-square colour: one view {acc['pad']:.0%} -> AnyRes {acc['anyres']:.0%} "
+                f"({len(items)} questions, chance 20%)", outs, {"pad_accuracy": acc["pad"],
+                                                               "anyres_accuracy": acc["anyres"]})
+
+    return stages.run("eval_corner", eval_corner)
+
+
+def _write_summary(report: DemoReport, before: dict, after: dict, corner: dict) -> str:
     ws = Path(report.workspace)
     summary = {
         "workspace": report.workspace,
         "total_seconds_run_now": report.total_seconds,
         "colour_accuracy_before": before.get("colour_accuracy"),
         "colour_accuracy_after": after.get("colour_accuracy"),
+        "corner_accuracy_one_view": corner.get("pad_accuracy"),
+        "corner_accuracy_anyres": corner.get("anyres_accuracy"),
         "stages": [dataclasses.asdict(s) for s in report.stages],
     }
     fileio.write_json(ws / "summary.json", summary, indent=1)

@@ -207,13 +207,9 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
                  deepspeed: Optional[str] = None, command: str = "train",
                  extra_callbacks: Optional[list] = None) -> TrainResult:
     """Train per `cfg` into `work_dir` (default work_dirs/<cfg.name>); see the module docstring."""
-    from transformers import set_seed
-
+    from llava_ft.data.read import check_sources, read_sources
     from llava_ft.engine import distributed as dist
-    from llava_ft.engine.callbacks import EvalChatCallback, JsonlLogCallback, LossPlotCallback
-    from llava_ft.engine.nonfinite import NonFiniteGuard
-    from llava_ft.engine.trainer import LlavaFtTrainer
-    from llava_ft.model.builder import build_model, trainable_summary
+    from llava_ft.model.builder import resolve_pretrained_pth
 
     check_phase(cfg, command)
     work_dir = str(work_dir or default_work_dir(cfg))
@@ -223,6 +219,24 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
 
         check_versions(("deepspeed",))
     resume_from = ckpt.resolve_resume(resume, work_dir)
+    # Data before model (and before transformers is even imported, which alone takes seconds): a missing file
+    # or image folder, undecodable data and bad records (all of them, or skipped and counted) are reported at
+    # once. Rank 0 of each node reads (it encodes and caches below); the other ranks load that cache, so they
+    # only check that the files exist.
+    if cfg.model.pretrained_pth:
+        resolve_pretrained_pth(cfg.model.pretrained_pth)  # a wrong path fails now, not after the LLM loads
+    if dist.local_rank() == 0:
+        source_data = read_sources(cfg.data, check_images=cfg.is_llava)
+    else:
+        check_sources(cfg.data)
+        source_data = None
+    from transformers import set_seed
+
+    from llava_ft.engine.callbacks import EvalChatCallback, JsonlLogCallback, LossPlotCallback
+    from llava_ft.engine.nonfinite import NonFiniteGuard
+    from llava_ft.engine.trainer import LlavaFtTrainer
+    from llava_ft.model.builder import build_model, trainable_summary
+
     # The process group opens before model and data: the data barrier below needs it (distributed.py).
     dist.init_distributed(use_deepspeed=ds_config is not None)
     dist.check_deepspeed_config(ds_config, cfg)
@@ -236,19 +250,6 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
             # whole model. Not for 4/8-bit LLMs: bitsandbytes loading needs a device_map, which transformers
             # refuses under ZeRO-3 (their weights are small anyway).
             args = training_arguments(cfg, work_dir, ds_config)
-    # Data before model: a missing file or image folder, undecodable data and bad records (all of them, or
-    # skipped and counted) are reported in seconds. Rank 0 of each node reads (it encodes and caches below);
-    # the other ranks load that cache, so they only check that the files exist.
-    from llava_ft.data.read import check_sources, read_sources
-    from llava_ft.model.builder import resolve_pretrained_pth
-
-    if cfg.model.pretrained_pth:
-        resolve_pretrained_pth(cfg.model.pretrained_pth)  # a wrong path fails now, not after the LLM loads
-    if dist.local_rank() == 0:
-        source_data = read_sources(cfg.data, check_images=cfg.is_llava)
-    else:
-        check_sources(cfg.data)
-        source_data = None
     is_main = dist.is_main_process()
     if is_main:
         os.makedirs(work_dir, exist_ok=True)

@@ -263,10 +263,10 @@ class ChatModel:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         stops = self.stop_words + tuple(settings.stop or ())
         if stops:
-            # Checked inside generate, so no token is spent after a stop word appears. A StopStringCriteria
-            # rather than generate(stop_strings=, tokenizer=): the `tokenizer` keyword reaches the forward of
-            # models whose own code takes no **kwargs (remote code) and breaks it.
-            from transformers import StopStringCriteria, StoppingCriteriaList
+            # Checked inside generate, so no token is spent after a stop word appears. Given as a stopping
+            # criterion rather than generate(stop_strings=, tokenizer=): with trust_remote_code models
+            # transformers hands `tokenizer` on to a forward() that does not take it (TypeError).
+            from transformers import StoppingCriteriaList, StopStringCriteria
 
             kw["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(tok, list(stops))])
         return kw
@@ -354,7 +354,7 @@ class ChatModel:
             streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
             box: dict = {}
             kw = self._gen_kwargs(settings)
-            kw["stopping_criteria"] = _stopping_list(stream._cancel, kw.get("stopping_criteria"))
+            kw["stopping_criteria"] = _stopping_list(stream._cancel, kw.get("stopping_criteria", ()))
 
             def work():
                 try:
@@ -453,7 +453,7 @@ class ChatModel:
         prompts = [self.encode(r.messages, r.images) for r in requests]
         max_new = [int(self._fit_settings(p, r.settings).max_new_tokens) for p, r in zip(prompts, requests)]
         kw = self._gen_kwargs(requests[0].settings)
-        kw.pop("stopping_criteria", None)  # stop words per row, in the streamer: rows have different ones
+        kw.pop("stopping_criteria", None)  # per row, in the streamer: rows have different stop words
         kw["max_new_tokens"] = max(max_new)
         streamer = RowStreamer(self.tokenizer, [self.stop_words + tuple(r.settings.stop or ()) for r in requests],
                                max_new, kw["eos_token_id"] or [], [r.on_delta for r in requests],
@@ -487,10 +487,11 @@ class ChatModel:
         return "length"
 
 
-def _stopping_list(cancel: _Cancel, others=None):
+def _stopping_list(cancel: _Cancel, others=()):
+    """The cancel flag plus the criteria `_gen_kwargs` made (stop words)."""
     from transformers import StoppingCriteriaList
 
-    return StoppingCriteriaList([*(others or []), cancel])
+    return StoppingCriteriaList([*others, cancel])
 
 
 def _strip_after_eos(row: list, eos: list, pad: int) -> list:

@@ -209,6 +209,8 @@ class LlavaFtModel(nn.Module):
         over the image features; re-padding then forms a segment of its own (positions 0, 1, ...).
         """
         packed = position_ids is not None
+        if packed and padding_side != "right":
+            raise ValueError("packed batches (position_ids) are right-padded training batches")
         if packed and attention_mask is not None:
             raise UserError("a packed batch (position_ids) must come without attention_mask: transformers "
                             "reads the sample boundaries from position_ids only when no mask is given")

@@ -27,24 +27,19 @@ FAMILIES = {
 }
 
 
-def _render(template, messages: list, system: str) -> str:
-    """A conversation as the text training sees (system, instruction, answer, SUFFIX, SEP per turn)."""
-    from llava_ft.templates import conversation_turns
-
-    parts = []
-    for turn in conversation_turns(messages, system):
-        parts.append(template.format_system(turn["system"]) + template.format_instruction(turn["input"], turn["round"]))
-        parts.append(turn["output"] + template.suffix + template.sep)
-    return "".join(parts)
-
-
 def _template_texts() -> list:
     """Conversations in every template, so BPE learns merges across template seams (e.g. '\\n\\nBlue')."""
-    from llava_ft.templates import TEMPLATES
+    from llava_ft.templates import TEMPLATES, conversation_turns
 
     convo = [{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "Blue."},
              {"role": "user", "content": "And grass?"}, {"role": "assistant", "content": "Green, mostly."}]
-    return [_render(t, convo, system="You answer briefly.") for t in TEMPLATES.values()] * 20
+    texts = []
+    for t in TEMPLATES.values():
+        # The text of each turn as training lays it out (system + instruction, output + SUFFIX, SEP).
+        texts.append("".join(t.format_system(turn["system"]) + t.format_instruction(turn["input"], turn["round"])
+                             + (turn["output"] or "") + t.suffix + t.sep
+                             for turn in conversation_turns(convo, "You answer briefly.")))
+    return texts * 20
 
 
 def build_family_tokenizer(out_dir, family: str, vocab_size: int = 600) -> str:

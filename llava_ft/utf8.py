@@ -1,10 +1,9 @@
-"""Decoding users' text files as UTF-8, with an error that says where the bad byte is.
+"""UTF-8 for files users give us: one message for a bad byte, naming file, line and byte offset.
 
-    text = decode_utf8(path.read_bytes(), path)   # YAML recipes, eval .tsv files; a BOM is dropped
+    text = decode_utf8(Path("cfg.yaml").read_bytes(), "cfg.yaml")   # UserError "cfg.yaml:3: byte 0xe9 ..."
+    utf8_message(0xE9, 120)   # the message's tail, for readers that find the byte themselves (data/jsonio.py)
 
-A non-UTF-8 byte (a latin-1 `\\xe9`, say) is a UserError naming file, line and byte offset, never a
-UnicodeDecodeError traceback. `llava_ft.data.jsonio` uses the same message for JSON / JSONL data; this
-module sits below config and data so that both can use it (config reads YAML recipes through it).
+It sits below config and data so that both the YAML loader and the data readers use it.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from llava_ft.errors import UserError
 BOM = b"\xef\xbb\xbf"
 
 
-def not_utf8_message(byte: int, offset: int) -> str:
+def utf8_message(byte: int, offset: int) -> str:
     return (f"byte 0x{byte:02x} at byte offset {offset} is not UTF-8; re-save the file as UTF-8 "
             "(e.g. `iconv -f latin1 -t utf-8 IN > OUT`) or delete that line")
 
@@ -27,4 +26,4 @@ def decode_utf8(data: bytes, path) -> str:
     except UnicodeDecodeError as err:
         at = start + err.start
         line = data.count(b"\n", 0, at) + 1
-        raise UserError(f"{path}:{line}: {not_utf8_message(data[at], at)}") from None
+        raise UserError(f"{path}:{line}: {utf8_message(data[at], at)}") from None
