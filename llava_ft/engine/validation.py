@@ -88,16 +88,15 @@ class FinalEvalCallback(TrainerCallback):
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     import shutil
-    import tempfile
 
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    os.unlink(tmp)
-    try:
-        os.link(src, tmp)  # no second copy of the weights on disk
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    from llava_ft.fileio import atomic_path
+
+    with atomic_path(dst) as tmp:
+        os.unlink(tmp)  # os.link wants a free name
+        try:
+            os.link(src, tmp)  # no second copy of the weights on disk
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 class BestKeeper(TrainerCallback):
