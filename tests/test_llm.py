@@ -104,3 +104,19 @@ def test_summary_counts_4bit_weights_as_the_values_they_hold(tiny_llama, monkeyp
     storage = {p.dtype for p in quant.parameters() if type(p).__name__ == "Params4bit"}
     assert storage == ({torch.float32} if zero3_storage else {torch.uint8})
     assert f"/ {expected:,} params" in trainable_summary(quant)
+
+
+@pytest.mark.smoke
+@pytest.mark.skipif(__import__("llava_ft.model.internlm2_tokenizer", fromlist=["x"]).native_conversion_supported(),
+                    reason="this transformers converts sentencepiece natively (tests/test_internlm2_tokenizer.py)")
+def test_old_transformers_names_the_version_for_internlm2_tokenizers(tmp_path):
+    """On transformers < 5.24 an InternLM2 tokenizer folder is one line naming the version to install."""
+    from types import SimpleNamespace
+
+    from llava_ft.errors import UserError
+    from llava_ft.model.llm import load_tokenizer
+    from llava_ft.testing.internlm2_tokenizer import build_internlm2_tokenizer
+
+    folder = build_internlm2_tokenizer(tmp_path / "tok")
+    with pytest.raises(UserError, match=r"needs transformers >= 5.24 .*pip install -U 'transformers>=5.24,<6'"):
+        load_tokenizer(SimpleNamespace(llm=folder, tokenizer=None, trust_remote_code=False))

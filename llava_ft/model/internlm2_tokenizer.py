@@ -110,10 +110,26 @@ def _added_tokens(folder: str, config: dict) -> dict[int, dict]:
     return added
 
 
+def native_conversion_supported() -> bool:
+    """True when transformers' SpmConverter reproduces a sentencepiece model from its own settings
+    (`build_tokenizer_from_spm_proto(..., legacy=)`, transformers >= 5.24); older ones build a BPE without
+    merges from the vocabulary alone, which would not encode like InternLM2's tokenizer."""
+    import inspect
+
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    return "legacy" in inspect.signature(SpmConverter.build_tokenizer_from_spm_proto).parameters
+
+
 def _build_backend(folder: str, config: dict, special_map: dict):
     """The `tokenizers.Tokenizer` equivalent of InternLM2Tokenizer for this folder."""
+    import transformers
     from tokenizers import AddedToken, processors
     from transformers.convert_slow_tokenizer import SpmConverter
+
+    if not native_conversion_supported():
+        raise UserError(f"{folder}: converting InternLM2's sentencepiece tokenizer natively needs transformers "
+                        f">= 5.24 (installed {transformers.__version__}); pip install -U 'transformers>=5.24,<6'")
 
     model_pb2 = _import_model_proto()
     path = os.path.join(folder, "tokenizer.model")
