@@ -154,6 +154,9 @@ def section_data_prep(quick: bool = False) -> dict:
             for row in synth_rows(n):
                 fh.write(json.dumps(row) + "\n")
         num_image_tokens = 576  # CLIP-L/336: what LLaVA-1.5 records expand to
+        # The image files are never opened while preparing (only training decodes them), but the folder
+        # must exist: data preparation checks every image_folder first.
+        os.makedirs(os.path.join(work, "img"), exist_ok=True)
         for label, path, fmt, folder, nit in (("LLaVA records", llava_path, "llava", os.path.join(work, "img"), num_image_tokens),
                                               ("conversations", conv_path, "openai", None, 0)):
             cache = os.path.join(work, f"cache_{fmt}")
