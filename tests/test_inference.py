@@ -200,3 +200,14 @@ def test_artifact_kind_comes_from_saved_files(tmp_path, tiny_llama, llava_pth):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a model folder"):
         detect_artifact(tmp_path / "empty")
+
+
+def test_marker_image_mismatch_in_chat_names_the_fix_not_a_training_setting(llava_pth):
+    """A chat prompt with more <image> markers than images: one line saying what to do in a chat, not the
+    training-data advice (data.skip_bad_samples) that the same check gives for a data set."""
+    cm = load_chat_model(llava_pth)
+    msgs = [{"role": "user", "content": "<image> and <image>: same colour?"}]
+    with pytest.raises(UserError) as err:
+        cm.chat(msgs, images=[draw_shape("red", "circle", __import__("random").Random(0), 48)])
+    assert "2 '<image>' marker(s) but 1 image(s)" in str(err.value)
+    assert "skip_bad_samples" not in str(err.value)

@@ -59,7 +59,7 @@ def _split_images(text: str) -> list:
     return out
 
 
-def _check_images(record: dict, skip_bad_samples: bool) -> Union[list, str]:
+def _check_images(record: dict, skip_bad_samples: bool, for_generation: bool = False) -> Union[list, str]:
     """Messages with `<image>` markers matching the record's images, or a drop reason."""
     messages = record["messages"]
     images = record.get("images") or []
@@ -73,6 +73,9 @@ def _check_images(record: dict, skip_bad_samples: bool) -> Union[list, str]:
                 break
         markers = len(images)
     if markers != len(images):
+        if for_generation:  # a chat/eval/serve prompt: the data settings mean nothing to whoever typed it
+            raise UserError(f"the messages hold {markers} '{IMAGE_TOKEN}' marker(s) but {len(images)} image(s) were "
+                            "given; use one marker per image (or none: the images then go first)")
         if skip_bad_samples:
             return DROP_IMAGE_MISMATCH
         raise UserError(f"sample {record['id']}: {markers} '<image>' marker(s) in the text but {len(images)} "
@@ -154,7 +157,7 @@ def _record_pieces(record: dict, tokenizer, template: Union[Template, str], syst
     if "text" in record and "messages" not in record:
         text = record["text"].strip()  # XTuner strips pretraining text
         return [(bos, False), (text, True)] if text else DROP_EMPTY
-    messages = _check_images(record, skip_bad_samples)
+    messages = _check_images(record, skip_bad_samples, for_generation)
     if isinstance(messages, str):
         return messages
     with_images = bool(record.get("images"))
