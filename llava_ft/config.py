@@ -358,6 +358,10 @@ def _validate(cfg: Config, where: str) -> None:
         if cfg.model.pretrained_pth:
             raise UserError(f"{where}: model.llava already brings a trained projector; remove model.pretrained_pth "
                             "(a pretrain checkpoint) or model.llava")
+        if cfg.model.image_aspect != "pad":
+            raise UserError(f"{where}: model.llava continues a LLaVA-1.5 style checkpoint (one view per image); "
+                            "model.image_aspect=anyres needs a tower and projector trained for it, so start from "
+                            "model.llm + model.visual_encoder instead")
         if cfg.model.projector_depth != 2:
             raise UserError(f"{where}: model.llava checkpoints have transformers' 2-layer projector "
                             f"(Linear-GELU-Linear); model.projector_depth is {cfg.model.projector_depth}, set it to 2")

@@ -138,6 +138,9 @@ def test_anyres_lengths_match_the_splice_and_the_newline_trains(tiny_llama, tiny
 def test_anyres_refuses_pad_to_square_and_open_clip(tiny_llama, tiny_clip, tmp_path):
     from llava_ft.config import config_from_dict
 
+    with pytest.raises(UserError, match="model.llava continues a LLaVA-1.5 style checkpoint"):
+        config_from_dict({"model": {"llava": "some/llava", "image_aspect": "anyres"},
+                          "data": {"sources": [{"path": "x.json"}]}})
     with pytest.raises(UserError, match="pad_image_to_square' does not apply"):
         config_from_dict({"model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "image_aspect": "anyres"},
                           "data": {"sources": [{"path": "x.json"}], "pad_image_to_square": True}})

@@ -73,12 +73,9 @@ def load_prepared(cfg):
     if cfg.is_llava:
         from llava_ft.model.vision import load_visual_encoder
 
-        from llava_ft.model.anyres import enable_anyres, image_token_counter
+        from llava_ft.model.anyres import image_token_counter
 
-        ve = load_visual_encoder(cfg.model)
-        if cfg.model.image_aspect == "anyres":
-            enable_anyres(ve, cfg.model.image_grid_pinpoints, cfg.model.max_image_tiles)
-        num_image_tokens = image_token_counter(ve)
+        num_image_tokens = image_token_counter(load_visual_encoder(cfg.model))
     return tokenizer, prepare_dataset(cfg.data, tokenizer, num_image_tokens=num_image_tokens, seed=cfg.train.seed)
 
 

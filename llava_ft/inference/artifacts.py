@@ -51,7 +51,8 @@ def read_meta(folder) -> dict:
         raise UserError(f"{path}: not valid JSON ({err}); re-run `llava_ft convert` to rewrite it") from None
 
 
-def _model_type(folder: Path) -> Optional[str]:
+def model_type_of(folder: Path) -> Optional[str]:
+    """config.json's model_type of a folder (None without config.json); bad JSON is a UserError."""
     cfg = folder / "config.json"
     if not cfg.is_file():
         return None
@@ -73,7 +74,7 @@ def detect_artifact(path) -> Artifact:
         raise UserError(f"{p}: a file, but not an iter_N.pth checkpoint; give the checkpoint or a model folder")
     if (p / "projector").is_dir():
         return Artifact("xtuner_llava", str(p))
-    model_type = _model_type(p)
+    model_type = model_type_of(p)
     if model_type in ("llava", "llava_next"):  # llava_next: an AnyRes run's export (or llava-v1.6)
         return Artifact("llava_hf", str(p))
     if (p / "adapter_config.json").is_file():

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from llava_ft.errors import UserError
-from llava_ft.inference.artifacts import detect_artifact, read_meta
+from llava_ft.inference.artifacts import detect_artifact, model_type_of, read_meta
 from llava_ft.inference.chat_model import ChatModel
 from llava_ft.model import devices
 
@@ -258,12 +258,11 @@ def _load_xtuner_llava(folder, llm, visual_encoder, adapter, quant, dtype, devic
     ve_cfg = _model_cfg(visual_encoder=ve_path,
                         visual_encoder_type=run_model.get("visual_encoder_type", "auto"),
                         open_clip_pretrained=run_model.get("open_clip_pretrained"),
-                        visual_select_layer=run_model.get("visual_select_layer", -2))
+                        visual_select_layer=run_model.get("visual_select_layer", -2),
+                        image_aspect=run_model.get("image_aspect", "pad"),
+                        image_grid_pinpoints=run_model.get("image_grid_pinpoints"),
+                        max_image_tiles=run_model.get("max_image_tiles"))
     ve = load_visual_encoder(ve_cfg, dtype=compute)
-    if run_model.get("image_aspect") == "anyres":
-        from llava_ft.model.anyres import enable_anyres
-
-        enable_anyres(ve, run_model.get("image_grid_pinpoints"), run_model.get("max_image_tiles"))
     if (root / "visual_encoder_adapter").is_dir():
         from peft import PeftModel
 
@@ -295,7 +294,7 @@ def _load_llava_hf(folder, quant, dtype, device, prompt_template, system, settin
     if dmap is not None:
         kwargs["device_map"] = dmap
     try:
-        next_ = _config_model_type(folder) == "llava_next"
+        next_ = model_type_of(Path(folder)) == "llava_next"
         model_cls = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
         model = model_cls.from_pretrained(folder, **kwargs)
         processor = AutoProcessor.from_pretrained(folder)
@@ -330,12 +329,3 @@ def _load_llava_hf(folder, quant, dtype, device, prompt_template, system, settin
                      pad_image_to_square=bool(meta.get("pad_image_to_square", False)),
                      num_image_tokens=n, hf_llava=True, source=folder, anyres=anyres)
 
-
-def _config_model_type(folder) -> str:
-    import json
-    from pathlib import Path
-
-    try:
-        return json.loads((Path(folder) / "config.json").read_text()).get("model_type", "")
-    except (OSError, ValueError):
-        return ""

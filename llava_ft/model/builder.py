@@ -53,11 +53,7 @@ def build_model(cfg, for_training: bool = True):
 
         dtype = resolve_dtype(m.dtype)
         visual_encoder = released.visual_encoder if released else load_visual_encoder(m, dtype=dtype)
-        anyres = m.image_aspect == "anyres"
-        if anyres:
-            from llava_ft.model.anyres import enable_anyres
-
-            enable_anyres(visual_encoder, m.image_grid_pinpoints, m.max_image_tiles)
+        anyres = getattr(visual_encoder, "anyres", None) is not None
         if m.freeze_visual_encoder or m.visual_encoder_lora.enabled or not for_training:
             _freeze(visual_encoder)
         if m.visual_encoder_lora.enabled:

@@ -197,7 +197,8 @@ def _load_open_clip(name: str, pretrained: Optional[str], select_layer: int,
 
 
 def load_visual_encoder(model_cfg, dtype: Optional[torch.dtype] = None) -> VisualEncoder:
-    """Build the tower named by `model_cfg.visual_encoder` (a `ModelConfig`)."""
+    """Build the tower named by `model_cfg.visual_encoder` (a `ModelConfig`); with `model.image_aspect: anyres`
+    it tiles images (`ve.anyres`, llava_ft.model.anyres)."""
     name = model_cfg.visual_encoder
     if not name:
         raise UserError("model.visual_encoder is empty; set it to a CLIP/SigLIP folder or hub id, or an open_clip name")
@@ -209,6 +210,10 @@ def load_visual_encoder(model_cfg, dtype: Optional[torch.dtype] = None) -> Visua
         ve = _load_hf(str(name), kind, select, dtype)
     log.info("visual encoder %s: %s, %d tokens x %d, layer %d", name, kind, ve.num_image_tokens,
              ve.hidden_size, select)
+    if getattr(model_cfg, "image_aspect", "pad") == "anyres":
+        from llava_ft.model.anyres import enable_anyres
+
+        enable_anyres(ve, getattr(model_cfg, "image_grid_pinpoints", None), getattr(model_cfg, "max_image_tiles", None))
     return ve
 
 
