@@ -37,7 +37,9 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attention_2")
 VISION_TYPES = ("auto", "clip", "siglip", "open_clip")
 IMAGE_ASPECTS = ("pad", "anyres")
-PHASES = ("auto", "sft", "incremental_pretrain", "pretrain", "finetune")
+PHASES = ("auto", "sft", "incremental_pretrain", "pretrain", "finetune", "preference")
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "orpo", "simpo")
+PREFERENCE_REFERENCES = ("auto", "adapter", "copy", "precompute", "none")
 TRUNCATIONS = ("drop", "cut_text")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
@@ -165,6 +167,25 @@ class EvalConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Preference training (DPO family, ORPO, SimPO) after SFT: on when `loss` is set (phase `preference`).
+
+    loss: sigmoid (DPO) | ipo | hinge | robust (label-smoothed DPO, with `label_smoothing`) | orpo | simpo
+    (orpo and simpo need no reference model). reference: auto (the starting policy: adapter switched off /
+    the SFT adapter frozen under LoRA, a frozen copy for full fine-tunes) | adapter | copy | precompute
+    (reference log-probs computed once before training, no reference held) | none (reference-free losses).
+    """
+
+    loss: Optional[str] = None  # None: not a preference run
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # robust / conservative DPO
+    sft_weight: float = 0.0  # weight of an SFT (NLL) term on the chosen answer (LLaVA-NeXT's dpo_alpha, pref_ftx)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin (gamma, in units of beta)
+    reference: str = "auto"
+    max_prompt_length: Optional[int] = None  # None: max_length // 2; prompts are cut from the left
+
+
+@dataclass
 class Config:
     name: str = ""  # default: the YAML file's stem; work dir = work_dirs/<name>
     phase: str = "auto"  # auto: derived (see `resolved_phase`)
@@ -172,6 +193,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     source_path: Optional[str] = None  # where it was loaded from (set by load_config)
 
     @property
@@ -180,9 +202,11 @@ class Config:
 
     @property
     def resolved_phase(self) -> str:
-        """sft | incremental_pretrain | pretrain | finetune, from `phase` or the model/data settings."""
+        """sft | incremental_pretrain | pretrain | finetune | preference, from `phase` or the model/data settings."""
         if self.phase != "auto":
             return self.phase
+        if self.preference.loss:
+            return "preference"
         if self.is_llava:
             m = self.model
             only_projector = (m.freeze_llm and not m.llm_lora.enabled and m.freeze_visual_encoder
@@ -203,6 +227,8 @@ CHOICES: dict[str, tuple] = {
     "data.truncation": TRUNCATIONS,
     "train.lr_scheduler": SCHEDULERS,
     "phase": PHASES,
+    "preference.loss": PREFERENCE_LOSSES,
+    "preference.reference": PREFERENCE_REFERENCES,
 }
 
 
@@ -301,6 +327,8 @@ def _build(cls, raw: dict, prefix: str, where: str):
 def _validate(cfg: Config, where: str) -> None:
     for dotted, allowed in CHOICES.items():
         value = _get(cfg, dotted)
+        if value is None and dotted == "preference.loss":  # unset: not a preference run
+            continue
         if value not in allowed:
             raise UserError(
                 f"{where}: '{dotted}' is {value!r}; allowed: {', '.join(allowed)}.{_closest(value, allowed)}"
