@@ -224,18 +224,19 @@ def to_pair(row: dict, fmt: str, where: str, image_folder: Optional[str] = None,
         raise RecordError(f"{where}: expected an object per pair, got {type(row).__name__}", "not_an_object")
     messages, chosen, rejected = _prompt_and_answers(row, fmt, where)
     rid = next((str(row[k]) for k in ("id", "idx") if row.get(k) not in (None, "")), where)
+    name = where if rid == where else f"{where}: pair {rid}"
     messages = [dict(m, loss=False) for m in messages]  # nothing of the prompt is supervised
     if not messages or messages[-1]["role"] != "user":
         raise RecordError(f"{where}: the prompt must end with a user turn (it ends with "
                           f"{messages[-1]['role'] if messages else 'nothing'})", BAD_PROMPT_END)
     for key, text in (("chosen", chosen), ("rejected", rejected)):
         if not text.strip():
-            raise RecordError(f"{where}: pair {rid}: the {key} answer is empty", BAD_EMPTY)
+            raise RecordError(f"{name}: the {key} answer is empty", BAD_EMPTY)
         if IMAGE_TOKEN in text:
-            raise RecordError(f"{where}: pair {rid}: the {key} answer holds '{IMAGE_TOKEN}'; images belong "
+            raise RecordError(f"{name}: the {key} answer holds '{IMAGE_TOKEN}'; images belong "
                               "in the prompt", BAD_MISMATCH)
     if chosen.strip() == rejected.strip():
-        raise RecordError(f"{where}: pair {rid}: chosen and rejected are the same text, nothing to prefer",
+        raise RecordError(f"{name}: chosen and rejected are the same text, nothing to prefer",
                           BAD_IDENTICAL)
     images = _images(row, where, image_folder, base_dir)
     users = [m for m in messages if m["role"] == "user"]
@@ -246,7 +247,7 @@ def to_pair(row: dict, fmt: str, where: str, image_folder: Optional[str] = None,
     elif fmt == "rlaif_v" and markers:
         users[0]["content"] = _move_image_tokens(users[0]["content"])
     if markers != len(images):
-        raise RecordError(f"{where}: pair {rid}: {markers} '{IMAGE_TOKEN}' marker(s) in the prompt but "
+        raise RecordError(f"{name}: {markers} '{IMAGE_TOKEN}' marker(s) in the prompt but "
                           f"{len(images)} image(s); make them match", BAD_MISMATCH)
     pair = {"id": rid, "messages": messages, "chosen": chosen, "rejected": rejected,
             "images": [label for label, _ in images]}
