@@ -32,6 +32,8 @@ from llava_ft.fileio import write_text
 CONFIG_ROOT = (Path(__file__).parent / "recipes").resolve()
 
 DATA_FORMATS = ("auto", "openai", "alpaca", "sharegpt", "llava", "oasst1", "text")
+# Preference pair formats (llava_ft.data.preference); `auto` detects them too when the records are pairs.
+PAIR_FORMATS = ("trl", "xtuner", "rlaif_v", "sharegpt_pairwise", "alpaca_pairwise")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -401,10 +403,10 @@ def _validate(cfg: Config, where: str) -> None:
 
 
 def _validate_source(src: DataSource, key: str, where: str) -> None:
-    if src.format not in DATA_FORMATS:
+    if src.format not in DATA_FORMATS + PAIR_FORMATS:
         raise UserError(
-            f"{where}: '{key}.format' is {src.format!r}; allowed: {', '.join(DATA_FORMATS)}."
-            f"{_closest(src.format, DATA_FORMATS)}"
+            f"{where}: '{key}.format' is {src.format!r}; allowed: {', '.join(DATA_FORMATS + PAIR_FORMATS)}."
+            f"{_closest(src.format, DATA_FORMATS + PAIR_FORMATS)}"
         )
     if not src.path:
         raise UserError(f"{where}: '{key}.path' is empty; set it to a .json/.jsonl/.parquet file, a dataset "
