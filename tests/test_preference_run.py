@@ -164,3 +164,99 @@ def test_orpo_and_simpo_build_no_reference(tiny_qwen2, pair_file, tmp_path, monk
 def test_config_refuses_bad_combinations(tiny_qwen2, pair_file, tmp_path, preference, extra, match):
     with pytest.raises(UserError, match=match):
         make_cfg(tiny_qwen2, pair_file, tmp_path, preference=preference, **extra)
+
+
+# ---- LLaVA: RLAIF-V-style pairs, starting from a finetune work dir / a llava-hf folder ---------------
+
+@pytest.fixture(scope="module")
+def llava_start(tmp_path_factory, tiny_llama, tiny_clip, demo_data):
+    from llava_ft.convert import pth_to_hf
+    from llava_ft.testing.checkpoints import write_random_checkpoint
+
+    root = tmp_path_factory.mktemp("llava_dpo")
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+    raw = {"model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "freeze_llm": True, "llm_lora": lora,
+                     "dtype": "fp32"},
+           "data": {"template": "chatml", "sources": [{"path": "unused.json"}]}}
+    pth = write_random_checkpoint(root / "finetune", raw)
+    rows = [json.loads(line) for line in open(demo_data["eval"])][:6]
+    pairs = root / "rlaif_v.jsonl"
+    with open(pairs, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps({"image": r["image"], "question": r["question"], "chosen": r["answer"],
+                                 "rejected": "A green hexagon with stripes."}) + "\n")
+    return {"raw": raw, "work_dir": str(root / "finetune"), "pairs": str(pairs),
+            "image_folder": demo_data["image_folder"], "llava_hf": pth_to_hf(None, pth, root / "hf", fmt="llava-hf")}
+
+
+def llava_cfg(start, tmp_path, **model):
+    raw = json.loads(json.dumps(start["raw"]))
+    raw["model"].update(model)
+    raw.update(name="tiny_llava_dpo", preference={"loss": "sigmoid", "beta": 0.2})
+    raw["data"] = {"template": "chatml", "max_length": 256, "cache_dir": str(tmp_path / "cache"),
+                   "sources": [{"path": start["pairs"], "image_folder": start["image_folder"]}]}
+    raw["train"] = {"learning_rate": 5e-3, "per_device_batch_size": 3, "max_steps": 2, "save_steps": 2,
+                    "logging_steps": 1, "warmup_ratio": 0.0}
+    return config_from_dict(raw)
+
+
+@pytest.mark.parametrize("start", ["finetune_work_dir", "llava_hf"])
+def test_llava_dpo_starts_at_log2(llava_start, tmp_path, start):
+    if start == "finetune_work_dir":
+        cfg = llava_cfg(llava_start, tmp_path, pretrained_pth=llava_start["work_dir"])
+    else:
+        cfg = llava_cfg(llava_start, tmp_path, llava=llava_start["llava_hf"], llm=None, visual_encoder=None)
+    result = run_training(cfg, work_dir=str(tmp_path / "wd"))
+    rows = [r for r in read_train_log(tmp_path / "wd") if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[1]["rewards/margins"] != 0.0
+    assert result.global_step == 2
+
+
+def test_merged_sft_model_start_and_precompute(tiny_qwen2, pair_file, sft_run, tmp_path):
+    """From a merged SFT model with reference=precompute: step 0 is log 2 and no reference is held."""
+    from llava_ft.convert import merge_adapter, pth_to_hf
+
+    adapter = pth_to_hf(None, sft_run.last_checkpoint, str(tmp_path / "adapter"))
+    merged = merge_adapter(tiny_qwen2, adapter, str(tmp_path / "merged"), fp32=True)
+    cfg = make_cfg(merged, pair_file, tmp_path, preference={"loss": "ipo", "reference": "precompute"})
+    result = run_training(cfg, work_dir=str(tmp_path / "wd"))
+    rows = [r for r in read_train_log(tmp_path / "wd") if "loss" in r]
+    beta = cfg.preference.beta
+    assert rows[0]["loss"] == pytest.approx((1 / (2 * beta)) ** 2, rel=1e-6)  # IPO at delta 0
+    assert rows[0]["rewards/margins"] == 0.0 and rows[1]["rewards/margins"] != 0.0
+    assert result.global_step == 2
+
+
+def test_resume_reproduces_uninterrupted_dpo_run(tiny_qwen2, pair_file, sft_run, tmp_path):
+    """Kill after the step-2 save, resume: same losses and weights as the run that was never stopped (the
+    reference stays the SFT start, not the resumed weights)."""
+    import shutil
+
+    def cfg():
+        return make_cfg(tiny_qwen2, pair_file, tmp_path, preference={"loss": "sigmoid", "sft_weight": 0.1},
+                        model__pretrained_pth=sft_run.last_checkpoint, train__max_steps=4,
+                        train__per_device_batch_size=2, train__group_by_length=True,
+                        model__llm_lora={"enabled": True, "r": 8, "alpha": 16, "dropout": 0.1})
+
+    full = tmp_path / "full"
+    run_training(cfg(), work_dir=str(full))
+    reference = read_train_log(full)
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    for name in ("iter_4.pth", "checkpoint-4"):
+        path = cut / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (cut / "last_checkpoint").write_text(str((cut / "iter_2.pth").resolve()))
+    (cut / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reference[:2]))
+    result = run_training(cfg(), work_dir=str(cut), resume="auto")
+    assert result.global_step == 4
+    resumed = read_train_log(cut)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(reference, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], rel=1e-4, abs=1e-6)
+    end_full = torch.load(full / "iter_4.pth", weights_only=True)["state_dict"]
+    end_cut = torch.load(cut / "iter_4.pth", weights_only=True)["state_dict"]
+    for k in end_full:
+        torch.testing.assert_close(end_full[k], end_cut[k], rtol=1e-5, atol=1e-6)
