@@ -85,3 +85,4 @@ def test_demo_recipes_load_and_start_with_their_command():
     assert phases["tiny_incremental_pretrain"] == "incremental_pretrain"
     assert phases["tiny_llava_pretrain"] == "pretrain"
     assert phases["tiny_llava_finetune_qlora"] == "finetune"
+    assert phases["tiny_llava_dpo_qlora"] == "preference"

@@ -201,6 +201,9 @@ def test_llava_recipes_load_and_match_xtuner_numbers():
         if cfg.resolved_phase == "pretrain":
             assert cfg.train.learning_rate == 1e-3
             assert cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps * 8 == 256
+        elif cfg.resolved_phase == "preference":  # DPO from a finetune run: same model section, its work dir
+            assert cfg.preference.loss == "sigmoid" and cfg.preference.beta == 0.1 and cfg.model.pretrained_pth
+            assert "finetune" in cfg.model.pretrained_pth and (cfg.model.llm_lora.r, cfg.model.llm_lora.alpha) == (512, 256)
         else:
             assert cfg.resolved_phase == "finetune" and cfg.train.learning_rate == 2e-4
             assert (cfg.model.llm_lora.r, cfg.model.llm_lora.alpha) == (512, 256)
