@@ -302,3 +302,24 @@ def test_data_check_and_stats_understand_pair_files(pair_files, tiny_tokenizer, 
                                   AutoTokenizer.from_pretrained(tiny_tokenizer), N_IMG, use_cache=False).dataset
     assert figures["full_length"]["p100"] == max(ds["length"])
     assert figures["prompt_length"]["p100"] == max(ds["prompt_length"])
+
+
+def test_demo_pairs_are_right_against_wrong_answers(demo_data, tmp_path, tok):
+    from llava_ft.demo.preference import write_demo_pairs
+    from llava_ft.testing.assets import COLOURS, SHAPES
+
+    files = write_demo_pairs(demo_data, tmp_path)
+    rows = [json.loads(line) for line in open(files["train"])]
+    assert len(rows) == files["n_train"] > len(json.load(open(demo_data["finetune"])))  # colour and shape pairs
+    finetune = {r["id"]: r for r in json.load(open(demo_data["finetune"]))}
+    for row in rows:
+        record = finetune[row["id"].rsplit("-", 1)[0]]
+        answers = " ".join(t["value"] for t in record["conversations"] if t["from"] == "gpt")
+        options = COLOURS if row["id"].endswith("-colour") else SHAPES
+        assert row["chosen"] in answers and row["rejected"] in options and row["rejected"] not in answers
+        assert row["images"] == [record["image"]]
+    heldout = [json.loads(line) for line in open(files["heldout"])]
+    assert [r["chosen"] for r in heldout] == [json.loads(line)["answer"] for line in open(demo_data["eval"])]
+    cfg = _cfg(tmp_path, files["train"], image_folder=demo_data["image_folder"])
+    ds = build_preference_dataset(cfg, tok, N_IMG, use_cache=False).dataset
+    assert len(ds) == len(rows) and set(ds["num_images"]) == {1}
