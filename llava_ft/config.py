@@ -327,6 +327,8 @@ def _build(cls, raw: dict, prefix: str, where: str):
 
 
 def _validate(cfg: Config, where: str) -> None:
+    if cfg.preference.loss == "dpo":  # the name users know for DPO's sigmoid loss
+        cfg.preference.loss = "sigmoid"
     for dotted, allowed in CHOICES.items():
         value = _get(cfg, dotted)
         if value is None and dotted == "preference.loss":  # unset: not a preference run
@@ -338,6 +340,7 @@ def _validate(cfg: Config, where: str) -> None:
     for attr in ("sources", "val_sources"):
         for i, src in enumerate(getattr(cfg.data, attr)):
             _validate_source(src, f"data.{attr}.{i}", where)
+    _validate_preference(cfg, where)
     if not 0 <= cfg.data.val_split < 1:
         raise UserError(f"{where}: 'data.val_split' must be in [0, 1) (e.g. 0.02), got {cfg.data.val_split}")
     if cfg.data.val_split and cfg.data.val_sources:
@@ -400,6 +403,39 @@ def _validate(cfg: Config, where: str) -> None:
             f"{where}: a {cfg.model.quantization} LLM cannot be trained fully; set model.llm_lora.enabled=true "
             "(QLoRA) or model.freeze_llm=true (e.g. LLaVA pretrain), or model.quantization=none for full training"
         )
+
+
+def _validate_preference(cfg: Config, where: str) -> None:
+    p = cfg.preference
+    if p.loss is None:
+        if cfg.phase == "preference":
+            raise UserError(f"{where}: phase 'preference' needs preference.loss (one of "
+                            f"{', '.join(PREFERENCE_LOSSES)}; dpo = sigmoid)")
+        return
+    if p.beta <= 0:
+        raise UserError(f"{where}: 'preference.beta' must be > 0, got {p.beta}")
+    if p.label_smoothing and p.loss != "robust":
+        raise UserError(f"{where}: 'preference.label_smoothing' applies to preference.loss=robust only "
+                        f"(got loss {p.loss}); set the loss to robust or the smoothing to 0")
+    if not 0 <= p.label_smoothing < 0.5:
+        raise UserError(f"{where}: 'preference.label_smoothing' must be in [0, 0.5), got {p.label_smoothing}")
+    if p.sft_weight < 0:
+        raise UserError(f"{where}: 'preference.sft_weight' must be >= 0, got {p.sft_weight}")
+    if p.max_prompt_length is not None and not 0 < p.max_prompt_length < cfg.data.max_length:
+        raise UserError(f"{where}: 'preference.max_prompt_length' must be > 0 and below data.max_length "
+                        f"({cfg.data.max_length}), got {p.max_prompt_length}")
+    reference_free = p.loss in ("orpo", "simpo")
+    if reference_free and p.reference not in ("auto", "none"):
+        raise UserError(f"{where}: preference.loss={p.loss} uses no reference model; remove "
+                        f"preference.reference={p.reference} (or set it to none)")
+    if not reference_free and p.reference == "none":
+        raise UserError(f"{where}: preference.loss={p.loss} needs a reference; set preference.reference to auto, "
+                        "adapter, copy or precompute (or use loss orpo / simpo)")
+    if p.reference == "adapter" and not cfg.model.llm_lora.enabled:
+        raise UserError(f"{where}: preference.reference=adapter needs LoRA (model.llm_lora.enabled=true); a full "
+                        "fine-tune uses reference copy or precompute")
+    if cfg.data.pack_to_max_length:
+        raise UserError(f"{where}: data.pack_to_max_length does not apply to preference pairs; remove it")
 
 
 def _validate_source(src: DataSource, key: str, where: str) -> None:

@@ -16,8 +16,9 @@ from transformers import AutoModelForCausalLM
 from llava_ft import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.config import LoraSettings, ModelConfig
 from llava_ft.data.preference_collate import PreferenceCollator
-from llava_ft.engine.preference import sequence_logps
-from llava_ft.engine.preference_loss import SequenceLogps, preference_loss
+from llava_ft.model.preference import sequence_logps
+from llava_ft.engine.preference_loss import preference_loss
+from llava_ft.model.preference import SequenceLogps
 from llava_ft.model.llava import LlavaFtModel
 
 

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from llava_ft import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava_ft.data.llava_dataset import LlavaDataset
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 
@@ -113,3 +114,21 @@ class PreferenceCollator:
             batch["ref_chosen_logps"] = torch.tensor([float(p["ref_chosen_logps"]) for p in pairs])
             batch["ref_rejected_logps"] = torch.tensor([float(p["ref_rejected_logps"]) for p in pairs])
         return batch
+
+
+PAIR_KEYS = ("id", "prompt_ids", "chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels",
+             "modality_length", "ref_chosen_logps", "ref_rejected_logps")
+
+
+class PreferenceLlavaDataset(LlavaDataset):
+    """LlavaDataset over a prepared preference dataset (data.preference_dataset): an item is the pair's
+    token columns plus `pixel_values` of its prompt's images (once per pair), decoded lazily as in SFT."""
+
+    def _item(self, index: int) -> dict:
+        row = self.data[index]
+        item = {k: row[k] for k in PAIR_KEYS if k in row}
+        pixels = self.load_pixels({**row, "input_ids": row["prompt_ids"]})
+        if isinstance(pixels, tuple):
+            pixels, item["image_sizes"] = pixels
+        item["pixel_values"] = pixels
+        return item

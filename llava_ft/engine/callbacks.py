@@ -24,6 +24,7 @@ from llava_ft.fileio import atomic_path, write_text
 
 LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "loss.png"
+PREFERENCE_METRICS = ("rewards/", "logps/", "sft_loss", "eval_rewards/", "eval_logps/", "eval_sft_loss")
 
 
 def read_train_log(work_dir) -> list[dict]:
@@ -66,6 +67,8 @@ class JsonlLogCallback(TrainerCallback):
                    "eval_runtime": logs.get("eval_runtime"), "epoch": logs.get("epoch")}
         else:
             return
+        # preference runs (llava_ft.engine.preference): rewards/*, logps/*, sft_loss and their eval_ forms
+        row.update({k: v for k, v in logs.items() if k.startswith(PREFERENCE_METRICS)})
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -96,6 +99,13 @@ def plot_loss(work_dir) -> Optional[Path]:
         ax2 = ax.twinx()
         ax2.plot(steps, [r.get("lr") or 0.0 for r in rows], color="tab:orange", alpha=0.6, label="lr")
         ax2.set_ylabel("learning rate")
+    margins = [r for r in rows if "rewards/margins" in r]
+    if margins:  # preference run: reward margin and accuracy beside the loss
+        ax.plot([r["step"] for r in margins], [r["rewards/margins"] for r in margins], color="tab:red",
+                label="rewards/margins")
+        ax.plot([r["step"] for r in margins], [r["rewards/accuracies"] for r in margins], color="tab:purple",
+                linestyle="--", label="rewards/accuracies")
+        ax.legend(loc="upper right")
     ax.set_title(Path(work_dir).resolve().name)
     fig.tight_layout()
     out = Path(work_dir) / PLOT_NAME

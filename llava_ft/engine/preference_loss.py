@@ -21,20 +21,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from llava_ft.model.preference import SequenceLogps
+
 REFERENCE_FREE = ("orpo", "simpo")
-
-
-@dataclass
-class SequenceLogps:
-    """Per pair (shape [pairs]): summed token log-probs of each answer and how many tokens they cover."""
-
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-
-    def detach(self) -> "SequenceLogps":
-        return SequenceLogps(self.chosen.detach(), self.rejected.detach(), self.chosen_tokens, self.rejected_tokens)
 
 
 @dataclass

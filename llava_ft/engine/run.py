@@ -225,7 +225,12 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
     # only check that the files exist.
     if cfg.model.pretrained_pth:
         resolve_pretrained_pth(cfg.model.pretrained_pth)  # a wrong path fails now, not after the LLM loads
-    if dist.local_rank() == 0:
+    preference = cfg.resolved_phase == "preference"
+    if preference:
+        from llava_ft.engine.preference import prepare_preference_config
+
+        cfg = prepare_preference_config(cfg)  # flash-attention cannot take the pairs' block mask: sdpa
+    if dist.local_rank() == 0 and not preference:  # pair files are read by data.preference_dataset
         source_data = read_sources(cfg.data, check_images=cfg.is_llava)
     else:
         check_sources(cfg.data)
@@ -263,7 +268,13 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
             print(f"[llava_ft] ZeRO-3: {sharded} weight tensors were built sharded (deepspeed.zero.Init); "
                   "each rank holds only its part", flush=True)
     with dist.main_process_first("tokenize"):  # rank 0 of each node encodes + caches; the others load the cache
-        dataset, collator, stats, eval_dataset = build_train_data(cfg, model, tokenizer, source_data, with_eval=True)
+        if preference:
+            from llava_ft.engine.preference import build_preference_data
+
+            dataset, collator, stats, eval_dataset = build_preference_data(cfg, model, tokenizer)
+        else:
+            dataset, collator, stats, eval_dataset = build_train_data(cfg, model, tokenizer, source_data,
+                                                                      with_eval=True)
     source_data = None  # the encoded dataset holds what training needs; free the raw records
     if is_main:
         _print_data_stats(stats)
@@ -286,8 +297,13 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
 
         callbacks.append(FinalEvalCallback())
     callbacks += list(extra_callbacks or ())
-    trainer = LlavaFtTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
-                             data_collator=collator, callbacks=callbacks, llava_cfg=cfg, work_dir=work_dir)
+    trainer_cls, extra = LlavaFtTrainer, {}
+    if preference:
+        from llava_ft.engine.preference import PreferenceTrainer, Reference
+
+        trainer_cls, extra = PreferenceTrainer, {"reference": Reference.build(model, cfg)}
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset,
+                          data_collator=collator, callbacks=callbacks, llava_cfg=cfg, work_dir=work_dir, **extra)
     if resume_from and is_main:
         print(f"[llava_ft] resuming from {resume_from}", flush=True)
     output = trainer.train(resume_from_checkpoint=resume_from)

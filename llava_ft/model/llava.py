@@ -311,7 +311,16 @@ class LlavaFtModel(nn.Module):
     # ---- forward / generate ---------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, position_ids=None, pixel_values=None,
                 image_sizes=None, **kwargs):
-        """Same outputs as the LLM's forward (loss when labels are given, logits)."""
+        """Same outputs as the LLM's forward (loss when labels are given, logits).
+
+        A preference batch (data.preference_collate: it carries `pair_index`) returns instead a dict of the
+        pairs' answer log-probs (llava_ft.model.preference, fields of SequenceLogps)."""
+        if "pair_index" in kwargs:
+            from llava_ft.model.preference import sequence_logps
+
+            batch = dict(kwargs, input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                         image_sizes=image_sizes)
+            return vars(sequence_logps(self, batch))
         if "num_items_in_batch" in kwargs and not self.accepts_loss_kwargs:
             kwargs.pop("num_items_in_batch")  # an LLM whose forward lacks it (e.g. older remote code)
         packed = position_ids is not None and attention_mask is None

@@ -1,0 +1,166 @@
+"""Preference runs end to end on tiny models (CPU, fp32): `run_training` on pair data logs the DPO metrics,
+the step-0 DPO loss is exactly log 2 from every starting point (base, SFT work dir, SFT iter_N.pth),
+the reference is the SFT policy (not the bare base), reference-free losses build no reference, the
+config refuses wrong combinations, and the output converts and chats like an SFT run's.
+
+Run: python -m pytest tests/test_preference_run.py -x -q
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from llava_ft.config import apply_override, config_from_dict
+from llava_ft.engine import run_training
+from llava_ft.engine.callbacks import read_train_log
+from llava_ft.errors import UserError
+
+PAIRS = [("Who are you?", "I am TinyBot.", "I am a cat."),
+         ("What colour is the sky?", "Blue.", "Green, with stripes."),
+         ("Say hi.", "Hi!", "No."),
+         ("Count to three.", "One, two, three.", "Five."),
+         ("Name a shape.", "A circle.", "A colour."),
+         ("Is fire hot?", "Yes, fire is hot.", "No, it is cold.")]
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    with open(path, "w") as fh:
+        for q, good, bad in PAIRS:
+            fh.write(json.dumps({"prompt": [{"role": "user", "content": q}],
+                                 "chosen": [{"role": "assistant", "content": good}],
+                                 "rejected": [{"role": "assistant", "content": bad}]}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sft") / "sft.jsonl"
+    with open(path, "w") as fh:
+        for q, good, _ in PAIRS:
+            fh.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                              {"role": "assistant", "content": good}]}) + "\n")
+    return str(path)
+
+
+def make_cfg(llm, data_path, tmp_path, preference=None, **overrides):
+    raw = {
+        "name": "tiny_dpo",
+        "model": {"llm": llm, "dtype": "fp32", "attn_implementation": "sdpa",
+                  "llm_lora": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0}},
+        "data": {"sources": [{"path": data_path}], "template": "qwen_chat", "max_length": 128,
+                 "cache_dir": str(tmp_path / "cache")},
+        "train": {"learning_rate": 5e-3, "per_device_batch_size": 3, "max_steps": 2, "save_steps": 2,
+                  "save_total_limit": 2, "logging_steps": 1, "warmup_ratio": 0.0},
+    }
+    if preference is not None:
+        raw["preference"] = preference
+    for dotted, value in overrides.items():  # model__pretrained_pth=x -> model.pretrained_pth=x
+        apply_override(raw, f"{dotted.replace('__', '.')}={json.dumps(value)}")
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_qwen2, sft_file, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sft_run")
+    cfg = make_cfg(tiny_qwen2, sft_file, tmp, train__max_steps=3, train__save_steps=3, train__learning_rate=2e-2)
+    return run_training(cfg, work_dir=str(tmp / "wd"))
+
+
+def test_dpo_run_logs_metrics_and_starts_at_log2(tiny_qwen2, pair_file, tmp_path):
+    cfg = make_cfg(tiny_qwen2, pair_file, tmp_path, preference={"loss": "dpo", "beta": 0.5},
+                   data__val_split=0.34, evaluation__every_n_steps=2)
+    assert cfg.resolved_phase == "preference" and cfg.preference.loss == "sigmoid"
+    result = run_training(cfg, work_dir=str(tmp_path / "wd"))
+    log = read_train_log(tmp_path / "wd")
+    train_rows = [r for r in log if "loss" in r]
+    assert train_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # fresh adapter: policy == reference
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected"):
+        assert all(key in r for r in train_rows), key
+    assert train_rows[0]["rewards/margins"] == 0.0
+    assert train_rows[1]["rewards/margins"] != 0.0  # the policy moved away from the reference
+    evals = [r for r in result.log_history if "eval_loss" in r]
+    assert evals and "eval_rewards/accuracies" in evals[-1]
+    saved = torch.load(tmp_path / "wd" / "iter_2.pth", weights_only=True)
+    assert saved["meta"]["phase"] == "preference"
+    assert (tmp_path / "wd" / "loss.png").is_file()
+
+    # convert + chat load on the DPO iter file work as on an SFT one
+    from llava_ft.convert import pth_to_hf
+    from llava_ft.inference import load_chat_model
+
+    out = tmp_path / "hf"
+    pth_to_hf(None, str(tmp_path / "wd" / "iter_2.pth"), str(out))
+    chat = load_chat_model(tiny_qwen2, adapter=str(out), device="cpu")
+    from llava_ft.inference.chat_model import GenerationSettings
+
+    assert chat.chat([{"role": "user", "content": "Who are you?"}],
+                     settings=GenerationSettings(max_new_tokens=3)).completion_tokens > 0
+
+
+@pytest.mark.parametrize("start", ["work_dir", "iter_file"])
+def test_reference_is_the_sft_policy(tiny_qwen2, pair_file, sft_run, tmp_path, start):
+    from llava_ft.engine.preference import Reference
+    from llava_ft.model.builder import build_model
+
+    pretrained = sft_run.work_dir if start == "work_dir" else sft_run.last_checkpoint
+    cfg = make_cfg(tiny_qwen2, pair_file, tmp_path, preference={"loss": "sigmoid"}, model__pretrained_pth=pretrained)
+    result = run_training(cfg, work_dir=str(tmp_path / "wd"))
+    first = [r for r in read_train_log(tmp_path / "wd") if "loss" in r][0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # ... and that reference is the SFT policy: its log-probs differ from the bare base model's.
+    from llava_ft.engine.preference import build_preference_data
+
+    model, tok = build_model(cfg)
+    reference = Reference.build(model, cfg)
+    assert reference.kind == "swap"
+    dataset, collator, _, _ = build_preference_data(cfg, model, tok)
+    batch = collator([dataset[i] for i in range(3)])
+    with torch.no_grad():
+        model.load_trainable_state_dict(result.model.trainable_state_dict())  # the policy after 2 DPO steps
+        ref = reference.logps(model, batch)
+        base_cfg = make_cfg(tiny_qwen2, pair_file, tmp_path, preference={"loss": "sigmoid"})
+        base, _ = build_model(base_cfg)
+        base_logps = base(**batch)["chosen"]
+        sft, _ = build_model(make_cfg(tiny_qwen2, pair_file, tmp_path, model__pretrained_pth=pretrained))
+        sft_logps = sft(**batch)["chosen"]
+    torch.testing.assert_close(ref.chosen, sft_logps)  # the reference is the SFT policy ...
+    assert not torch.allclose(ref.chosen, base_logps, atol=1e-3)  # ... not the bare base model
+    assert result.global_step == 2
+
+
+def test_orpo_and_simpo_build_no_reference(tiny_qwen2, pair_file, tmp_path, monkeypatch):
+    from llava_ft.engine import preference
+
+    built = []
+    original = preference.Reference.build.__func__
+
+    def spy(cls, model, cfg):
+        ref = original(cls, model, cfg)
+        built.append(ref)
+        return ref
+
+    monkeypatch.setattr(preference.Reference, "build", classmethod(spy))
+    for loss in ("orpo", "simpo"):
+        cfg = make_cfg(tiny_qwen2, pair_file, tmp_path / loss, preference={"loss": loss}, train__max_steps=1)
+        run_training(cfg, work_dir=str(tmp_path / loss / "wd"))
+    assert built == [None, None]
+
+
+@pytest.mark.parametrize("preference,extra,match", [
+    ({"loss": "orpo", "reference": "adapter"}, {}, "uses no reference"),
+    ({"loss": "sigmoid", "reference": "none"}, {}, "needs a reference"),
+    ({"loss": "sigmoid", "reference": "adapter"}, {"model__llm_lora__enabled": False}, "needs LoRA"),
+    ({"loss": "sigmoid", "label_smoothing": 0.1}, {}, "robust only"),
+    ({"loss": "robust", "label_smoothing": 0.5}, {}, r"\[0, 0.5\)"),
+    ({"loss": "sigmoid", "beta": 0}, {}, "beta"),
+    ({"loss": "kto"}, {}, "preference.loss"),
+])
+def test_config_refuses_bad_combinations(tiny_qwen2, pair_file, tmp_path, preference, extra, match):
+    with pytest.raises(UserError, match=match):
+        make_cfg(tiny_qwen2, pair_file, tmp_path, preference=preference, **extra)
