@@ -272,3 +272,54 @@ def test_internlm2_prompt_tokens_equal_xtuners(tmp_path_factory):
     n = len(sample["prompt_ids"])
     assert sample["prompt_ids"] + sample["chosen_ids"] == want_ids
     assert sample["chosen_labels"] == want_labels[n:]
+
+
+def test_data_check_and_stats_understand_pair_files(pair_files, tiny_tokenizer, capsys):
+    from llava_ft.cli import main
+
+    data = str(pair_files / "pairs.jsonl")
+    report = pair_files / "r.json"
+    code = main(["data", "check", "--data", data, "--tokenizer", tiny_tokenizer, "--template", "qwen_chat",
+                 "--max-length", "64", "--num-image-tokens", "40", "--report", str(report)])
+    out = capsys.readouterr().out
+    assert code == 1
+    problems = {(p["kind"], p["line"], p["id"]) for p in json.loads(report.read_text())["problems"]}
+    assert {("identical_answers", 2, "same"), ("missing_image", 3, "lost"), ("invalid_json", 4, None),
+            ("image_count_mismatch", 5, "marks")} <= problems
+    # line 1: 40 image positions + the prompt > max_prompt_length 32, an image cannot be cut: dropped
+    assert ("dropped", 1, None) in problems and "cannot be cut from the left" in out
+    assert "checked 4 record(s)" in out
+    assert main(["data", "check", "--data", str(pair_files / "rlaif.parquet"), "--report", str(report)]) == 0
+
+    code = main(["data", "stats", "--data", str(pair_files / "rlaif.parquet"), "--tokenizer", tiny_tokenizer,
+                 "--template", "qwen_chat", "--num-image-tokens", str(N_IMG), "--json", str(report),
+                 "--plot", str(pair_files / "h.png")])
+    out = capsys.readouterr().out
+    assert code == 0 and "preference pairs: 3" in out and "pair chosen" in out
+    figures = json.loads(report.read_text())
+    assert figures["pairs"] == 3 and figures["with_images"] == 3 and figures["images"] == 3
+    ds = build_preference_dataset(_cfg(pair_files, pair_files / "rlaif.parquet"), tiny_tokenizer and
+                                  AutoTokenizer.from_pretrained(tiny_tokenizer), N_IMG, use_cache=False).dataset
+    assert figures["full_length"]["p100"] == max(ds["length"])
+    assert figures["prompt_length"]["p100"] == max(ds["prompt_length"])
+
+
+def test_demo_pairs_are_right_against_wrong_answers(demo_data, tmp_path, tok):
+    from llava_ft.demo.preference import write_demo_pairs
+    from llava_ft.testing.assets import COLOURS, SHAPES
+
+    files = write_demo_pairs(demo_data, tmp_path)
+    rows = [json.loads(line) for line in open(files["train"])]
+    assert len(rows) == files["n_train"] > len(json.load(open(demo_data["finetune"])))  # colour and shape pairs
+    finetune = {r["id"]: r for r in json.load(open(demo_data["finetune"]))}
+    for row in rows:
+        record = finetune[row["id"].rsplit("-", 1)[0]]
+        answers = " ".join(t["value"] for t in record["conversations"] if t["from"] == "gpt")
+        options = COLOURS if row["id"].endswith("-colour") else SHAPES
+        assert row["chosen"] in answers and row["rejected"] in options and row["rejected"] not in answers
+        assert row["images"] == [record["image"]]
+    heldout = [json.loads(line) for line in open(files["heldout"])]
+    assert [r["chosen"] for r in heldout] == [json.loads(line)["answer"] for line in open(demo_data["eval"])]
+    cfg = _cfg(tmp_path, files["train"], image_folder=demo_data["image_folder"])
+    ds = build_preference_dataset(cfg, tok, N_IMG, use_cache=False).dataset
+    assert len(ds) == len(rows) and set(ds["num_images"]) == {1}

@@ -39,6 +39,8 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None, help="max tokens after image expansion")
     p.add_argument("--num-image-tokens", type=int, default=None,
                    help="tokens per image (default: from the config's visual encoder; 0 = count images as 1)")
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help="preference pairs: prompt positions kept (default: the config's, else max_length // 2)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,8 @@ Problem kinds (severity error unless noted):
   too_long            longer than max_length after image expansion (error for image samples, which are
                       dropped; warning for text-only ones, which are cut). Needs a tokenizer.
   dropped             (warning) a sample the encoder would drop for another reason
+Preference pair files (any llava_ft.data.preference format, detected like training does) are checked by
+llava_ft.datatools.pairs: identical_answers, empty_answer, image_count_mismatch, prompt_not_user_last, ...
 Images are checked in a thread pool: a tail check for truncation (PNG must end with IEND, JPEG with EOI)
 then PIL `verify()`, which reads the file without decoding pixels.
 """
@@ -135,6 +137,12 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
         if src.image_folder is not None and not os.path.isdir(src.image_folder):
             raise UserError(f"image folder '{src.image_folder}' is not a folder; fix --image-folder or the "
                             "config's data.sources[].image_folder")
+        from llava_ft.datatools.pairs import check_pair_source, pair_format
+
+        fmt = pair_format(src)
+        if fmt is not None:
+            check_image_refs(check_pair_source(src, fmt, plan, tokenizer, report), src.path, report, workers)
+            continue
         seen: dict[str, int] = {}
         image_refs: dict[str, list] = {}  # image path -> [(line, id)] that use it
         pending: list = []
@@ -203,16 +211,21 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
                     flush()
         if tokenizer is not None and pending:
             flush()
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            paths = list(image_refs)
-            for path, found in zip(paths, pool.map(check_image_file, paths)):
-                if found is None:
-                    continue
-                kind, message = found
-                for line, rid in image_refs[path]:
-                    report.problems.append(Problem(kind, "error", message, src.path, line, rid))
+        check_image_refs(image_refs, src.path, report, workers)
     report.problems.sort(key=lambda p: (report.files.index(p.file) if p.file in report.files else 0, p.line or 0))
     return report
+
+
+def check_image_refs(image_refs: dict, file: str, report: CheckReport, workers: int) -> None:
+    """Check each image path once (thread pool); a bad one is reported for every (line, id) using it."""
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        paths = list(image_refs)
+        for path, found in zip(paths, pool.map(check_image_file, paths)):
+            if found is None:
+                continue
+            kind, message = found
+            for line, rid in image_refs[path]:
+                report.problems.append(Problem(kind, "error", message, file, line, rid))
 
 
 def _as_source(src):

@@ -38,6 +38,7 @@ class Plan:
     system: Optional[str] = None
     max_length: Optional[int] = None
     num_image_tokens: int = 0
+    max_prompt_length: Optional[int] = None  # preference pairs (None: max_length // 2)
 
 
 @dataclass
@@ -84,6 +85,7 @@ def plan_from_args(args) -> Plan:
         plan.sources = list(cfg.data.sources) + list(cfg.data.val_sources)
         plan.tokenizer = cfg.model.tokenizer or cfg.model.llava or cfg.model.llm or None
         plan.template, plan.system, plan.max_length = cfg.data.template, cfg.data.system, cfg.data.max_length
+        plan.max_prompt_length = cfg.preference.max_prompt_length
         if cfg.is_llava and not getattr(args, "num_image_tokens", None):
             plan.num_image_tokens = num_image_tokens_from_encoder(cfg.model.llava or cfg.model.visual_encoder)
             if cfg.model.image_aspect == "anyres":
@@ -94,7 +96,7 @@ def plan_from_args(args) -> Plan:
         plan.sources = [Source(args.data, args.format or "auto", args.image_folder)]
     if not plan.sources:
         raise UserError("give a CONFIG or --data FILE to check")
-    for attr in ("tokenizer", "template", "max_length", "num_image_tokens", "system"):
+    for attr in ("tokenizer", "template", "max_length", "num_image_tokens", "system", "max_prompt_length"):
         value = getattr(args, attr, None)
         if value is not None:
             setattr(plan, attr, value)

@@ -2,7 +2,9 @@
 
 Lengths are computed by llava_ft.data.encode (the same tokens training sees) with no truncation:
 `text` = tokens without image features, `full` = after each image expands to `num_image_tokens`.
-Writes a PNG histogram (matplotlib, Agg backend) with max_length marked. Records the parser rejects are
+Writes a PNG histogram (matplotlib, Agg backend) with max_length marked. Preference pair files
+(llava_ft.datatools.pairs) add prompt / chosen / rejected lengths; a pair's `full` length is its positions
+(prompt with images expanded + chosen + rejected), what length-grouped sampling sorts on. Records the parser rejects are
 counted as `skipped` (run `data check` to see why).
 """
 from __future__ import annotations
@@ -30,6 +32,19 @@ class Stats:
     text_lengths: list = field(default_factory=list)
     full_lengths: list = field(default_factory=list)
     over_max_length: int = 0
+    pairs: int = 0  # preference pairs among the records, and their lengths (prompt positions, answers' tokens)
+    prompt_lengths: list = field(default_factory=list)
+    chosen_lengths: list = field(default_factory=list)
+    rejected_lengths: list = field(default_factory=list)
+
+    def count_record(self, n_images: int) -> None:
+        self.records += 1
+        self.images += n_images
+        self.max_images_per_sample = max(self.max_images_per_sample, n_images)
+        if n_images:
+            self.with_images += 1
+        else:
+            self.text_only += 1
 
     def percentiles(self, values: list) -> dict:
         import numpy as np
@@ -47,7 +62,10 @@ class Stats:
                 "max_images_per_sample": self.max_images_per_sample, "turns": self.turns,
                 "over_max_length": self.over_max_length,
                 "text_length": self.percentiles(self.text_lengths),
-                "full_length": self.percentiles(self.full_lengths)}
+                "full_length": self.percentiles(self.full_lengths),
+                **({"pairs": self.pairs, "prompt_length": self.percentiles(self.prompt_lengths),
+                    "chosen_length": self.percentiles(self.chosen_lengths),
+                    "rejected_length": self.percentiles(self.rejected_lengths)} if self.pairs else {})}
 
 
 def compute_stats(plan: Plan, batch: int = 512) -> Stats:
@@ -73,18 +91,17 @@ def compute_stats(plan: Plan, batch: int = 512) -> Stats:
                 stats.over_max_length += 1
         records.clear()
 
+    from llava_ft.datatools.pairs import add_pair_stats, pair_format
+
     for src in plan.sources:
+        fmt = pair_format(src)
+        if fmt is not None:
+            add_pair_stats(src, fmt, plan, tokenizer, stats)
+            continue
         pending: list = []
         for item in iter_canonical(src.path, src.format, src.image_folder, skip, source=src):
             rec = item.record
-            stats.records += 1
-            n_img = len(rec.get("images") or [])
-            stats.images += n_img
-            stats.max_images_per_sample = max(stats.max_images_per_sample, n_img)
-            if n_img:
-                stats.with_images += 1
-            else:
-                stats.text_only += 1
+            stats.count_record(len(rec.get("images") or []))
             stats.turns += sum(m["role"] == "assistant" for m in rec.get("messages", ()))
             pending.append(rec)
             if len(pending) >= batch:
@@ -109,7 +126,12 @@ def format_stats(stats: Stats, plan: Plan) -> str:
         lines.append("dropped by the encoder: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.dropped.items())))
     lines.append(f"  {'length':<22}" + "".join(f"{'p' + str(p) if p < 100 else 'max':>8}" for p in PERCENTILES)
                  + f"{'mean':>9}")
-    for name, values in (("text (no image tokens)", stats.text_lengths), ("full (with images)", stats.full_lengths)):
+    rows = [("text (no image tokens)", stats.text_lengths), ("full (with images)", stats.full_lengths)]
+    if stats.pairs:
+        lines.insert(1, f"preference pairs: {stats.pairs}  (full = prompt with images + chosen + rejected)")
+        rows += [("pair prompt", stats.prompt_lengths), ("pair chosen", stats.chosen_lengths),
+                 ("pair rejected", stats.rejected_lengths)]
+    for name, values in rows:
         pct = stats.percentiles(values)
         if pct:
             lines.append(f"  {name:<22}" + "".join(f"{pct[f'p{p}']:>8}" for p in PERCENTILES) + f"{pct['mean']:>9}")
