@@ -219,11 +219,10 @@ def test_merged_sft_model_start_and_precompute(tiny_qwen2, pair_file, sft_run, t
 
     adapter = pth_to_hf(None, sft_run.last_checkpoint, str(tmp_path / "adapter"))
     merged = merge_adapter(tiny_qwen2, adapter, str(tmp_path / "merged"), fp32=True)
-    cfg = make_cfg(merged, pair_file, tmp_path, preference={"loss": "ipo", "reference": "precompute"})
+    cfg = make_cfg(merged, pair_file, tmp_path, preference={"loss": "sigmoid", "reference": "precompute"})
     result = run_training(cfg, work_dir=str(tmp_path / "wd"))
     rows = [r for r in read_train_log(tmp_path / "wd") if "loss" in r]
-    beta = cfg.preference.beta
-    assert rows[0]["loss"] == pytest.approx((1 / (2 * beta)) ** 2, rel=1e-6)  # IPO at delta 0
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[0]["rewards/margins"] == 0.0 and rows[1]["rewards/margins"] != 0.0
     assert result.global_step == 2
 
