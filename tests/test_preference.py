@@ -63,9 +63,10 @@ def duplicated_logps(model, pairs):
                                             (p["rejected_ids"], p["rejected_labels"], rejected, nr)):
             ids = torch.tensor([p["prompt_ids"] + answer])
             lab = torch.tensor([[IGNORE_INDEX] * len(p["prompt_ids"]) + labels])
-            kwargs = {"pixel_values": p["pixel_values"]} if "pixel_values" in p else {}
+            kwargs = {k: p[k] for k in ("pixel_values", "image_sizes") if k in p}
             if getattr(model, "visual_encoder", None) is not None:
-                _, _, lab, _ = model.prepare_inputs_embeds(ids, torch.ones_like(ids), lab, kwargs.get("pixel_values"))
+                _, _, lab, _ = model.prepare_inputs_embeds(ids, torch.ones_like(ids), lab, kwargs.get("pixel_values"),
+                                                           image_sizes=kwargs.get("image_sizes"))
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs).logits.float()
             target = lab[:, 1:]
             logp = torch.log_softmax(logits[:, :-1], -1)
@@ -159,6 +160,28 @@ def test_text_only_batch_through_llava_runs_vision_path(llava):
     batch = check_equal_to_duplicated(llava, pairs, image_shape=llava.visual_encoder.image_shape)
     assert batch["pixel_values"].shape[0] == 1  # the dummy image
     assert any(p.grad is not None for p in llava.projector.parameters())  # in the graph, times zero
+
+
+def test_anyres_pairs_equal_duplicated(tiny_llama, tiny_clip, tmp_path):
+    """AnyRes images (overview + tiles, a different feature count per image size) in the shared prefix."""
+    from PIL import Image
+
+    from llava_ft.config import config_from_dict
+    from llava_ft.model.builder import build_model
+
+    cfg = config_from_dict({"model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "image_aspect": "anyres",
+                                      "dtype": "fp32", "attn_implementation": "sdpa"},
+                            "data": {"sources": [{"path": "unused.json"}], "template": "qwen_chat"}})
+    model, _ = build_model(cfg)
+    spec = model.visual_encoder.anyres
+    gen = torch.Generator().manual_seed(7)
+    pairs = []
+    for sizes in ([(40, 120)], [(120, 40), (48, 48)]):
+        pair = make_pair(gen, n_images=len(sizes), prompt_len=5, chosen_len=3, rejected_len=4)
+        pair["pixel_values"] = torch.cat([spec.views(Image.new("RGB", (w, h), (200, 30, 30))) for h, w in sizes])
+        pair["image_sizes"] = torch.tensor(sizes)
+        pairs.append(pair)
+    check_equal_to_duplicated(model, pairs, image_shape=model.visual_encoder.image_shape, pack_length=4000)
 
 
 # ---- losses: the papers' formulas ------------------------------------------------------------------
