@@ -304,3 +304,101 @@ def test_dpo_family_equals_trl(tiny_llama, trl_setup, kind, smoothing):
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected"):
         assert out.metrics[key].mean().item() == pytest.approx(metrics[key], abs=1e-5), key
+
+
+def test_llava_dpo_equals_trl_via_llava_hf_export(tiny_llama, tiny_clip, tmp_path):
+    """TRL's DPOTrainer on the llava-hf export (its processor expands each <image>, its collator runs prompt
+    and image twice) vs llava_ft's shared prefix on the same weights and pixels: loss and every gradient
+    (LLM, vision tower, projector)."""
+    pytest.importorskip("trl")
+    import shutil
+
+    from datasets import Dataset
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from trl import DPOConfig, DPOTrainer
+
+    from llava_ft.config import config_from_dict
+    from llava_ft.convert import pth_to_hf
+    from llava_ft.model.builder import build_model
+    from llava_ft.testing.checkpoints import write_random_checkpoint
+
+    raw = {"model": {"llm": tiny_llama, "visual_encoder": tiny_clip, "freeze_llm": True, "dtype": "fp32",
+                     "llm_lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}},
+           "data": {"template": "chatml", "sources": [{"path": "unused.json"}]}}
+    hf = pth_to_hf(None, write_random_checkpoint(tmp_path / "wd", raw), tmp_path / "hf", fmt="llava-hf")
+    processor = AutoProcessor.from_pretrained(hf)
+    policy = LlavaForConditionalGeneration.from_pretrained(hf, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # the policy moved away from the reference
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    policy_dir = tmp_path / "policy"
+    shutil.copytree(hf, policy_dir)
+    policy.save_pretrained(policy_dir)
+
+    images = [Image.new("RGB", (32, 32), c) for c in [(200, 20, 20), (20, 200, 20)]]
+    rows = Dataset.from_dict({"prompt": ["<image>\nWhat colour is it?", "<image>\nDescribe the picture."],
+                              "chosen": [" red", " a green square"], "rejected": [" blue, striped", " nothing"],
+                              "images": [[images[0]], [images[1]]]})
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=["sigmoid"], beta=0.3, report_to="none",
+                     use_cpu=True, max_length=None, per_device_train_batch_size=2, bf16=False,
+                     gradient_checkpointing=False, disable_dropout=True)
+    reference = LlavaForConditionalGeneration.from_pretrained(hf, dtype=torch.float32)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=rows, processing_class=processor)
+    trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    policy.train()
+    for p in policy.parameters():
+        p.requires_grad_(True)
+    trl_loss = trainer.compute_loss(policy, trl_batch)
+    trl_loss.backward()
+
+    # The same pairs in llava_ft's layout: TRL's expanded image tokens back to one placeholder each.
+    image_id, n = policy.config.image_token_index, len(rows)
+    pairs = []
+    for i in range(n):
+        parts = []
+        for r in (i, i + n):
+            keep = trl_batch["attention_mask"][r].bool()
+            ids, completion = trl_batch["input_ids"][r][keep].tolist(), trl_batch["completion_mask"][r][keep].tolist()
+            start = completion.index(1)
+            parts.append((ids[:start], ids[start:]))
+        assert parts[0][0] == parts[1][0]
+        prompt = []
+        for t in parts[0][0]:
+            if not (t == image_id and prompt and prompt[-1] == IMAGE_TOKEN_INDEX):
+                prompt.append(IMAGE_TOKEN_INDEX if t == image_id else t)
+        pairs.append({"prompt_ids": prompt, "chosen_ids": parts[0][1], "rejected_ids": parts[1][1],
+                      "chosen_labels": parts[0][1], "rejected_labels": parts[1][1],
+                      "pixel_values": trl_batch["pixel_values"][i:i + 1]})
+
+    def ours(folder):
+        cfg = config_from_dict({"model": {"llava": str(folder), "dtype": "fp32", "attn_implementation": "sdpa",
+                                          "freeze_visual_encoder": False},
+                                "data": {"template": "chatml", "sources": [{"path": "unused.json"}]}})
+        return build_model(cfg)[0]
+
+    ours_policy, ours_reference = ours(policy_dir), ours(hf)
+    batch = PreferenceCollator(pad_token_id=processor.tokenizer.pad_token_id, image_shape=(3, 32, 32))(pairs)
+    with torch.no_grad():
+        ref_logps = sequence_logps(ours_reference, batch)
+    ours_policy.train()
+    out = preference_loss(SimpleNamespace(loss="sigmoid", beta=0.3, sft_weight=0.0),
+                          sequence_logps(ours_policy, batch), ref_logps)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, trl_loss.detach(), atol=1e-5, rtol=1e-5)
+
+    theirs = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
+    renames = (("llm.model.", "model.language_model."), ("llm.lm_head.", "lm_head."),
+               ("projector.layers.0.", "model.multi_modal_projector.linear_1."),
+               ("projector.layers.2.", "model.multi_modal_projector.linear_2."),
+               ("visual_encoder.model.", "model.vision_tower."))
+    compared = 0
+    for name, p in ours_policy.named_parameters():
+        if p.grad is None:
+            continue
+        for a, b in renames:
+            name = name.replace(a, b)
+        torch.testing.assert_close(p.grad, theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+        compared += 1
+    assert compared == len(theirs)
