@@ -14,10 +14,10 @@ The reference (`preference.reference`; `auto` picks adapter with LoRA, copy for 
   copy (full fine-tune): the starting values of the trainable weights are kept once, and swapped in
   (pointer swap of `.data`, no copy per step) for the reference forward. So the reference is the SFT
   policy, not the bare base, and the frozen (possibly 4-bit) base weights are shared; the extra memory is
-  one copy of the trainable weights (small with LoRA). Not under ZeRO-3 (sharded weights): use precompute;
+  one copy of the trainable weights (small with LoRA). Not under ZeRO-3 (sharded weights): a UserError;
 - precompute: the reference log-probs of every train / validation pair are computed once before training
   with the starting weights and stored in the dataset (`ref_chosen_logps` / `ref_rejected_logps`); no
-  reference is held while training.
+  reference is held while training. Not under ZeRO-3 yet (a UserError).
 The reference forward runs in the policy's train/eval mode, as TRL's does, so LoRA dropout > 0 on an SFT
 adapter makes step 0 differ slightly from log 2.
 
@@ -66,7 +66,7 @@ class Reference:
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if any(hasattr(p, "ds_id") for _, p in trainable):
             raise UserError("preference.reference=adapter/copy cannot keep the starting weights under ZeRO-3 "
-                            "(they are sharded); set preference.reference=precompute")
+                            "(they are sharded); use ZeRO-2, or start LoRA from a fresh adapter")
         fresh_adapter = (cfg.model.llm_lora.enabled and all(".lora_" in n for n, _ in trainable)
                          and all(not bool(p.detach().any()) for n, p in trainable if ".lora_B." in n))
         if fresh_adapter:
@@ -221,6 +221,10 @@ def build_preference_data(cfg, model, tokenizer):
     else:
         wrap = lambda ds: ds  # noqa: E731
     if resolved_reference(cfg) == "precompute":
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            # the forward runs before the DeepSpeed engine exists, on weights it has already sharded
+            raise UserError("preference.reference=precompute does not run under ZeRO-3 yet; use ZeRO-2, or LoRA "
+                            "with preference.reference=adapter")
         device = model.get_input_embeddings().weight.device
         for name, part in (("train", train), ("validation", held)):
             if part is None:
