@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,6 +212,15 @@ def test_llava_dpo_starts_at_log2(llava_start, tmp_path, start):
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[1]["rewards/margins"] != 0.0
     assert result.global_step == 2
+    if start == "finetune_work_dir":  # chat loads the DPO iter file like a finetune one, and answers on an image
+        from llava_ft.inference import load_chat_model
+        from llava_ft.inference.chat_model import GenerationSettings
+
+        chat = load_chat_model(result.last_checkpoint, device="cpu")
+        image = next(iter(sorted(Path(llava_start["image_folder"]).rglob("*.png"))))
+        answer = chat.chat([{"role": "user", "content": "<image>\nWhat colour is it?"}], images=[str(image)],
+                           settings=GenerationSettings(max_new_tokens=3))
+        assert answer.completion_tokens > 0 and answer.prompt_tokens > 16  # the image's features are in the prompt
 
 
 def test_merged_sft_model_start_and_precompute(tiny_qwen2, pair_file, sft_run, tmp_path):
@@ -290,3 +300,17 @@ def test_two_process_dpo_equals_one_process(tiny_qwen2, tmp_path):
     for a, b in zip(read_train_log(one), read_train_log(two)):
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], rel=1e-4, abs=1e-7)
     assert_same_weights(iter_state(two, 2), iter_state(one, 2))
+
+
+def test_nan_guard_stops_a_diverging_dpo_run(tiny_qwen2, pair_file, tmp_path, capsys):
+    """lr 1e30: the first update sends the adapter to ~1e30, the next preference loss is NaN -> stop, no save."""
+    from llava_ft.cli import main
+    from llava_ft.config import save_config
+
+    cfg = make_cfg(tiny_qwen2, pair_file, tmp_path, preference={"loss": "sigmoid"}, train__learning_rate=1e30,
+                   train__max_nonfinite_steps=1, train__max_steps=4, train__per_device_batch_size=2)
+    path = tmp_path / "nan.yaml"
+    save_config(cfg, path)
+    assert main(["train", str(path), "--work-dir", str(tmp_path / "wd")]) == 2
+    assert "training stopped at step 2" in capsys.readouterr().err
+    assert not list((tmp_path / "wd").glob("iter_*.pth"))
