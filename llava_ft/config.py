@@ -182,7 +182,7 @@ class PreferenceConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0  # robust / conservative DPO
     sft_weight: float = 0.0  # weight of an SFT (NLL) term on the chosen answer (LLaVA-NeXT's dpo_alpha, pref_ftx)
-    simpo_gamma: float = 0.5  # SimPO's target reward margin (gamma, in units of beta)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin gamma: -log sigmoid(beta * (mean logp chosen - rejected) - gamma)
     reference: str = "auto"
     max_prompt_length: Optional[int] = None  # None: max_length // 2; prompts are cut from the left
 
