@@ -46,8 +46,8 @@ def settings(quick: bool) -> dict:
                     repeats=1, lora_r=8, lora_alpha=16, image_px=48, max_length=256)
     # 144 image tokens (576 / 4, as bench_train), questions of 8-24 tokens, answers of 16-40: the prompt
     # (image + question + template) is ~4-8x each answer, as in RLAIF-V (576 features, answers ~100 tokens).
-    return dict(hidden=384, layers=6, heads=6, kv_heads=2, inter=1024, vocab=32000, vis_hidden=256, vis_layers=4,
-                image_size=168, patch=14, question=(8, 24), answer=(16, 40), pairs=48, batch=4, accum=1, steps=12,
+    return dict(hidden=256, layers=4, heads=4, kv_heads=2, inter=768, vocab=32000, vis_hidden=192, vis_layers=3,
+                image_size=168, patch=14, question=(8, 24), answer=(16, 40), pairs=32, batch=4, accum=1, steps=8,
                 repeats=2, lora_r=16, lora_alpha=32, image_px=336, max_length=512)
 
 
