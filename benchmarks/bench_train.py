@@ -38,11 +38,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import tempfile
 import time
 
-from common import figure, has_gpu, median, peak_rss_mb, run_json_child, section
+from common import alternating_runs, comparison_main, figure, has_gpu, median, peak_rss_mb, section
 
 IMAGE_SIZE_FULL, PATCH = 168, 14  # 12 x 12 = 144 image tokens (576 / 4)
 
@@ -321,10 +320,27 @@ def run_llava_ft(assets: dict, work: str, side: str = "llava_ft") -> dict:
     return out
 
 
+def trl_lora_and_args(s: dict, work: str, learning_rate: float) -> tuple:
+    """TRL's side of a comparison: LoRA on the LLM's Linears + the projector trained (as llava_ft's runs), and
+    the TrainingArguments fields every TRL trainer config here shares (batch, steps, schedule, precision)."""
+    from peft import LoraConfig
+
+    gpu = has_gpu()
+    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    peft_config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.05, target_modules=targets,
+                             modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
+    common = dict(
+        output_dir=os.path.join(work, "run_trl"), per_device_train_batch_size=s["batch"],
+        gradient_accumulation_steps=s["accum"], max_steps=s["steps"], learning_rate=learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        seed=42, data_seed=42, gradient_checkpointing=False, bf16=gpu, fp16=False, report_to="none",
+        save_strategy="no", logging_steps=s["steps"], dataloader_num_workers=0, use_cpu=not gpu, disable_tqdm=True)
+    return peft_config, common
+
+
 def run_trl(assets: dict, work: str) -> dict:
     import datasets
     import torch
-    from peft import LoraConfig
     from transformers import AutoProcessor, LlavaForConditionalGeneration, set_seed
     from trl import SFTConfig, SFTTrainer
 
@@ -345,17 +361,8 @@ def run_trl(assets: dict, work: str) -> dict:
         records.append({"messages": msgs,
                         "images": [os.path.join(assets["images"], r["image"])] if "image" in r else []})
     ds = datasets.Dataset.from_list(records).cast_column("images", datasets.Sequence(datasets.Image()))
-    targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    peft_config = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=0.05, target_modules=targets,
-                             modules_to_save=["multi_modal_projector"], task_type="CAUSAL_LM")
-    args = SFTConfig(
-        output_dir=os.path.join(work, "run_trl"), per_device_train_batch_size=s["batch"],
-        gradient_accumulation_steps=s["accum"], max_steps=s["steps"], learning_rate=2e-4, lr_scheduler_type="cosine",
-        warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", seed=42, data_seed=42,
-        gradient_checkpointing=False, bf16=gpu, fp16=False, max_length=None, assistant_only_loss=True,
-        report_to="none", save_strategy="no", logging_steps=s["steps"], dataloader_num_workers=0,
-        use_cpu=not gpu, disable_tqdm=True,
-    )
+    peft_config, common = trl_lora_and_args(s, work, learning_rate=2e-4)
+    args = SFTConfig(**common, max_length=None, assistant_only_loss=True)
     timer = make_timer_callback()
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=processor,
                          peft_config=peft_config, callbacks=[timer])
@@ -375,10 +382,6 @@ def _child(which: str, assets_file: str, out: str) -> None:
         result = run_llava_ft(assets, work, side=which)
     with open(out, "w") as fh:
         json.dump(result, fh)
-
-
-def _run_side(which: str, assets_file: str, timeout: float) -> dict:
-    return run_json_child("bench_train.py", ["--child", which, "--assets", assets_file], timeout, f"{which} run")
 
 
 SIDES = {"llava_ft": "llava_ft (length-grouped)", "trl": "TRL SFTTrainer (random)",
@@ -424,18 +427,8 @@ def _ratio_figures(med: dict) -> list:
 def section_train(quick: bool = False, repeats: int | None = None, sides: tuple = tuple(SIDES)) -> dict:
     s = settings(quick)
     repeats = repeats or s["repeats"]
-    work = tempfile.mkdtemp(prefix="bench_train_")
-    try:
-        assets = make_assets(work, quick)
-        assets_file = os.path.join(work, "assets.json")
-        with open(assets_file, "w") as fh:
-            json.dump(assets, fh)
-        runs: dict = {w: [] for w in SIDES if w in sides}
-        for _ in range(repeats):
-            for which in runs:  # A B C D A B C D: drift of a shared machine hits every side
-                runs[which].append(_run_side(which, assets_file, timeout=240 if quick else 900))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    assets, runs = alternating_runs("bench_train.py", make_assets, quick, [w for w in SIDES if w in sides], repeats,
+                                    240 if quick else 900, "bench_train_")
     med = {w: {k: median([r[k] for r in rs]) for k in ("tokens_per_s", "samples_per_s", "supervised_tokens_per_s",
                                                        "padding_waste", "peak_rss_mb", "epoch_seconds")}
            for w, rs in runs.items()}
@@ -496,24 +489,7 @@ def section_train(quick: bool = False, repeats: int | None = None, sides: tuple 
 
 
 def main() -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--child", choices=tuple(SIDES))
-    ap.add_argument("--assets")
-    ap.add_argument("--out")
-    ap.add_argument("--repeats", type=int, help="runs per side (default 3, quick 1)")
-    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {','.join(SIDES)}")
-    args = ap.parse_args()
-    if args.child:
-        _child(args.child, args.assets, args.out)
-    else:
-        sides = tuple(w.strip() for w in args.sides.split(",") if w.strip())
-        unknown = sorted(set(sides) - set(SIDES))
-        if unknown:
-            ap.error(f"unknown side(s) {', '.join(unknown)}; choose from {', '.join(SIDES)}")
-        print(json.dumps(section_train(args.quick, repeats=args.repeats, sides=sides), indent=1))
+    comparison_main(__doc__, SIDES, _child, section_train)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,53 @@ def run_json_child(script: str, args: list, timeout: float, label: str) -> dict:
         return json.loads(text)
     finally:
         os.unlink(out)
+
+
+def alternating_runs(script: str, make_assets, quick: bool, sides, repeats: int, timeout: float,
+                     prefix: str) -> tuple:
+    """Build a comparison's assets once (`make_assets(work, quick)`, a JSON-able dict), then run every side
+    `repeats` times in turn, A B C A B C (drift of a shared machine hits every side alike), each in a fresh
+    process (`python benchmarks/<script> --child SIDE --assets FILE --out FILE`, its own peak memory).
+    -> (assets, {side: [result, ...]}); the work folder is removed afterwards."""
+    import json
+    import shutil
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix=prefix)
+    try:
+        assets = make_assets(work, quick)
+        assets_file = os.path.join(work, "assets.json")
+        with open(assets_file, "w") as fh:
+            json.dump(assets, fh)
+        runs: dict = {side: [] for side in sides}
+        for _ in range(repeats):
+            for side in runs:
+                runs[side].append(run_json_child(script, ["--child", side, "--assets", assets_file], timeout,
+                                                 f"{side} run"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return assets, runs
+
+
+def comparison_main(doc: str, sides: dict, child, run_section) -> None:
+    """Command line of a side-by-side comparison script (bench_train.py, bench_dpo.py): `--child SIDE` runs
+    one side (child(side, assets_file, out_file)); otherwise run_section(quick, repeats=, sides=) is printed."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", choices=tuple(sides))
+    ap.add_argument("--assets")
+    ap.add_argument("--out")
+    ap.add_argument("--repeats", type=int, help="runs per side (default: the section's)")
+    ap.add_argument("--sides", default=",".join(sides), help=f"comma-separated subset of {','.join(sides)}")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.assets, args.out)
+        return
+    chosen = tuple(w.strip() for w in args.sides.split(",") if w.strip())
+    unknown = sorted(set(chosen) - set(sides))
+    if unknown:
+        ap.error(f"unknown side(s) {', '.join(unknown)}; choose from {', '.join(sides)}")
+    print(json.dumps(run_section(args.quick, repeats=args.repeats, sides=chosen), indent=1))

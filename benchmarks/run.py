@@ -16,6 +16,8 @@ another and a crash or hang in one is a row of the table, not the end of the run
   data_wait   share of a LLaVA step spent waiting for the DataLoader, 0 vs 2 workers
   generation  chat time to first token and tokens/s; server requests/s and latency percentiles
   gpu         7B-shaped LLaVA QLoRA tokens/s and MFU (GPU only; "skipped: no GPU" elsewhere)
+  dpo         preference (DPO) training on RLAIF-V-shaped pairs: llava_ft shared prefix vs llava_ft with the
+              prompt duplicated vs TRL DPOTrainer (same weights): pairs/s, peak memory, positions per pair
 
 Output: benchmarks/results/<YYYY-MM-DD>[-quick].md and .json (the JSON holds every figure with its
 method, target and whether it was met, plus the machine's CPU count and load average before and after).
@@ -49,6 +51,8 @@ SECTIONS = {
     "generation": ("bench_sections", "section_generation", "Generation: chat and server", 1200, 600),
     "anyres": ("bench_anyres", "section_anyres", "AnyRes cost: image tokens and step time vs pad", 900, 300),
     "gpu": ("bench_memory", "section_gpu", "GPU: 7B-shaped LLaVA QLoRA throughput and MFU", 3000, 600),
+    "dpo": ("bench_dpo", "section_dpo", "Preference training: shared prefix vs duplicated vs TRL DPOTrainer",
+            2400, 900),
 }
 
 

@@ -126,3 +126,25 @@ def test_gpu_section_code_runs_on_cpu_with_tiny_shapes():
     for fig in result["figures"]:
         _check_figure(fig)
         assert fig["value"] > 0
+
+
+@pytest.mark.slow
+def test_dpo_section_runs_every_side_with_tiny_shapes():
+    """benchmarks/bench_dpo.py (`run.py --only dpo`): llava_ft shared prefix, llava_ft duplicated and TRL's
+    DPOTrainer all train on the same tiny pairs; the report has every figure, ratios with their targets."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_dpo  # noqa: PLC0415
+
+    result = bench_dpo.section_dpo(quick=True)
+    assert result["status"] == "ok"
+    names = [f["name"] for f in result["figures"]]
+    for side in bench_dpo.SIDES.values():
+        assert f"{side}: pairs/s" in names and f"{side}: positions per pair (real)" in names
+    for fig in result["figures"]:
+        _check_figure(fig)
+    positions = {f["name"]: f["value"] for f in result["figures"]}
+    # the shared layout runs each prompt + image once: fewer positions per pair than either duplicated side
+    shared = positions["llava_ft (shared prefix): positions per pair (real)"]
+    assert shared < positions["llava_ft (duplicated prompt): positions per pair (real)"]
+    assert shared < positions["TRL DPOTrainer: positions per pair (real)"]
+    assert any(f["target"] == ">= 1.5 x" for f in result["figures"])

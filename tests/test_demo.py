@@ -12,7 +12,7 @@ import pytest
 from llava_ft.cli import main
 
 STAGES = ["workspace", "text_pretrain", "llava_pretrain", "eval_before", "llava_finetune", "eval_after",
-          "convert", "chat", "corner_pad", "corner_anyres", "eval_corner"]
+          "convert", "chat", "preference", "eval_preference", "corner_pad", "corner_anyres", "eval_corner"]
 
 
 @pytest.mark.slow
@@ -28,7 +28,7 @@ def test_fast_demo_runs_end_to_end_and_reuses_stages(tmp_path, capsys):
     assert (ws / "summary.md").read_text().count("\n") >= len(STAGES) + 2
 
     # Training stages wrote their checkpoints; the text stage's export is a full HF model.
-    for run in ("tiny_incremental_pretrain", "tiny_llava_pretrain", "tiny_llava_finetune_qlora"):
+    for run in ("tiny_incremental_pretrain", "tiny_llava_pretrain", "tiny_llava_finetune_qlora", "tiny_llava_dpo_qlora"):
         assert list((ws / "work_dirs" / run).glob("iter_*.pth")), run
     assert (ws / "llm_pretrained" / "config.json").is_file()
     # Exports: XTuner layout with the finetune's three trained parts, and a llava-hf folder.
@@ -38,7 +38,8 @@ def test_fast_demo_runs_end_to_end_and_reuses_stages(tmp_path, capsys):
     assert "Llava" in hf_cfg["architectures"][0]
     # Both evaluations scored the held-out colour questions (the fast run's accuracy means nothing).
     for key in ("colour_accuracy_before", "colour_accuracy_after", "corner_accuracy_one_view",
-                "corner_accuracy_anyres"):
+                "corner_accuracy_anyres", "preference_reward_accuracy_after", "preference_prefers_chosen_before",
+                "preference_prefers_chosen_after", "preference_shape_accuracy_after"):
         assert 0.0 <= summary[key] <= 1.0
     # The AnyRes arm trained on tiles (its iter file holds the image-newline vector), the other did not.
     import torch
@@ -75,7 +76,7 @@ def test_demo_recipes_load_and_start_with_their_command():
 
     recipes = sorted((CONFIG_ROOT / "demo").glob("*.yaml"))
     assert {p.stem for p in recipes} >= {"tiny_text_sft_qlora", "tiny_incremental_pretrain", "tiny_llava_pretrain",
-                                         "tiny_llava_finetune_qlora"}
+                                         "tiny_llava_finetune_qlora", "tiny_llava_dpo_qlora"}
     phases = {}
     for path in recipes:
         first = path.read_text().splitlines()[0]

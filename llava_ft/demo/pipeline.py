@@ -15,6 +15,10 @@ Stages, in order (each writes into the workspace and records itself in `<workspa
   eval_after      the same questions answered by the finetuned model
   convert         pth_to_hf: XTuner layout (projector/, llm_adapter/, visual_encoder_adapter/) and llava-hf
   chat            one answer about a held-out demo image from the llava-hf export
+  preference      DPO after the finetune (configs/demo/tiny_llava_dpo_qlora) on pairs made from the finetune
+                  images: chosen = the right colour / shape, rejected = a wrong colour / a shape not there
+  eval_preference held-out pairs' reward accuracy (and which answer the policy prefers) and the held-out
+                  answers' accuracy, before (the finetuned model) and after the preference stage
   corner_pad      finetune on wide images with a small coloured square at one end, one view per image
   corner_anyres   the same with model.image_aspect=anyres (overview + tiles at the tower's resolution)
   eval_corner     held-out "what colour is the small square?" answered by both: in the single view (the
@@ -71,6 +75,9 @@ class DemoSettings:
     n_corner: int = 160
     n_corner_eval: int = 40
     corner_steps: int = 300
+    # preference stage (DPO after the finetune, llava_ft.demo.preference)
+    pref_steps: int = 50
+    pref_batch: int = 8
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -79,7 +86,7 @@ class DemoSettings:
 FULL = DemoSettings()
 FAST = DemoSettings(n_pretrain=16, n_finetune=16, n_eval=6, n_text=16, text_steps=3, text_batch=2,
                     pretrain_steps=3, pretrain_batch=4, finetune_steps=3, finetune_batch=4, eval_batch=6,
-                    n_corner=8, n_corner_eval=4, corner_steps=3)
+                    n_corner=8, n_corner_eval=4, corner_steps=3, pref_steps=3, pref_batch=4)
 
 
 @dataclass
@@ -385,11 +392,60 @@ def run_demo(workspace="demo_workspace", fast: bool = False, force: bool = False
                 {"image": item.images[0], "answer": res.text, "truth": item.answer})
 
     stages.run("chat", chat_stage)
+    pref = _preference_stages(stages, ws, paths, s, str(llm_pretrained), ft_pth, after.data)
     corner = _corner_stages(stages, ws, paths, s, str(llm_pretrained), pre_pth)
 
     report = DemoReport(str(ws), stages.results)
-    report.summary_path = _write_summary(report, before.data, after.data, corner.data)
+    report.summary_path = _write_summary(report, before.data, after.data, corner.data, pref.data)
     return report
+
+
+def _preference_stages(stages: "_Stages", ws: Path, paths: dict, s: DemoSettings, llm: str, ft_pth: str,
+                       after: dict):
+    """DPO from the finetune on the demo's pairs, then held-out reward and answer accuracy before / after."""
+    from llava_ft.demo.preference import pair_metrics, reward_accuracy, write_demo_pairs
+
+    work_dir = ws / "work_dirs" / "tiny_llava_dpo_qlora"
+    files = write_demo_pairs(paths, Path(paths["finetune"]).parent, seed=s.seed)
+
+    def preference_stage():
+        cfg = _recipe("tiny_llava_dpo_qlora", ws, paths, llm, s.pref_steps, s.pref_batch)
+        cfg.model.pretrained_pth = ft_pth  # the reference is this finetuned policy
+        cfg.data.sources[0].path, cfg.data.sources[0].image_folder = files["train"], paths["image_folder"]
+        pth, info = _train(cfg, work_dir, "train")
+        info["pth"] = pth
+        return f"{_loss_text(info)}, {files['n_train']} pairs", [pth], info
+
+    pth = stages.run("preference", preference_stage, inputs={"finetune": ft_pth}).data["pth"]
+
+    def eval_preference():
+        from llava_ft.inference import load_chat_model
+        from llava_ft.inference.evaluate import write_predictions
+
+        reference = load_chat_model(ft_pth)
+        ref = pair_metrics(reference, files["heldout"], paths["image_folder"])
+        del reference
+        policy = load_chat_model(pth)
+        pol = pair_metrics(policy, files["heldout"], paths["image_folder"])
+        d = score(policy, eval_items(paths), s.eval_batch)
+        out = ws / "eval" / "eval_preference.predictions.jsonl"
+        write_predictions(d.pop("predictions"), out)
+        data = {"reward_accuracy_before": 0.0, "reward_accuracy_after": reward_accuracy(pol, ref),
+                "prefers_chosen_before": ref["prefers_chosen"], "prefers_chosen_after": pol["prefers_chosen"],
+                "heldout_pairs": pol["n"],
+                **{f"{k}_{w}": v for w, src in (("before", after), ("after", d))
+                   for k, v in src.items() if k.endswith("_accuracy")}}
+
+        def pct(x):
+            return "n/a" if x is None else f"{x:.0%}"
+
+        text = (f"{pol['n']} held-out pairs: reward accuracy 0% -> {pct(data['reward_accuracy_after'])} "
+                f"(prefers chosen {pct(ref['prefers_chosen'])} -> {pct(pol['prefers_chosen'])}); answers: colour "
+                f"{pct(data['colour_accuracy_before'])} -> {pct(data['colour_accuracy_after'])}, shape "
+                f"{pct(data['shape_accuracy_before'])} -> {pct(data['shape_accuracy_after'])}")
+        return text, [out], data
+
+    return stages.run("eval_preference", eval_preference, inputs={"preference": pth})
 
 
 def _corner_stages(stages: "_Stages", ws: Path, paths: dict, s: DemoSettings, llm: str, pre_pth: str):
@@ -436,7 +492,7 @@ def _corner_stages(stages: "_Stages", ws: Path, paths: dict, s: DemoSettings, ll
     return stages.run("eval_corner", eval_corner)
 
 
-def _write_summary(report: DemoReport, before: dict, after: dict, corner: dict) -> str:
+def _write_summary(report: DemoReport, before: dict, after: dict, corner: dict, pref: dict) -> str:
     ws = Path(report.workspace)
     summary = {
         "workspace": report.workspace,
@@ -445,6 +501,7 @@ def _write_summary(report: DemoReport, before: dict, after: dict, corner: dict) 
         "colour_accuracy_after": after.get("colour_accuracy"),
         "corner_accuracy_one_view": corner.get("pad_accuracy"),
         "corner_accuracy_anyres": corner.get("anyres_accuracy"),
+        **{f"preference_{k}": v for k, v in pref.items()},
         "stages": [dataclasses.asdict(s) for s in report.stages],
     }
     fileio.write_json(ws / "summary.json", summary, indent=1)

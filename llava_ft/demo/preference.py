@@ -76,13 +76,13 @@ def write_demo_pairs(paths: dict, out_dir, seed: int = 0) -> dict:
 
 def pair_metrics(chat_model, pairs_path: str, image_folder: str, batch_size: int = 16) -> dict:
     """Summed log-probs of each held-out pair's chosen and rejected answer under `chat_model`'s model,
-    each pair's prompt and image run once (llava_ft.engine.preference.sequence_logps)."""
+    each pair's prompt and image run once (llava_ft.model.preference.sequence_logps)."""
     import torch
 
     from llava_ft.data.formats import iter_raw
     from llava_ft.data.preference import encode_pairs, to_pair
     from llava_ft.data.preference_collate import PreferenceCollator
-    from llava_ft.engine.preference import sequence_logps
+    from llava_ft.model.preference import sequence_logps
 
     cm = chat_model
     pairs = [to_pair(row, "trl", where, image_folder) for where, row in iter_raw(pairs_path)]
