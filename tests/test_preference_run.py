@@ -223,8 +223,9 @@ def test_llava_dpo_starts_at_log2(llava_start, tmp_path, start):
         assert answer.completion_tokens > 0 and answer.prompt_tokens > 16  # the image's features are in the prompt
 
 
-def test_merged_sft_model_start_and_precompute(tiny_qwen2, pair_file, sft_run, tmp_path):
-    """From a merged SFT model with reference=precompute: step 0 is log 2 and no reference is held."""
+def test_merged_sft_model_start_and_precompute(tiny_qwen2, pair_file, sft_run, tmp_path, capsys):
+    """From a merged SFT model with reference=precompute: step 0 is log 2; a rerun takes the reference
+    log-probs from the cache (keyed by the weights and the pairs) and trains the same."""
     from llava_ft.convert import merge_adapter, pth_to_hf
 
     adapter = pth_to_hf(None, sft_run.last_checkpoint, str(tmp_path / "adapter"))
@@ -235,6 +236,11 @@ def test_merged_sft_model_start_and_precompute(tiny_qwen2, pair_file, sft_run, t
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[0]["rewards/margins"] == 0.0 and rows[1]["rewards/margins"] != 0.0
     assert result.global_step == 2
+    assert "reference log-probs of the train pairs from" not in capsys.readouterr().out
+    run_training(cfg, work_dir=str(tmp_path / "again"))
+    assert "reference log-probs of the train pairs from" in capsys.readouterr().out
+    again = [r for r in read_train_log(tmp_path / "again") if "loss" in r]
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
 
 
 def test_resume_reproduces_uninterrupted_dpo_run(tiny_qwen2, pair_file, sft_run, tmp_path):

@@ -226,11 +226,23 @@ def build_preference_data(cfg, model, tokenizer):
             raise UserError("preference.reference=precompute does not run under ZeRO-3 yet; use ZeRO-2, or LoRA "
                             "with preference.reference=adapter")
         device = model.get_input_embeddings().weight.device
+        weights_key = reference_weights_key(model, cfg)
         for name, part in (("train", train), ("validation", held)):
             if part is None:
                 continue
-            chosen, rejected = precompute_reference(model, wrap(part), collator,
-                                                    cfg.train.per_device_batch_size, device)
+            cache = _reference_cache_file(cfg, weights_key, part)
+            if cache.is_file():
+                chosen, rejected = torch.load(cache, weights_only=True)
+                print(f"[llava_ft] reference log-probs of the {name} pairs from {cache}", flush=True)
+            else:
+                chosen, rejected = precompute_reference(model, wrap(part), collator,
+                                                        cfg.train.per_device_batch_size, device)
+                from llava_ft.engine.distributed import is_main_process
+                from llava_ft.fileio import torch_save
+
+                if is_main_process():
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    torch_save((chosen, rejected), cache)
             part = part.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
             if name == "train":
                 train = part
@@ -253,3 +265,26 @@ def prepare_preference_config(cfg):
         print("[llava_ft] preference: model.attn_implementation=flash_attention_2 cannot take the shared-prefix "
               "block mask; using sdpa", flush=True)
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation="sdpa"))
+
+
+def reference_weights_key(model, cfg) -> str:
+    """Hash of what the reference log-probs depend on besides the data: every weight's values (the starting
+    policy, base and adapter), the attention path and the compute dtype."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{cfg.model.attn_implementation}|{cfg.model.dtype}|{cfg.model.quantization}".encode())
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _reference_cache_file(cfg, weights_key: str, dataset):
+    """<data cache>/reference_logps/<weights key>-<dataset fingerprint>.pt (the pairs' tokens and order)."""
+    from pathlib import Path
+
+    from llava_ft.data.dataset import default_cache_dir
+
+    folder = Path(cfg.data.cache_dir or default_cache_dir()) / "reference_logps"
+    return folder / f"{weights_key}-{dataset._fingerprint}.pt"
