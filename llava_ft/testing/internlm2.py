@@ -4,7 +4,7 @@
 
 A random-init LlamaForCausalLM (vocabulary = the tiny InternLM2 tokenizer's pieces) is saved at
 `reference_dir` (when given) and fused into InternLM2's layout by this module's own code, written
-independently of `llava_ft.model.internlm2` so a test comparing the two checks the converter against a
+independently of `llava_ft.model.internlm2_convert` so a test comparing the two checks the converter against a
 second reading of the layout: `model.tok_embeddings`, `attention.wqkv` (per kv head: its query heads,
 then k, then v), `attention.wo`, `feed_forward.w1/w3/w2`, `attention_norm`, `ffn_norm`, `model.norm`,
 `output`. config.json is InternLM2's (`model_type: internlm2`, `bias`, `rope_theta`, `rope_scaling`,
