@@ -269,16 +269,25 @@ def test_deepspeed_launcher_runs_llava_ft_and_matches_single_process(configs, si
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_lora_text_zero3_builds_sharded_and_matches_single_process(configs, tmp_path):
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_text_zero3_builds_sharded_and_matches_single_process(configs, tmp_path, tuning):
     """A non-quantized LLM under ZeRO-3 is built in deepspeed.zero.Init (no rank holds it whole), and the
-    new LoRA weights start as in one process (seeded after loading), so losses and weights match."""
+    new LoRA weights start as in one process (seeded after loading), so losses and weights match. A full
+    fine-tune saves every weight, gathered module by module: the same iter file as one process."""
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-    run_cli(["train", configs["text"], "model.quantization=none", ONE_PROCESS, "--work-dir", single])
-    proc = run_cli(["train", configs["text"], "model.quantization=none", "--work-dir", multi,
-                    "--deepspeed", "zero3"], nproc=2)
+    overrides = ["model.quantization=none"] + (["model.llm_lora.enabled=false", "train.learning_rate=1e-4"]
+                                               if tuning == "full" else [])
+    run_cli(["train", configs["text"], *overrides, ONE_PROCESS, "--work-dir", single])
+    proc = run_cli(["train", configs["text"], *overrides, "--work-dir", multi, "--deepspeed", "zero3"], nproc=2)
     assert "built sharded (deepspeed.zero.Init)" in proc.stdout + proc.stderr
     assert losses(multi) == pytest.approx(losses(single), rel=1e-5)
-    assert_same_weights(iter_state(multi, 4), iter_state(single, 4))
+    multi_state, single_state = iter_state(multi, 4), iter_state(single, 4)
+    if tuning == "full":
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(yaml.safe_load(Path(configs["text"]).read_text())["model"]["llm"])
+        assert set(single_state) == {f"llm.{n}" for n, _ in base.named_parameters()}  # every weight saved
+    assert_same_weights(multi_state, single_state)
 
 
 @pytest.mark.multiprocess
