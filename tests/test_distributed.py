@@ -1,12 +1,13 @@
 """Scale-out tests: launch env mapping, DeepSpeed config checks, and real 2-process runs on the CPU.
 
     pytest tests/test_distributed.py -m "not multiprocess"   # unit tests, ~2 s
-    pytest tests/test_distributed.py                         # + 2-process runs (gloo), ~2.5 min on 2 cores
+    pytest tests/test_distributed.py                         # + 2-process runs (gloo), several minutes on 2 cores
 
 The multi-process tests train the tiny demo LLaVA (and a QLoRA text model) with 2 processes under
 ZeRO-2 / ZeRO-3 and compare against one process with the same global batch (2 processes x 3 x accum 1
 == 1 x 3 x accum 2): same loss at every step, same trainable weights at the end (fp32 on CPU, so only summation
-order differs). The first DeepSpeed run on a machine compiles a small op (~2 min), later ones reuse it.
+order differs); under ZeRO-3 also AnyRes (its newline partitioned, persistence threshold 0) and a full text
+fine-tune. The first DeepSpeed run on a machine compiles a small op (~2 min), later ones reuse it.
 Helpers here are shared with tests/test_resume_exact.py.
 """
 from __future__ import annotations
