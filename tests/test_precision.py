@@ -194,3 +194,63 @@ def test_first_log_line_says_the_dtype_and_why(tiny_llama, capsys):
     if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         expected = "float16 (auto: the GPU has no bf16"
     assert f"dtype {expected}" in line, line
+
+
+# ---- GPU: the same invariants with CUDA autocast, accelerate's GradScaler and bitsandbytes' CUDA kernels ----
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_qlora_llava_trains_on_cuda_in_half_precision(dtype, tiny_llama, tiny_clip, demo_data, tmp_path):
+    import math
+
+    import bitsandbytes as bnb
+
+    from llava_ft.engine.run import run_training
+
+    if dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    cfg = _cfg("qlora_llava", dtype, tiny_llama, tiny_clip, demo_data, tmp_path, lr=1e-3)
+    cfg.train.max_steps = 4  # fp16: GradScaler may skip a first step whose scaled gradients overflow
+    fresh, _ = build_model(cfg)
+    before = {n: p.detach().float().cpu() for n, p in fresh.named_parameters() if p.requires_grad}
+    del fresh
+    result = run_training(cfg, work_dir=str(tmp_path / "wd"))
+    losses = [h["loss"] for h in result.log_history if "loss" in h]
+    assert losses and all(math.isfinite(x) for x in losses), losses
+    model = result.model
+    assert model.device.type == "cuda"
+    q_proj = model.llm.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.device.type == "cuda"
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    frozen_tower = [p for n, p in model.named_parameters() if n.startswith("visual_encoder.") and not p.requires_grad]
+    assert all(p.dtype == DTYPES[dtype] for p in frozen_tower)
+    changed = [n for n, p in trainable.items() if not torch.equal(before[n], p.detach().float().cpu())]
+    assert "projector.layers.0.weight" in changed and "projector.image_newline" in changed
+    assert {n for n in trainable if not n.startswith("visual_encoder.")} <= set(changed)  # LLM LoRA, projector
+    # Vision LoRA too, except in the tower's last layer, whose output is unused (visual_select_layer -2).
+    assert any(n.startswith("visual_encoder.") for n in changed)
+
+
+@pytest.mark.slow
+def test_gpu_precision_benchmark_code_runs_on_cpu_with_tiny_shapes():
+    """benchmarks/bench_precision.py has no GPU here; its own code (assets, fp16/bf16 runs through
+    run_training, figures) runs on the CPU with tiny shapes so that it does not fail first on a lent GPU."""
+    import math
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_precision  # noqa: PLC0415  (benchmarks/ is not a package)
+
+    tiny = dict(hidden=64, inter=128, layers=2, heads=4, kv_heads=2, vocab=1024, vis_hidden=32, vis_inter=64,
+                vis_layers=2, vis_heads=4, image=32, patch=8)
+    figs, notes = bench_precision.gpu_precision_steps(quick=True, device="cpu", shape=tiny, steps=2)
+    by_name = {f["name"]: f for f in figs}
+    for label in ("tiny", "7B-shaped (2 layers)"):
+        for dtype in ("fp16", "bf16"):
+            what = f"QLoRA LLaVA {label}, {dtype}"
+            assert math.isfinite(by_name[f"{what}: last loss"]["value"])
+            assert by_name[f"{what}: trainable weights in fp32"]["value"] == 100.0
+            assert by_name[f"{what}: trainable tensors changed"]["value"] > 0
+    assert all(f["met"] is not False for f in figs), [f for f in figs if f["met"] is False]
+    assert notes
