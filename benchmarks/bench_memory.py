@@ -331,7 +331,7 @@ def section_gpu(quick: bool = False) -> dict:
     result = gpu_qlora_throughput(quick)
     from bench_precision import gpu_precision_steps  # fp16/bf16 QLoRA LLaVA steps (issue 19.1)
 
-    figs, notes = gpu_precision_steps(quick)
+    figs, notes = gpu_precision_steps(_build_gpu_assets, SHAPE_7B, quick)
     result["figures"] += figs
     result["notes"] += notes
     return result

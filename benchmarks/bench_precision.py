@@ -77,16 +77,16 @@ def _run(assets: dict, dtype: str, steps: int, big: bool, work: str, device: str
             "tps": sorted(rates)[len(rates) // 2] if rates else None, "peak": peak}
 
 
-def gpu_precision_steps(quick: bool = False, device: str = "cuda", shape: dict | None = None,
+def gpu_precision_steps(build_assets, shape: dict, quick: bool = False, device: str = "cuda",
                         steps: int | None = None) -> tuple[list, list]:
-    """-> (figures, notes) for the gpu section; see the module docstring."""
+    """-> (figures, notes) for the gpu section; see the module docstring. `build_assets(work, shape, device,
+    n_records)` and `shape` are bench_memory's 7B-shaped asset builder and SHAPE_7B (passed in by
+    bench_memory.section_gpu, so that neither module imports the other)."""
     import torch
-
-    from bench_memory import SHAPE_7B, _build_gpu_assets
 
     gpu = device.startswith("cuda")
     steps = steps or (3 if quick else 10)
-    shape = dict(shape or SHAPE_7B)
+    shape = dict(shape)
     shape["layers"] = min(shape["layers"], 2 if quick else 8)  # per-layer memory and speed; 32 would take minutes
     dtypes = ["fp16"] + (["bf16"] if (not gpu or torch.cuda.is_bf16_supported()) else [])
     figs, notes = [], []
@@ -94,7 +94,7 @@ def gpu_precision_steps(quick: bool = False, device: str = "cuda", shape: dict |
     try:
         models = (("tiny", _tiny_assets(os.path.join(work, "tiny")), False),
                   (f"7B-shaped ({shape['layers']} layers)",
-                   _build_gpu_assets(os.path.join(work, "big"), shape, device, n_records=steps * 8), True))
+                   build_assets(os.path.join(work, "big"), shape, device, n_records=steps * 8), True))
         for label, assets, big in models:
             for dtype in dtypes:
                 r = _run(assets, dtype, steps, big, work, device)

@@ -240,11 +240,13 @@ def test_gpu_precision_benchmark_code_runs_on_cpu_with_tiny_shapes():
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import bench_precision  # noqa: PLC0415  (benchmarks/ is not a package)
+    import bench_memory  # noqa: PLC0415  (benchmarks/ is not a package)
+    import bench_precision  # noqa: PLC0415
 
     tiny = dict(hidden=64, inter=128, layers=2, heads=4, kv_heads=2, vocab=1024, vis_hidden=32, vis_inter=64,
                 vis_layers=2, vis_heads=4, image=32, patch=8)
-    figs, notes = bench_precision.gpu_precision_steps(quick=True, device="cpu", shape=tiny, steps=2)
+    figs, notes = bench_precision.gpu_precision_steps(bench_memory._build_gpu_assets, tiny, quick=True,
+                                                      device="cpu", steps=2)
     by_name = {f["name"]: f for f in figs}
     for label in ("tiny", "7B-shaped (2 layers)"):
         for dtype in ("fp16", "bf16"):
