@@ -104,7 +104,10 @@ def training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
         logging_steps=t.logging_steps,
         seed=t.seed,
         data_seed=t.seed,
-        bf16=on_gpu and dtype == torch.bfloat16,
+        # Autocast in the compute dtype; trainable weights are fp32 masters (model.builder.keep_trainable_fp32).
+        # bf16 autocast runs on the CPU too (same code path as on a GPU); accelerate switches fp16 autocast and
+        # its GradScaler on only off the CPU, so fp16 is asked for on a GPU only.
+        bf16=dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         remove_unused_columns=False,  # the collators need `images`, the sampler `modality_length`
         dataloader_num_workers=t.dataloader_num_workers,
