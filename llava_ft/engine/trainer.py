@@ -9,8 +9,8 @@
 - checkpoints: `iter_<step>.pth` with only the trainable weights (docs/architecture.md), written before
   Trainer's `checkpoint-<step>/` (optimizer, scheduler, RNG, trainer_state.json). The folder holds no
   model weights: resume loads them back from the iter file. Both are rotated with `save_total_limit`;
-- logs: `tokens_per_s` (image features counted; padding not, except the right padding of packed rows in
-  batches of several blocks) and `elapsed` added to every logged step;
+- logs: `tokens_per_s` (image features counted; padding not: packed batches are one flattened row without
+  padding, whatever the number of blocks) and `elapsed` added to every logged step;
 - validation: Trainer's own eval loop; with `train.keep_best` a `validation.BestKeeper` keeps the best
   weights as best_iter.pth (llava_ft.engine.validation).
 
