@@ -211,9 +211,14 @@ def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int,
     stats["samples"] = len(dataset)
     stats["tokens"] = int(pa.compute.sum(arrow_column(dataset, "length")).as_py())
     if data_cfg.pack_to_max_length:
-        dataset, pstats = pack_samples(dataset, data_cfg.max_length, seed if data_cfg.shuffle_before_pack else None)
-        stats["packing"] = pstats
+        dataset, stats["packing"] = pack_dataset(dataset, data_cfg, seed)
     return PreparedData(dataset, stats)
+
+
+def pack_dataset(dataset: datasets.Dataset, data_cfg: DataConfig, seed: int) -> tuple:
+    """(packed dataset, packing stats) as `data_cfg` asks (max_length, shuffle_before_pack); see packing.py.
+    Also used after data.val_split has held out samples (llava_ft.engine.validation)."""
+    return pack_samples(dataset, data_cfg.max_length, seed if data_cfg.shuffle_before_pack else None)
 
 
 def prepare_dataset(data_cfg: DataConfig, tokenizer, num_image_tokens: int = 0, seed: int = 42,
