@@ -112,6 +112,10 @@ def test_val_split_holds_out_samples_before_packing(tiny_llama, text_file, tmp_p
     # What the run's "validation: N samples" line prints counts samples, not blocks.
     assert stats["validation"]["samples"] == len(held_ids) == round(stats["samples"] * 0.2) > len(held)
     assert stats["packing"]["samples"] == len(train_ids)
+    # The packed parts are cached beside the unpacked data (memory-mapped, not one copy per rank in RAM).
+    train2, _, stats2, held2 = build_train_data(cfg, model, tok, with_eval=True)
+    assert train2.cache_files and held2.cache_files
+    assert train2["id"] == train["id"] and held2["id"] == held["id"] and stats2["packing"] == stats["packing"]
 
 
 def test_filler_rows_add_no_token_to_the_eval_loss(text_file, tiny_tokenizer, tmp_path, tiny_llama):

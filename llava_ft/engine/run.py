@@ -168,7 +168,8 @@ def build_train_data(cfg: Config, model, tokenizer, source_data=None, with_eval:
                                seed=cfg.train.seed, source_data=source_data)
     if len(prepared.dataset) == 0:
         raise UserError("no training samples left after encoding; see the dropped counts above")
-    train_hf, eval_hf, eval_info = eval_split(cfg, tokenizer, num_image_tokens, prepared.dataset)
+    train_hf, eval_hf, eval_info = eval_split(cfg, tokenizer, num_image_tokens, prepared.dataset,
+                                              prepared.stats.get("cache_path"))
     if eval_info:
         if "packing" in eval_info:
             prepared.stats["packing"] = eval_info.pop("packing")

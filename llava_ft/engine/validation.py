@@ -77,8 +77,11 @@ def hold_out(dataset, fraction: float, seed: int):
     return dataset.select(kept, keep_in_memory=True), dataset.select(held, keep_in_memory=True)
 
 
-def eval_split(cfg, tokenizer, num_image_tokens: int, train_dataset):
-    """-> (train dataset, eval dataset or None, info dict or None) from data.val_sources / data.val_split."""
+def eval_split(cfg, tokenizer, num_image_tokens: int, train_dataset, cache_path=None):
+    """-> (train dataset, eval dataset or None, info dict or None) from data.val_sources / data.val_split.
+
+    `cache_path`: the cache folder of `train_dataset` (prepare_dataset's stats["cache_path"]); with packing
+    after data.val_split the packed parts are cached beside it."""
     if cfg.data.val_sources:
         from llava_ft.data.dataset import prepare_dataset
 
@@ -96,8 +99,10 @@ def eval_split(cfg, tokenizer, num_image_tokens: int, train_dataset):
         if cfg.data.pack_to_max_length:
             from llava_ft.data.dataset import pack_dataset
 
-            train, info["packing"] = pack_dataset(train, cfg.data, cfg.train.seed)
-            held, _ = pack_dataset(held, cfg.data, cfg.train.seed)
+            # The unpacked cache's key covers data, tokenizer, max_length and shuffle_before_pack; add the split.
+            base = f"{cache_path}.val_split-{cfg.data.val_split}-seed-{cfg.train.seed}" if cache_path else None
+            train, info["packing"] = pack_dataset(train, cfg.data, cfg.train.seed, base and f"{base}-train")
+            held, _ = pack_dataset(held, cfg.data, cfg.train.seed, base and f"{base}-validation")
         return train, held, info
     return train_dataset, None, None
 
