@@ -12,7 +12,8 @@ Images in `pixel_values` are in the order their placeholders appear (row-major).
 by 0 so the vision tower and projector run on every rank (ZeRO-3 cannot hang on mixed batches).
 
 Packed batches (`data.pack_to_max_length`): `position_ids` one per input id, restarting at 0 at each
-sample's first token, and no attention_mask. The splice expands them with the features (an image's N
+sample's first token, and no attention_mask, in ONE row (the collators flatten the blocks of a batch; a
+multi-row packed batch is flattened here). The splice expands them with the features (an image's N
 vectors take N consecutive positions, later tokens shift by N-1, a sample still starts at 0) and calls
 the LLM without attention_mask and without cache, so transformers builds a block-diagonal mask (varlen
 flash-attention on GPU) from the expanded positions and attention never crosses samples.
@@ -319,6 +320,12 @@ class LlavaFtModel(nn.Module):
         packed = position_ids is not None and attention_mask is None
         if packed:
             kwargs["use_cache"] = False  # a KV cache switches transformers' packed-sequence detection off
+            if input_ids is not None and input_ids.shape[0] > 1:
+                # flash-attention reads position_ids as packed only for ONE row (`_is_packed_sequence`):
+                # several rows would attend across samples. The collators already flatten; this keeps any
+                # other caller right (right padding restarts at 0, so it is a segment of its own).
+                input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+                labels = labels.reshape(1, -1) if labels is not None else None
         if self.visual_encoder is None:
             if pixel_values is not None:
                 raise UserError("pixel_values given to a text-only model (no visual_encoder configured)")
