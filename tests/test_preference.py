@@ -109,7 +109,10 @@ def check_equal_to_duplicated(model, pairs, pack_length=None, image_shape=None):
     return batch
 
 
-def test_text_pairs_equal_duplicated(llm):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_text_pairs_equal_duplicated(tiny_llama, attn):
+    torch.manual_seed(0)
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=attn)
     gen = torch.Generator().manual_seed(0)
     model = LlavaFtModel(llm)
     pairs = [make_pair(gen, prompt_len=7, chosen_len=3, rejected_len=6),

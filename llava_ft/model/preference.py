@@ -9,7 +9,7 @@ causal; each answer causal over the prompt and itself, never the other answer; n
 positions that continue from the prompt for BOTH answers, so every answer token sees exactly what it
 would see in its own prompt + answer sequence: loss and gradients equal the duplicated computation of
 TRL / LLaMA-Factory / XTuner (tests/test_preference.py). transformers passes a user 4D mask through
-unchanged (masking_utils returns it as-is) to sdpa / eager; flash-attention takes no such mask, so
+unchanged (masking_utils returns it as-is): boolean for sdpa, additive for eager; flash-attention takes no such mask, so
 preference runs use sdpa (engine.run says so). Only the supervised answer positions go through the LM
 head, in chunks (llava_ft.model.lm_loss), as in SFT.
 """
@@ -96,9 +96,12 @@ def sequence_logps(model, batch: dict) -> SequenceLogps:
     seg = torch.where(real, torch.gather(batch["segment"], 1, src), -1)
     targets = torch.where(real & text_slot, torch.gather(batch["targets"], 1, src), IGNORE_INDEX)
     positions, predictor, allowed, n_pairs = _block_layout(pair, seg, real)
-    dtype = embeds.dtype
-    mask4d = torch.zeros(allowed.shape, dtype=dtype, device=embeds.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min)
+    if getattr(model.llm.config, "_attn_implementation", "sdpa") == "eager":
+        # eager attention adds the mask to the scores: 0 where allowed, the dtype's minimum elsewhere
+        mask4d = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+            ~allowed, torch.finfo(embeds.dtype).min)
+    else:  # sdpa takes a boolean mask whatever dtype autocast gives the queries
+        mask4d = allowed.to(embeds.device)
     sel = targets != IGNORE_INDEX
     row_idx, slot_idx = torch.nonzero(sel, as_tuple=True)
     pred_idx, tgt = predictor[row_idx, slot_idx], targets[row_idx, slot_idx]
