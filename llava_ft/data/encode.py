@@ -176,7 +176,11 @@ def _tokenize_unique(tokenizer, texts: set) -> dict:
 
 def image_feature_tokens(num_image_tokens, images: Sequence) -> int:
     """Feature vectors the images of one sample become: `num_image_tokens` each (an int), or per image
-    from a counter (AnyRes, where it depends on the image's size: llava_ft.model.anyres)."""
+    from a counter (AnyRes, where it depends on the image's size: llava_ft.model.anyres), or per sample
+    (a released LLaVA-OneVision sees the images of a multi-image sample as single views: released_anyres)."""
+    count_sample = getattr(num_image_tokens, "count_sample", None)
+    if count_sample is not None:
+        return int(count_sample(images))
     if callable(num_image_tokens):
         return sum(int(num_image_tokens(image)) for image in images)
     return len(images) * int(num_image_tokens or 0)

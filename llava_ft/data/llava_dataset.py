@@ -92,6 +92,10 @@ class LlavaDataset(Dataset):
         tensors, sizes = [], []
         # Images stored inside a `datasets` source arrive as encoded bytes (llava_ft.data.hub); b"" = a path.
         data = list(row.get("image_bytes") or [b""] * len(paths))
+        if hasattr(self.anyres, "sample_views"):  # a released LlavaNext/OneVision: its processor sees the sample
+            return self.anyres.sample_views([load_image_bytes(blob, path, row.get("id", "?")) if blob
+                                             else load_image(path, row.get("id", "?"))
+                                             for path, blob in zip(paths, data)])
         for path, blob in zip(paths, data):
             img = load_image_bytes(blob, path, row.get("id", "?")) if blob else load_image(path, row.get("id", "?"))
             if self.anyres is not None:

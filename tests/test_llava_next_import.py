@@ -1,0 +1,140 @@
+"""Continue from released LLaVA-NeXT / LLaVA-OneVision checkpoints (`model.llava`): tiny models built with
+transformers' own classes (llava_ft.testing.llava_next) load into llava_ft with LoRA applied, and before any
+training step give transformers' logits (fp32, 1e-5) on transformers' own inputs (processor + chat template)
+for a square, a wide, a tall and a tiny image, two images in one prompt and a text-only prompt. The token
+counts data preparation computes from image headers equal what the checkpoint's processor expands."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from llava_ft import IMAGE_TOKEN_INDEX
+from llava_ft.config import config_from_dict
+from llava_ft.errors import UserError
+from llava_ft.model.builder import build_model
+from llava_ft.model.llava_hf_import import CLASSES
+from llava_ft.testing.assets import draw_shape
+from llava_ft.testing.llava_next import build_tiny_llava_next, build_tiny_llava_onevision
+
+LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+# (width, height): square, wide, tall, tiny; 90x90 needs 3x3 tiles, more than OneVision's anyres_max_4 here.
+SIZES = {"square": (90, 90), "wide": (96, 30), "tall": (30, 80), "tiny": (7, 5)}
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("released_next")
+    return {
+        "llava_next": build_tiny_llava_next(root / "next", tiny_tokenizer),
+        "llava_onevision": build_tiny_llava_onevision(root / "ov", tiny_tokenizer, max_tiles=4),
+    }
+
+
+def _image(size, seed=1):
+    return draw_shape("red", "circle", random.Random(seed), 96).resize(size)
+
+
+def _cfg(folder, tmp_path, template):
+    return config_from_dict({
+        "name": "continued", "model": {"llava": folder, "freeze_llm": True, "llm_lora": LORA, "dtype": "fp32"},
+        "data": {"sources": [{"path": "unused.json"}], "template": template, "cache_dir": str(tmp_path / "c")},
+    })
+
+
+def _hf_model(folder):
+    from transformers import AutoConfig, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration
+
+    cls = {"llava_next": LlavaNextForConditionalGeneration,
+           "llava_onevision": LlavaOnevisionForConditionalGeneration}[AutoConfig.from_pretrained(folder).model_type]
+    return cls.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _collapse(ids, image_token_id):
+    """transformers' expanded prompt -> llava_ft's: each run of image tokens becomes one IMAGE_TOKEN_INDEX."""
+    out = []
+    for t in ids:
+        if t != image_token_id:
+            out.append(t)
+        elif not out or out[-1] != IMAGE_TOKEN_INDEX:
+            out.append(IMAGE_TOKEN_INDEX)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_logits_equal_transformers_before_training(families, family, tmp_path, capsys):
+    from transformers import AutoProcessor
+
+    folder = families[family]
+    hf = _hf_model(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    model, _ = build_model(_cfg(folder, tmp_path, "mistral" if family == "llava_next" else "qwen_chat"))
+    assert f"{CLASSES[family]} -> LLM" in capsys.readouterr().out
+    model.eval()
+    spec = model.visual_encoder.anyres
+    image_id = hf.config.image_token_id
+    cases = {name: [_image(size)] for name, size in SIZES.items()}
+    cases["two images"] = [_image(SIZES["wide"], 2), _image(SIZES["square"], 3)]
+    cases["text only"] = []
+    for name, images in cases.items():
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "What is the shape?"}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        # One nested list = one sample's images (OneVision's processor applies its multi-image rule to them).
+        inputs = processor(images=[images] if images else None, text=text, return_tensors="pt")
+        with torch.no_grad():
+            want = hf(**inputs).logits
+        ids = _collapse(inputs["input_ids"][0].tolist(), image_id)
+        kwargs = {}
+        if images:
+            pixel_values, sizes = spec.sample_views(images)
+            kwargs = {"pixel_values": pixel_values, "image_sizes": sizes}
+            # data preparation's count (image headers only) = the processor's expansion
+            n_hf = int((inputs["input_ids"] == image_id).sum())
+            assert spec.count_sample(images) == n_hf, name
+        with torch.no_grad():
+            got = model(input_ids=torch.tensor([ids]), **kwargs).logits
+        assert got.shape == want.shape, name
+        assert torch.allclose(got, want, atol=1e-5), f"{family} {name}: {(got - want).abs().max()}"
+
+
+def test_onevision_multi_image_and_shrink_rules(families, tmp_path):
+    """OneVision's own rules are in play in the tiny model: two images are single views (base + newline),
+    and the 90x90 image's 3x3-tile grid is shrunk to anyres_max_4 (fewer tokens than unshrunk)."""
+    model, _ = build_model(_cfg(families["llava_onevision"], tmp_path, "qwen_chat"))
+    spec = model.visual_encoder.anyres
+    assert spec.count_sample([_image(SIZES["wide"]), _image(SIZES["square"])]) == 2 * (spec.base_tokens + 1)
+    side = spec.patches_per_side
+    unshrunk = spec.base_tokens + 3 * side * (3 * side + 1)
+    assert spec.max_tiles == 4 and spec.num_tokens((90, 90)) < unshrunk
+
+
+def test_refuses_other_model_types(tiny_llama, tmp_path):
+    with pytest.raises(UserError, match="model_type is 'llama'.*LlavaNextForConditionalGeneration"):
+        build_model(_cfg(tiny_llama, tmp_path, "vicuna"))
+
+
+def test_current_key_layout_loads_the_same(families, tmp_path):
+    """A OneVision checkpoint saved with transformers' current names (model.language_model.*, model.image_newline,
+    ...) loads like the older layout save_pretrained writes (language_model.model.*, image_newline)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    renamed = tmp_path / "current"
+    shutil.copytree(families["llava_onevision"], renamed)
+    for file in renamed.glob("*.safetensors"):
+        state = load_file(str(file))
+        assert "image_newline" in state and any(k.startswith("language_model.model.") for k in state)
+        moved = {}
+        for k, v in state.items():
+            k = k.replace("language_model.model.", "model.language_model.", 1).replace("language_model.lm_head.",
+                                                                                       "lm_head.", 1)
+            if k.startswith(("vision_tower.", "multi_modal_projector.", "image_newline")):
+                k = "model." + k
+            moved[k] = v
+        save_file(moved, str(file), metadata={"format": "pt"})
+    old, _ = build_model(_cfg(families["llava_onevision"], tmp_path, "qwen_chat"))
+    new, _ = build_model(_cfg(str(renamed), tmp_path, "qwen_chat"))
+    a, b = old.state_dict(), new.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a if "lora_" not in k)
