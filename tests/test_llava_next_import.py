@@ -138,3 +138,88 @@ def test_current_key_layout_loads_the_same(families, tmp_path):
     new, _ = build_model(_cfg(str(renamed), tmp_path, "qwen_chat"))
     a, b = old.state_dict(), new.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a if "lora_" not in k)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_training_tokens_equal_the_checkpoints_processor(families, family, tmp_path):
+    """With data.template=hf a run trains on exactly the ids the checkpoint's processor + chat template make
+    for the conversation (LLaVA-NeXT's tokenizer adds BOS itself; OneVision's ChatML has none), and only
+    the answers (with their end-of-turn token) are supervised."""
+    from transformers import AutoProcessor
+
+    from llava_ft import IGNORE_INDEX
+    from llava_ft.data.encode import encode_record
+
+    folder = families[family]
+    processor = AutoProcessor.from_pretrained(folder)
+    model, tokenizer = build_model(_cfg(folder, tmp_path, "hf"), for_training=False)
+    path = tmp_path / "img.png"
+    _image(SIZES["wide"]).save(path)
+    record = {"id": "s1", "images": [str(path)], "messages": [
+        {"role": "user", "content": "<image>\nWhat is the shape?"}, {"role": "assistant", "content": "A circle."},
+        {"role": "user", "content": "And its colour?"}, {"role": "assistant", "content": "Red."}]}
+    sample = encode_record(record, tokenizer, "hf", max_length=4096,
+                           num_image_tokens=model.visual_encoder.anyres.token_counter()).sample
+    chat = [{"role": m["role"], "content": ([{"type": "image"}] if i == 0 else []) + [
+        {"type": "text", "text": m["content"].replace("<image>\n", "")}]} for i, m in enumerate(record["messages"])]
+    text = processor.apply_chat_template(chat)
+    want = processor(images=[[_image(SIZES["wide"])]], text=text, return_tensors="pt")["input_ids"][0].tolist()
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert sample["input_ids"] == _collapse(want, image_id)
+    assert sample["length"] == len(want)  # the image's feature count was known from its header
+    if family == "llava_next":
+        assert sample["input_ids"][0] == tokenizer.bos_token_id
+    supervised = tokenizer.decode([t for t, lab in zip(sample["input_ids"], sample["labels"]) if lab != IGNORE_INDEX])
+    end = tokenizer.eos_token if family == "llava_next" else "<|im_end|>"
+    assert supervised.replace(" ", "").replace("\n", "") == f"Acircle.{end}Red.{end}".replace(" ", "")
+
+
+def _train_cfg(folder, demo_data, tmp_path, **data):
+    return config_from_dict({
+        "name": "continued",
+        "model": {"llava": folder, "quantization": "4bit", "llm_lora": LORA, "visual_encoder_lora": LORA,
+                  "dtype": "fp32"},
+        "data": {"sources": [{"path": demo_data["finetune"], "format": "llava",
+                              "image_folder": demo_data["image_folder"]}],
+                 "template": "hf", "max_length": 512, "cache_dir": str(tmp_path / "cache"), **data},
+        "train": {"learning_rate": 1e-2, "per_device_batch_size": 2, "max_steps": 2, "save_steps": 2,
+                  "logging_steps": 1, "warmup_ratio": 0.0, "seed": 0, "group_by_length": True},
+    })
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_log_dataset_shows_a_model_llava_config(families, family, demo_data, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from llava_ft.cli import main
+
+    path = tmp_path / "cfg.yaml"
+    raw = {"model": {"llava": families[family]}, "data": {
+        "sources": [{"path": demo_data["finetune"], "format": "llava", "image_folder": demo_data["image_folder"]}],
+        "template": "hf", "max_length": 512, "cache_dir": str(tmp_path / "cache")}}
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["log-dataset", str(path), "--json", "-n", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert rows and IMAGE_TOKEN_INDEX in rows[0]["input_ids"]
+
+
+def test_qlora_run_with_tower_lora_and_packing(families, demo_data, tmp_path):
+    """QLoRA on the LLM, LoRA on the tower, projector and newline trainable, packed rows: two steps run and
+    change exactly those weights."""
+    from llava_ft.engine import run_training
+
+    cfg = _train_cfg(families["llava_onevision"], demo_data, tmp_path, pack_to_max_length=True)
+    model, _ = build_model(cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "projector.image_newline" in trainable
+    assert any(n.startswith("visual_encoder.") and "lora_" in n for n in trainable)
+    assert all("lora_" in n for n in trainable if n.startswith("llm."))
+    result = run_training(cfg, work_dir=str(tmp_path / "wd"))
+    assert result.global_step == 2
+    from llava_ft.checkpoint import load_iter_checkpoint
+
+    state = load_iter_checkpoint(result.last_checkpoint)["state_dict"]
+    assert set(state) == trainable
+    assert not torch.equal(state["projector.image_newline"], model.projector.image_newline.detach())

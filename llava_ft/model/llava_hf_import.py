@@ -221,6 +221,20 @@ def load_released_llava(cfg, for_training: bool = True) -> ReleasedLlava:
     return ReleasedLlava(llm, tokenizer, visual_encoder, projector_state, folder)
 
 
+def load_released_tokenizer_and_tower(cfg):
+    """(tokenizer, VisualEncoder) of `cfg.model.llava` without its LLM: what data preparation needs (the
+    tokenizer and the per-image token count), e.g. for `llava_ft log-dataset`."""
+    from llava_ft.model.llm import load_tokenizer, resolve_dtype
+
+    m = cfg.model
+    folder = resolve_folder(m.llava)
+    config = _llava_config(folder, m.llava)
+    tokenizer = load_tokenizer(replace(m, llm=folder, tokenizer=m.tokenizer or folder))
+    with _quiet_unused_keys():
+        tower = _vision(folder, m.llava, config, resolve_dtype(m.dtype))
+    return tokenizer, tower
+
+
 def _is_main() -> bool:
     import os
 

@@ -17,18 +17,18 @@ from typing import Union
 PathLike = Union[str, Path]
 
 # The released checkpoints' prompt formats, written for content lists as their processors' templates are:
-# llava-v1.6-mistral-7b-hf ("[INST] <image>\nQ [/INST] A</s>") and llava-onevision-qwen2-*-ov-hf (ChatML).
+# llava-v1.6-mistral-7b-hf ("<s>[INST] <image>\nQ [/INST] A</s>", the BOS added by the tokenizer) and
+# llava-onevision-qwen2-*-ov-hf (ChatML).
 MISTRAL_JINJA = (
-    "{{ bos_token }}{% for message in messages %}"
+    "{% for message in messages %}"
     "{% if message['role'] == 'user' %}[INST] "
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
     "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
     "{% endif %} [/INST]"
-    "{% elif message['role'] == 'assistant' %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% elif message['role'] == 'assistant' %} "
     "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{{ eos_token }}{% endif %}{% endfor %}"
 )
 CHATML_JINJA = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -41,11 +41,17 @@ CHATML_JINJA = (
 )
 
 
-def _tokenizer(tokenizer_dir: PathLike, extra: list):
+def _tokenizer(tokenizer_dir: PathLike, extra: list, adds_bos: bool = False):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tok.add_special_tokens({"additional_special_tokens": list(extra)})
+    if adds_bos:  # as Llama/Mistral tokenizers do: BOS comes from the tokenizer, not the chat template
+        from tokenizers.processors import TemplateProcessing
+
+        bos = (tok.bos_token, tok.bos_token_id)
+        tok._tokenizer.post_processor = TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B",
+                                                           special_tokens=[bos])
     return tok
 
 
@@ -93,7 +99,7 @@ def build_tiny_llava_next(out_dir: PathLike, tokenizer_dir: PathLike, tower: str
 
     from llava_ft.model.anyres import default_grid_pinpoints
 
-    tok = _tokenizer(tokenizer_dir, ["<image>"])
+    tok = _tokenizer(tokenizer_dir, ["<image>"], adds_bos=True)
     pinpoints = default_grid_pinpoints(image_size)
     vision = _vision_config(tower, image_size, patch_size, 32, 2)
     config = LlavaNextConfig(vision_config=vision.to_dict() | {"model_type": vision.model_type},
