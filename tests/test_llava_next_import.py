@@ -69,7 +69,7 @@ def test_logits_equal_transformers_before_training(families, family, tmp_path, c
     folder = families[family]
     hf = _hf_model(folder)
     processor = AutoProcessor.from_pretrained(folder)
-    model, _ = build_model(_cfg(folder, tmp_path, "mistral" if family == "llava_next" else "qwen_chat"))
+    model, _ = build_model(_cfg(folder, tmp_path, "hf"))
     assert f"{CLASSES[family]} -> LLM" in capsys.readouterr().out
     model.eval()
     spec = model.visual_encoder.anyres
@@ -101,7 +101,7 @@ def test_logits_equal_transformers_before_training(families, family, tmp_path, c
 def test_onevision_multi_image_and_shrink_rules(families, tmp_path):
     """OneVision's own rules are in play in the tiny model: two images are single views (base + newline),
     and the 90x90 image's 3x3-tile grid is shrunk to anyres_max_4 (fewer tokens than unshrunk)."""
-    model, _ = build_model(_cfg(families["llava_onevision"], tmp_path, "qwen_chat"))
+    model, _ = build_model(_cfg(families["llava_onevision"], tmp_path, "hf"))
     spec = model.visual_encoder.anyres
     assert spec.count_sample([_image(SIZES["wide"]), _image(SIZES["square"])]) == 2 * (spec.base_tokens + 1)
     side = spec.patches_per_side
@@ -134,8 +134,8 @@ def test_current_key_layout_loads_the_same(families, tmp_path):
                 k = "model." + k
             moved[k] = v
         save_file(moved, str(file), metadata={"format": "pt"})
-    old, _ = build_model(_cfg(families["llava_onevision"], tmp_path, "qwen_chat"))
-    new, _ = build_model(_cfg(str(renamed), tmp_path, "qwen_chat"))
+    old, _ = build_model(_cfg(families["llava_onevision"], tmp_path, "hf"))
+    new, _ = build_model(_cfg(str(renamed), tmp_path, "hf"))
     a, b = old.state_dict(), new.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a if "lora_" not in k)
 
@@ -223,3 +223,19 @@ def test_qlora_run_with_tower_lora_and_packing(families, demo_data, tmp_path):
     state = load_iter_checkpoint(result.last_checkpoint)["state_dict"]
     assert set(state) == trainable
     assert not torch.equal(state["projector.image_newline"], model.projector.image_newline.detach())
+
+
+def test_a_named_template_must_reproduce_the_checkpoints_format(families, tmp_path):
+    """A named template that encodes a probe conversation differently from the checkpoint's own chat template
+    is refused before the LLM loads, showing where they differ and naming data.template: hf."""
+    from transformers import AutoTokenizer
+
+    from llava_ft.data.checkpoint_template import template_mismatch
+
+    with pytest.raises(UserError, match="data.template='vicuna' does not give the prompt format.*data.template: hf"):
+        build_model(_cfg(families["llava_onevision"], tmp_path, "vicuna"))
+    next_tok = AutoTokenizer.from_pretrained(families["llava_next"])
+    assert template_mismatch("hf", None, next_tok) is None
+    # the released mistral format puts a space before the answer; XTuner's mistral template does not
+    problem = template_mismatch("mistral", None, next_tok)
+    assert "[/INST]A cat.</s>" in problem and "[/INST] A cat.</s>" in problem, problem

@@ -208,6 +208,8 @@ def load_released_llava(cfg, for_training: bool = True) -> ReleasedLlava:
             replaced.append(f"model.visual_select_layer={m.visual_select_layer}")
         if replaced:
             print(f"[llava_ft] model.llava replaces {', '.join(replaced)} (not used)", flush=True)
+    if config.model_type != "llava":  # NeXT / OneVision carry their prompt format as a chat template
+        _check_template(cfg, folder)
     # The LLM goes through load_llm like any other (quantization, dtype, attention, k-bit prep); only its
     # weights are read out of the LLaVA checkpoint under the text config.
     llm_cfg = replace(m, llm=folder, tokenizer=m.tokenizer or folder)
@@ -216,9 +218,22 @@ def load_released_llava(cfg, for_training: bool = True) -> ReleasedLlava:
                                   load_kwargs={"config": tc, "key_mapping": _LLM_KEYS})
         visual_encoder = _vision(folder, m.llava, config, resolve_dtype(m.dtype))
     projector_state = _projector_state(folder, m.llava, config)
+
     if verbose and getattr(visual_encoder.processor, "do_pad", False):
         print("[llava_ft] model.llava: its image processor pads images to square (kept)", flush=True)
     return ReleasedLlava(llm, tokenizer, visual_encoder, projector_state, folder)
+
+
+def _check_template(cfg, folder: str) -> None:
+    """Refuse (before the LLM loads) a data.template that trains another prompt format than the checkpoint's."""
+    from llava_ft.data.checkpoint_template import template_mismatch
+    from llava_ft.model.llm import load_tokenizer
+
+    m = cfg.model
+    tokenizer = load_tokenizer(replace(m, llm=folder, tokenizer=m.tokenizer or folder))
+    problem = template_mismatch(cfg.data.template, cfg.data.system, tokenizer)
+    if problem:
+        raise UserError(f"model.llava={m.llava!r}: {problem}")
 
 
 def load_released_tokenizer_and_tower(cfg):
