@@ -205,12 +205,20 @@ def test_log_dataset_shows_a_model_llava_config(families, family, demo_data, tmp
     assert rows and IMAGE_TOKEN_INDEX in rows[0]["input_ids"]
 
 
-def test_qlora_run_with_tower_lora_and_packing(families, demo_data, tmp_path):
-    """QLoRA on the LLM, LoRA on the tower, projector and newline trainable, packed rows: two steps run and
-    change exactly those weights."""
-    from llava_ft.engine import run_training
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_qlora_run_exports_back_to_the_same_class(families, family, demo_data, tmp_path):
+    """QLoRA on the LLM, LoRA on the tower, projector and newline trainable, packed rows: two steps change
+    exactly those weights; `--format llava-hf` writes the checkpoint's class with its processor, chat
+    template and end-of-turn stop ids, and transformers' logits on it equal llava_ft's (LoRA merged, fp32)."""
+    from transformers import AutoConfig, AutoProcessor
 
-    cfg = _train_cfg(families["llava_onevision"], demo_data, tmp_path, pack_to_max_length=True)
+    from llava_ft.checkpoint import load_iter_checkpoint
+    from llava_ft.convert import pth_to_hf
+    from llava_ft.engine import run_training
+    from llava_ft.inference.loader import build_from_checkpoint
+
+    folder = families[family]
+    cfg = _train_cfg(folder, demo_data, tmp_path, pack_to_max_length=True)
     model, _ = build_model(cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "projector.image_newline" in trainable
@@ -218,11 +226,32 @@ def test_qlora_run_with_tower_lora_and_packing(families, demo_data, tmp_path):
     assert all("lora_" in n for n in trainable if n.startswith("llm."))
     result = run_training(cfg, work_dir=str(tmp_path / "wd"))
     assert result.global_step == 2
-    from llava_ft.checkpoint import load_iter_checkpoint
-
     state = load_iter_checkpoint(result.last_checkpoint)["state_dict"]
     assert set(state) == trainable
     assert not torch.equal(state["projector.image_newline"], model.projector.image_newline.detach())
+
+    out = pth_to_hf(None, result.last_checkpoint, tmp_path / "hf", fmt="llava-hf")
+    assert AutoConfig.from_pretrained(out).model_type == family
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(processor).__name__ == type(AutoProcessor.from_pretrained(folder)).__name__
+    assert processor.chat_template == AutoProcessor.from_pretrained(folder).chat_template
+    hf = _hf_model(out)
+    end = processor.tokenizer.eos_token_id if family == "llava_next" else \
+        processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end in list(hf.generation_config.eos_token_id if isinstance(hf.generation_config.eos_token_id, list)
+                       else [hf.generation_config.eos_token_id])
+    ours, _, _ = build_from_checkpoint(str(result.last_checkpoint), quantization="none", dtype="fp32")
+    ours.eval()
+    for images in ([_image(SIZES["wide"])], [_image(SIZES["tall"]), _image(SIZES["square"])]):
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "What is the shape?"}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(images=[images], text=text, return_tensors="pt")
+        pixel_values, sizes = ours.visual_encoder.anyres.sample_views(images)
+        with torch.no_grad():
+            want = hf(**inputs).logits
+            got = ours(input_ids=torch.tensor([_collapse(inputs["input_ids"][0].tolist(), hf.config.image_token_id)]),
+                       pixel_values=pixel_values, image_sizes=sizes).logits
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
 def test_a_named_template_must_reproduce_the_checkpoints_format(families, tmp_path):

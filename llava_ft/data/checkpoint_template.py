@@ -53,3 +53,21 @@ def template_mismatch(template: str, system: Optional[str], tokenizer) -> Option
     return (f"data.template={template!r} does not give the prompt format of the checkpoint: a probe conversation "
             f"differs from token {at} on, {show(ours)} with it vs {show(theirs)} with the checkpoint's chat "
             f"template; {fix}")
+
+
+def answer_end_ids(tokenizer) -> list:
+    """Special tokens the tokenizer's chat template writes right after an answer (`<|im_end|>` for ChatML,
+    `</s>` for the mistral format): the end-of-turn ids an export's generation_config must stop at."""
+    from llava_ft import IGNORE_INDEX
+    from llava_ft.data.encode import encode_record
+    from llava_ft.errors import UserError
+
+    try:
+        sample = encode_record(_PROBE, tokenizer, HF_TEMPLATE, max_length=1 << 20).sample
+    except UserError:  # no usable chat template
+        return []
+    if sample is None:
+        return []
+    answer = [t for t, lab in zip(sample["input_ids"], sample["labels"]) if lab != IGNORE_INDEX]
+    special = set(tokenizer.all_special_ids)
+    return [t for t in answer[:len(answer) // 2] if t in special]  # the first of the probe's two answers
