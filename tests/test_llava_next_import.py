@@ -268,3 +268,47 @@ def test_a_named_template_must_reproduce_the_checkpoints_format(families, tmp_pa
     # the released mistral format puts a space before the answer; XTuner's mistral template does not
     problem = template_mismatch("mistral", None, next_tok)
     assert "[/INST]A cat.</s>" in problem and "[/INST] A cat.</s>" in problem, problem
+
+
+def test_chat_on_the_run_and_its_export(families, tmp_path):
+    """A OneVision run answers the same through its iter file and its LlavaOnevision export (transformers'
+    model behind llava_ft chat): one wide image, two images (single views), a text-only turn."""
+    from llava_ft.inference import GenerationSettings, load_chat_model
+    from llava_ft.convert import pth_to_hf
+    from llava_ft.testing.checkpoints import write_random_checkpoint
+
+    pth = write_random_checkpoint(tmp_path / "run", {
+        "model": {"llava": families["llava_onevision"], "freeze_llm": True, "llm_lora": LORA, "dtype": "fp32"},
+        "data": {"template": "hf", "sources": [{"path": "unused.json"}]}})
+    hf = pth_to_hf(None, pth, tmp_path / "hf", fmt="llava-hf")
+    greedy = GenerationSettings(max_new_tokens=5, temperature=0.0)
+    question = [{"role": "user", "content": "What colour is it?"}]
+    turns = ([_image(SIZES["wide"])], [_image(SIZES["tall"]), _image(SIZES["square"])], [])
+    answers = {}
+    for name, artifact in (("pth", pth), ("llava_hf", hf)):
+        cm = load_chat_model(artifact, torch_dtype="fp32")
+        assert type(cm.anyres).__name__ == "ReleasedAnyResSpec", name
+        answers[name] = [cm.chat(question, images, greedy) for images in turns]
+        two = cm.encode(question, turns[1])  # OneVision's multi-image rule: one view each, base + newline
+        assert two.image_tokens == (cm.anyres.base_tokens + 1,) * 2 and two.image_sizes.tolist() == [[0, 0]] * 2
+        assert two.length == len(two.ids) - 2 + 2 * (cm.anyres.base_tokens + 1)
+    for ours, theirs in zip(answers["pth"], answers["llava_hf"]):
+        assert ours.text == theirs.text and ours.prompt_tokens == theirs.prompt_tokens
+    assert answers["pth"][2].completion_tokens > 0
+
+
+@pytest.mark.parametrize("name", ["llava_next_mistral_7b_qlora_finetune", "llava_onevision_qwen2_0_5b_qlora_finetune",
+                                  "llava_onevision_qwen2_7b_qlora_finetune"])
+def test_released_llava_recipes(name):
+    from llava_ft.config import list_configs, load_config
+
+    assert name in list_configs()
+    cfg = load_config(name)
+    assert cfg.model.llava and cfg.data.template == "hf" and cfg.resolved_phase == "finetune"
+    assert cfg.model.quantization == "4bit" and cfg.model.llm_lora.enabled and cfg.model.visual_encoder_lora.enabled
+    from pathlib import Path
+
+    import llava_ft
+
+    text = (Path(llava_ft.__file__).parent / "recipes" / "llava" / f"{name}.yaml").read_text()
+    assert text.splitlines()[0] == f"# llava_ft finetune configs/llava/{name}.yaml"
