@@ -312,3 +312,73 @@ def test_released_llava_recipes(name):
 
     text = (Path(llava_ft.__file__).parent / "recipes" / "llava" / f"{name}.yaml").read_text()
     assert text.splitlines()[0] == f"# llava_ft finetune configs/llava/{name}.yaml"
+
+
+def test_onevision_video_logits_equal_transformers(families, tmp_path):
+    """A clip decoded with PyAV (frames sampled uniformly) gives transformers' LlavaOnevision logits on its
+    own video inputs: frames pooled bilinearly 2x2, one newline after the clip; the count is known up front."""
+    from transformers import AutoProcessor
+
+    from llava_ft.data.videos import load_video_frames
+    from llava_ft.testing.llava_next import write_test_video
+
+    folder = families["llava_onevision"]
+    hf = _hf_model(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    model, _ = build_model(_cfg(folder, tmp_path, "hf"))
+    model.eval()
+    spec = model.visual_encoder.anyres
+    clip = write_test_video(tmp_path / "clip.mp4", frames=12)
+    frames = load_video_frames(clip, spec.video_frames)
+    assert frames.shape[0] == spec.video_frames == 8
+    content = [{"type": "video"}, {"type": "text", "text": "What moves?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(videos=[frames], text=text, return_tensors="pt")
+    with torch.no_grad():
+        want = hf(**inputs).logits
+    video_id = hf.config.video_token_id
+    assert spec.count_sample([clip]) == int((inputs["input_ids"] == video_id).sum())
+    pixel_values, sizes = spec.sample_views([frames])
+    ids = _collapse(inputs["input_ids"][0].tolist(), video_id)
+    with torch.no_grad():
+        got = model(input_ids=torch.tensor([ids]), pixel_values=pixel_values, image_sizes=sizes).logits
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_video_samples_train_and_bad_clips_are_bad_samples(families, tmp_path):
+    """`"video": "clip.mp4"` records (LLaVA-NeXT's key, <video> marker) are prepared with their token count
+    and loaded as frames; an unreadable and a too-short clip are named, and under skip_bad_samples skipped
+    and counted."""
+    import json
+
+    from llava_ft.data.images import BadImageError, verify_images
+    from llava_ft.data.llava_dataset import LlavaDataset
+    from llava_ft.data.dataset import prepare_dataset
+    from llava_ft.testing.llava_next import write_test_video
+
+    folder = tmp_path / "media"
+    folder.mkdir()
+    write_test_video(folder / "good.mp4", frames=10)
+    write_test_video(folder / "short.mp4", frames=3)
+    (folder / "broken.mp4").write_bytes(b"not a video at all")
+    rows = [{"id": f"v{i}", "video": name, "conversations": [
+        {"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "A red square."}]}
+        for i, name in enumerate(["good.mp4", "short.mp4", "broken.mp4"])]
+    data = tmp_path / "videos.json"
+    data.write_text(json.dumps(rows))
+    cfg = _train_cfg(families["llava_onevision"], {"finetune": str(data), "image_folder": str(folder)}, tmp_path,
+                     video_frames=4, skip_bad_samples=True)
+    model, tokenizer = build_model(cfg, for_training=False)
+    spec = model.visual_encoder.anyres
+    prepared = prepare_dataset(cfg.data, tokenizer, num_image_tokens=spec.token_counter(), seed=0)
+    ds = prepared.dataset
+    assert ds["length"][0] == len(ds[0]["input_ids"]) - 1 + 4 * 4 + 1  # 4 frames x 2x2 pooled + newline
+    problems = {p.path.rsplit("/", 1)[-1]: p.reason for p in verify_images(ds)}
+    assert set(problems) == {"broken.mp4"} and "cannot decode video" in problems["broken.mp4"]
+    strict = LlavaDataset(ds, model.visual_encoder, cfg.data, skip_bad_samples=False)
+    item = strict[0]
+    assert item["pixel_values"].shape[0] == 4 and item["image_sizes"].tolist() == [[-4, -1]]
+    with pytest.raises(BadImageError, match="v1.*short.mp4.*too short: 3 frame"):
+        strict[1]
+    lenient = LlavaDataset(ds, model.visual_encoder, cfg.data)
+    assert lenient[1]["id"] != "v1" and lenient[2]["id"] == "v0" and lenient.num_bad_images == 2

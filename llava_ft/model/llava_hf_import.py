@@ -114,7 +114,7 @@ def _projector_state(folder: str, name: str, config) -> dict:
     return state
 
 
-def _vision(folder: str, name: str, config, dtype):
+def _vision(folder: str, name: str, config, dtype, video_frames: int = 8):
     from transformers import AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
 
     from llava_ft.model.vision import HF_TYPES, wrap_hf_tower
@@ -140,11 +140,11 @@ def _vision(folder: str, name: str, config, dtype):
         raise UserError(f"model.llava={name!r}: cannot load its vision tower ({str(err).splitlines()[0]})") from None
     ve = wrap_hf_tower(model, processor, kind, layer, f"{name} (vision tower)")
     if config.model_type != "llava":
-        _attach_anyres(ve, config, processor, name)
+        _attach_anyres(ve, config, processor, name, folder, video_frames)
     return ve
 
 
-def _attach_anyres(ve, config, processor, name: str) -> None:
+def _attach_anyres(ve, config, processor, name: str, folder: str, video_frames: int) -> None:
     """LlavaNext / LlavaOnevision: tile images with the checkpoint's own image processor and pinpoints
     (llava_ft.model.released_anyres); the plain view (the collator's dummy image) is the processor's
     overview of the image."""
@@ -158,8 +158,17 @@ def _attach_anyres(ve, config, processor, name: str) -> None:
                             "kind transformers' LlavaOnevision implements)")
         max_tiles = int(ratio[len("anyres_max_"):])
     pinpoints = config.image_grid_pinpoints or processor.image_grid_pinpoints
+    video_processor = None
+    if config.model_type == "llava_onevision":
+        from transformers import AutoVideoProcessor
+
+        try:
+            video_processor = AutoVideoProcessor.from_pretrained(folder)
+        except (OSError, ValueError):  # a checkpoint saved without one: images only (a clip then says so)
+            video_processor = None
     ve.anyres = ReleasedAnyResSpec(processor, pinpoints, ve.num_image_tokens, max_tiles_before_shrink=max_tiles,
-                                   single_view_for_multi_image=config.model_type == "llava_onevision")
+                                   single_view_for_multi_image=config.model_type == "llava_onevision",
+                                   video_processor=video_processor, video_frames=video_frames)
     ve._preprocess_fn = ve.anyres.overview
 
 
@@ -216,7 +225,7 @@ def load_released_llava(cfg, for_training: bool = True) -> ReleasedLlava:
     with _quiet_unused_keys():
         llm, tokenizer = load_llm(llm_cfg, for_training=for_training, verbose=verbose,
                                   load_kwargs={"config": tc, "key_mapping": _LLM_KEYS})
-        visual_encoder = _vision(folder, m.llava, config, resolve_dtype(m.dtype))
+        visual_encoder = _vision(folder, m.llava, config, resolve_dtype(m.dtype), cfg.data.video_frames)
     projector_state = _projector_state(folder, m.llava, config)
 
     if verbose and getattr(visual_encoder.processor, "do_pad", False):
@@ -246,7 +255,7 @@ def load_released_tokenizer_and_tower(cfg):
     config = _llava_config(folder, m.llava)
     tokenizer = load_tokenizer(replace(m, llm=folder, tokenizer=m.tokenizer or folder))
     with _quiet_unused_keys():
-        tower = _vision(folder, m.llava, config, resolve_dtype(m.dtype))
+        tower = _vision(folder, m.llava, config, resolve_dtype(m.dtype), cfg.data.video_frames)
     return tokenizer, tower
 
 

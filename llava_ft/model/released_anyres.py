@@ -28,13 +28,24 @@ import torch
 from llava_ft.model.anyres import AnyResSpec, grid_shape, image_hw
 
 SINGLE_VIEW = (0, 0)  # image size recorded for an image seen as one view (OneVision's multi-image rule)
+# A video clip (OneVision) is recorded with size (-frames, -1): its frames are its views, pooled 2x2.
+
+
+def _video_frames_of(hw) -> int:
+    """Frames of a clip recorded as (-frames, -1); 0 for an image."""
+    return -int(hw[0]) if int(hw[0]) < 0 else 0
+
+
+def _is_clip(item) -> bool:
+    """A decoded video clip (uint8 frames [F, H, W, 3]) rather than a PIL image."""
+    return getattr(item, "ndim", 0) == 4
 
 
 class ReleasedAnyResSpec(AnyResSpec):
     """AnyRes settings of a released LlavaNext / LlavaOnevision checkpoint (see module docstring)."""
 
     def __init__(self, image_processor, pinpoints, base_tokens: int, max_tiles_before_shrink: Optional[int] = None,
-                 single_view_for_multi_image: bool = False):
+                 single_view_for_multi_image: bool = False, video_processor=None, video_frames: int = 8):
         from llava_ft.model.anyres import _tile_size_of
 
         self.tile_size = _tile_size_of(image_processor)
@@ -46,23 +57,33 @@ class ReleasedAnyResSpec(AnyResSpec):
         self.processor = image_processor
         self.max_tiles = max_tiles_before_shrink
         self.single_view_for_multi_image = bool(single_view_for_multi_image)
+        self.video_processor = video_processor  # OneVision: clips become frames pooled 2x2 + one newline
+        self.video_frames = int(video_frames)
 
     # ---- views ------------------------------------------------------------------------------------
     def sample_views(self, images: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-        """PIL images of one sample -> ([all views, 3, S, S], sizes [n, 2]) as the checkpoint's processor
-        makes them (one call with the sample's images, so its multi-image rule applies)."""
-        single = self.single_view_for_multi_image and len(images) > 1
-        if single:
-            out = self.processor(images=[list(images)], return_tensors="pt")
-        else:
-            out = self.processor(images=list(images), return_tensors="pt")
-        pixel_values = out["pixel_values"]
-        views, sizes = [], []
-        for i, img in enumerate(images):
-            hw = SINGLE_VIEW if single else (img.height, img.width)
-            n = self.num_views(hw)
-            views.append(pixel_values[i][:n])  # the processor pads every image to the batch's most views
+        """PIL images (and, for OneVision, clips as uint8 frame arrays [F, H, W, 3]) of one sample ->
+        ([all views, 3, S, S], sizes [n, 2]) as the checkpoint's processors make them (one call with the
+        sample's images, so its multi-image rule applies)."""
+        pictures = [im for im in images if not _is_clip(im)]
+        single = self.single_view_for_multi_image and len(pictures) > 1
+        pixel_values = None
+        if pictures:
+            batch = [pictures] if single else pictures
+            pixel_values = self.processor(images=batch, return_tensors="pt")["pixel_values"]
+        views, sizes, k = [], [], 0
+        for item in images:
+            if _is_clip(item):
+                if self.video_processor is None:
+                    raise ValueError("this checkpoint has no video processor: only LLaVA-OneVision takes videos")
+                frames = self.video_processor(videos=[item], return_tensors="pt")["pixel_values_videos"][0]
+                views.append(frames)
+                sizes.append((-frames.shape[0], -1))
+                continue
+            hw = SINGLE_VIEW if single else (item.height, item.width)
+            views.append(pixel_values[k][:self.num_views(hw)])  # the processor pads images to the most views
             sizes.append(hw)
+            k += 1
         return torch.cat(views), torch.tensor(sizes, dtype=torch.long)
 
     def views(self, image) -> torch.Tensor:
@@ -75,6 +96,8 @@ class ReleasedAnyResSpec(AnyResSpec):
     def num_views(self, image_hw_: Sequence[int]) -> int:
         if tuple(image_hw_) == SINGLE_VIEW:
             return 1
+        if _video_frames_of(image_hw_):
+            return _video_frames_of(image_hw_)
         return super().num_views(image_hw_)
 
     # ---- counts -----------------------------------------------------------------------------------
@@ -92,6 +115,8 @@ class ReleasedAnyResSpec(AnyResSpec):
 
         if tuple(image_hw_) == SINGLE_VIEW:
             return self.base_tokens + 1
+        if _video_frames_of(image_hw_):  # frames pooled 2x2 (ceil), one newline after the clip
+            return _video_frames_of(image_hw_) * math.ceil(self.patches_per_side / 2) ** 2 + 1
         rows, cols = grid_shape(image_hw_, self.pinpoints, self.tile_size)
         side = self.patches_per_side
         grid = torch.empty(1, rows * side, cols * side, device="meta")
@@ -101,9 +126,13 @@ class ReleasedAnyResSpec(AnyResSpec):
 
     def count_sample(self, images: Sequence) -> int:
         """Feature vectors of one sample's images (paths, PIL images or {"bytes", "path"}), headers only."""
+        from llava_ft.data.videos import is_video
+
+        clips = [im for im in images if is_video(im)]
+        images = [im for im in images if not is_video(im)]
+        total = len(clips) * self.num_tokens((-self.video_frames, -1))
         if self.single_view_for_multi_image and len(images) > 1:
-            return len(images) * (self.base_tokens + 1)
-        total = 0
+            return total + len(images) * (self.base_tokens + 1)
         for image in images:
             size = image_hw(image)
             # Unreadable: image verification reports it (or skips the sample); count the overview only.
@@ -119,7 +148,7 @@ class ReleasedAnyResSpec(AnyResSpec):
     @property
     def cache_key(self) -> str:
         return (f"released-anyres:{self.pinpoints}:{self.tile_size}:{self.base_tokens}:{self.max_tiles}:"
-                f"{self.single_view_for_multi_image}")
+                f"{self.single_view_for_multi_image}:{self.video_frames if self.video_processor else 0}")
 
     def __getstate__(self):  # datasets.map may pickle the counter into workers; the processor pickles too
         return dict(self.__dict__)
@@ -139,6 +168,12 @@ class ReleasedAnyResSpec(AnyResSpec):
             start += n
             if tuple(hw) == SINGLE_VIEW:
                 out.append(torch.cat([views[0], newline[None].to(views)], dim=0))
+                continue
+            if _video_frames_of(hw):  # LlavaOnevision's apply_pooling: bilinear to ceil(side/2), then a newline
+                grid = views.reshape(n, side, side, -1).permute(0, 3, 1, 2)
+                pooled = torch.nn.functional.interpolate(grid, size=[math.ceil(side / 2)] * 2, mode="bilinear")
+                pooled = pooled.permute(0, 2, 3, 1).reshape(-1, views.shape[-1])
+                out.append(torch.cat([pooled, newline[None].to(pooled)], dim=0))
                 continue
             rows, cols = grid_shape(hw, self.pinpoints, self.tile_size)
             dim = views.shape[-1]

@@ -154,3 +154,25 @@ def build_tiny_llava_onevision(out_dir: PathLike, tokenizer_dir: PathLike, tower
                                         vision_feature_select_strategy=config.vision_feature_select_strategy,
                                         chat_template=CHATML_JINJA, vision_aspect_ratio=config.vision_aspect_ratio)
     return _save(model, processor, out_dir)
+
+
+def write_test_video(path: PathLike, frames: int = 6, size: tuple = (48, 40), seed: int = 0) -> str:
+    """A short clip written with PyAV (MPEG-4 part 2, which every FFmpeg build encodes): a coloured square
+    moving across `frames` frames of (width, height) `size`."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            img = np.full((height, width, 3), rng.integers(0, 255, 3), dtype=np.uint8)
+            x = (i * 7) % max(1, width - 12)
+            img[10:22, x:x + 12] = (250, 30, 30)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
