@@ -298,7 +298,8 @@ def test_chat_on_the_run_and_its_export(families, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llava_next_mistral_7b_qlora_finetune", "llava_onevision_qwen2_0_5b_qlora_finetune",
-                                  "llava_onevision_qwen2_7b_qlora_finetune"])
+                                  "llava_onevision_qwen2_7b_qlora_finetune",
+                                  "llava_onevision_qwen2_0_5b_qlora_video_finetune"])
 def test_released_llava_recipes(name):
     from llava_ft.config import list_configs, load_config
 
@@ -382,3 +383,25 @@ def test_video_samples_train_and_bad_clips_are_bad_samples(families, tmp_path):
         strict[1]
     lenient = LlavaDataset(ds, model.visual_encoder, cfg.data)
     assert lenient[1]["id"] != "v1" and lenient[2]["id"] == "v0" and lenient.num_bad_images == 2
+
+
+@pytest.mark.slow
+def test_a_run_trains_on_clips_and_images_together(families, demo_data, tmp_path):
+    """Clips and images in one packed, length-grouped QLoRA run: two steps, the loss is finite."""
+    import json
+    import math
+
+    from llava_ft.engine import run_training
+    from llava_ft.testing.llava_next import write_test_video
+
+    rows = json.loads(open(demo_data["finetune"]).read())[:4]
+    for i in range(2):
+        write_test_video(tmp_path / f"clip{i}.mp4", frames=6, seed=i)
+        rows.append({"id": f"clip{i}", "video": str(tmp_path / f"clip{i}.mp4"), "conversations": [
+            {"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "A red square."}]})
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(rows))
+    cfg = _train_cfg(families["llava_onevision"], {"finetune": str(data), "image_folder": demo_data["image_folder"]},
+                     tmp_path, video_frames=4, pack_to_max_length=True)
+    result = run_training(cfg, work_dir=str(tmp_path / "wd"))
+    assert result.global_step == 2 and math.isfinite(result.train_loss)
