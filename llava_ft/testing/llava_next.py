@@ -12,7 +12,7 @@ local BPE of `llava_ft.testing.assets.build_tokenizer`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 PathLike = Union[str, Path]
 
@@ -55,23 +55,25 @@ def _tokenizer(tokenizer_dir: PathLike, extra: list, adds_bos: bool = False):
     return tok
 
 
-def _vision_config(kind: str, image_size: int, patch_size: int, hidden_size: int, num_layers: int):
+def _vision_config(kind: str, image_size: int, patch_size: int, hidden_size: int, num_layers: int,
+                   shape: Optional[dict] = None):
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
     cls = CLIPVisionConfig if kind == "clip" else SiglipVisionConfig
     extra = {"projection_dim": hidden_size} if kind == "clip" else {}
-    return cls(hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
-               num_attention_heads=4, image_size=image_size, patch_size=patch_size, **extra)
+    sizes = dict(hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=num_layers,
+                 num_attention_heads=4) | (shape or {})
+    return cls(image_size=image_size, patch_size=patch_size, **extra, **sizes)
 
 
-def _text_config(arch: str, vocab: int, tok, hidden_size: int = 64):
+def _text_config(arch: str, vocab: int, tok, hidden_size: int = 64, shape: Optional[dict] = None):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
-    return cls(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-               tie_word_embeddings=False)
+    sizes = dict(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False) | (shape or {})
+    return cls(max_position_embeddings=4096, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id, **sizes)
 
 
 def _save(model, processor, out_dir: PathLike) -> str:
@@ -122,10 +124,12 @@ def build_tiny_llava_next(out_dir: PathLike, tokenizer_dir: PathLike, tower: str
 
 def build_tiny_llava_onevision(out_dir: PathLike, tokenizer_dir: PathLike, tower: str = "siglip",
                                arch: str = "qwen2", image_size: int = 32, patch_size: int = 8,
-                               max_tiles: int = 9, grid: int = 3, seed: int = 0) -> str:
+                               max_tiles: int = 9, grid: int = 3, seed: int = 0, text_shape: Optional[dict] = None,
+                               vision_shape: Optional[dict] = None, dtype: str = "float32") -> str:
     """A LlavaOnevisionForConditionalGeneration folder shaped like llava-onevision-qwen2-0.5b-ov-hf (SigLIP,
     `full` strategy, feature layer -1, pinpoints 1x1 .. grid x grid tiles, vision_aspect_ratio anyres_max_N).
-    A small `max_tiles` makes the anyres_max interpolation happen on small images."""
+    A small `max_tiles` makes the anyres_max interpolation happen on small images. `text_shape` /
+    `vision_shape` override the sizes (benchmarks build real-sized shapes), `dtype` the saved precision."""
     import torch
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
                               LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
@@ -133,16 +137,16 @@ def build_tiny_llava_onevision(out_dir: PathLike, tokenizer_dir: PathLike, tower
 
     tok = _tokenizer(tokenizer_dir, ["<image>", "<video>", "<|im_start|>", "<|im_end|>"])
     pinpoints = [[r * image_size, c * image_size] for r in range(1, grid + 1) for c in range(1, grid + 1)]
-    vision = _vision_config(tower, image_size, patch_size, 32, 2)
+    vision = _vision_config(tower, image_size, patch_size, 32, 2, vision_shape)
     config = LlavaOnevisionConfig(vision_config=vision.to_dict() | {"model_type": vision.model_type},
-                                  text_config=_text_config(arch, len(tok), tok).to_dict(),
+                                  text_config=_text_config(arch, len(tok), tok, shape=text_shape).to_dict(),
                                   image_token_index=tok.convert_tokens_to_ids("<image>"),
                                   video_token_index=tok.convert_tokens_to_ids("<video>"),
                                   vision_feature_select_strategy="full" if tower == "siglip" else "default",
                                   vision_feature_layer=-1, image_grid_pinpoints=pinpoints,
                                   vision_aspect_ratio=f"anyres_max_{max_tiles}")
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(config).to(torch.float32).eval()
+    model = LlavaOnevisionForConditionalGeneration(config).to(getattr(torch, dtype)).eval()
     mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
     image_processor = LlavaOnevisionImageProcessor(size={"height": image_size, "width": image_size},
                                                    image_grid_pinpoints=pinpoints, image_mean=mean, image_std=std)
