@@ -58,6 +58,7 @@ class ReleasedAnyResSpec(AnyResSpec):
         self.max_tiles = max_tiles_before_shrink
         self.single_view_for_multi_image = bool(single_view_for_multi_image)
         self.video_processor = video_processor  # OneVision: clips become frames pooled 2x2 + one newline
+        self.takes_video = video_processor is not None
         self.video_frames = int(video_frames)
 
     # ---- views ------------------------------------------------------------------------------------
@@ -140,7 +141,13 @@ class ReleasedAnyResSpec(AnyResSpec):
         return total
 
     def token_counter(self) -> "ReleasedAnyResSpec":
-        return self
+        """A copy without the processors: counting needs only the numbers, and datasets.map pickles and
+        fingerprints the counter it is given."""
+        import copy
+
+        lite = copy.copy(self)
+        lite.processor = lite.video_processor = None
+        return lite
 
     def __call__(self, image) -> int:
         return self.count_sample([image])
@@ -148,10 +155,7 @@ class ReleasedAnyResSpec(AnyResSpec):
     @property
     def cache_key(self) -> str:
         return (f"released-anyres:{self.pinpoints}:{self.tile_size}:{self.base_tokens}:{self.max_tiles}:"
-                f"{self.single_view_for_multi_image}:{self.video_frames if self.video_processor else 0}")
-
-    def __getstate__(self):  # datasets.map may pickle the counter into workers; the processor pickles too
-        return dict(self.__dict__)
+                f"{self.single_view_for_multi_image}:{self.video_frames if self.takes_video else 0}")
 
     # ---- packing ----------------------------------------------------------------------------------
     def pack(self, features: torch.Tensor, image_sizes, newline: torch.Tensor) -> list[torch.Tensor]:
