@@ -405,3 +405,10 @@ def test_a_run_trains_on_clips_and_images_together(families, demo_data, tmp_path
                      tmp_path, video_frames=4, pack_to_max_length=True)
     result = run_training(cfg, work_dir=str(tmp_path / "wd"))
     assert result.global_step == 2 and math.isfinite(result.train_loss)
+
+
+def test_load_message_names_the_checkpoints_rules(families, tmp_path, capsys):
+    build_model(_cfg(families["llava_onevision"], tmp_path, "hf"), for_training=False)
+    out = capsys.readouterr().out
+    assert "AnyRes with the checkpoint's image processor and 9 grid pinpoints, anyres_max_4" in out
+    assert "pads images to square" not in out

@@ -228,8 +228,15 @@ def load_released_llava(cfg, for_training: bool = True) -> ReleasedLlava:
         visual_encoder = _vision(folder, m.llava, config, resolve_dtype(m.dtype), cfg.data.video_frames)
     projector_state = _projector_state(folder, m.llava, config)
 
-    if verbose and getattr(visual_encoder.processor, "do_pad", False):
+    # (NeXT / OneVision processors' do_pad pads a batch's tile counts, not images to square)
+    if verbose and config.model_type == "llava" and getattr(visual_encoder.processor, "do_pad", False):
         print("[llava_ft] model.llava: its image processor pads images to square (kept)", flush=True)
+    elif verbose and config.model_type != "llava":
+        spec = visual_encoder.anyres
+        extra = (f", anyres_max_{spec.max_tiles}, several images = one view each, videos of "
+                 f"{spec.video_frames} frames" if spec.single_view_for_multi_image else "")
+        print(f"[llava_ft] model.llava: AnyRes with the checkpoint's image processor and {len(spec.pinpoints)} "
+              f"grid pinpoints{extra}", flush=True)
     return ReleasedLlava(llm, tokenizer, visual_encoder, projector_state, folder)
 
 
