@@ -328,7 +328,13 @@ def section_gpu(quick: bool = False) -> dict:
     if not has_gpu():
         return section("gpu", "GPU: 7B-shaped LLaVA QLoRA throughput and MFU", [], ["skipped: no GPU"],
                        status="skipped")
-    return gpu_qlora_throughput(quick)
+    result = gpu_qlora_throughput(quick)
+    from bench_precision import gpu_precision_steps  # fp16/bf16 QLoRA LLaVA steps (issue 19.1)
+
+    figs, notes = gpu_precision_steps(_build_gpu_assets, SHAPE_7B, quick)
+    result["figures"] += figs
+    result["notes"] += notes
+    return result
 
 
 def main() -> None:

@@ -228,10 +228,11 @@ class CountingCollator:
         ids, labels = batch["input_ids"], batch["labels"]
         if self.expands_images:
             # From the rows themselves: packed batches carry position_ids, no attention_mask. A row (sample or
-            # packed block) runs over its ids with each placeholder expanded; rows pad to the longest.
+            # packed block) runs over its ids with each placeholder expanded; samples pad to the longest,
+            # packed blocks are flattened into one row without padding.
             real_rows = torch.tensor([len(f["input_ids"]) + (self.num_image_tokens - 1) * sum(
                 1 for t in f["input_ids"] if t == IMAGE_TOKEN_INDEX) for f in features])
-            padded = int(real_rows.max()) * ids.shape[0]
+            padded = int(real_rows.sum()) if "position_ids" in batch else int(real_rows.max()) * ids.shape[0]
         else:
             real_rows = batch["attention_mask"].sum(dim=1)
             padded = ids.numel()

@@ -59,7 +59,7 @@ class LoraSettings:
 class ModelConfig:
     llm: str = ""  # hub id or local folder of an AutoModelForCausalLM
     tokenizer: Optional[str] = None  # defaults to `llm`
-    dtype: str = "auto"  # auto: bf16 where the device supports it, fp32 on CPU
+    dtype: str = "auto"  # auto: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU (llm.dtype_choice)
     quantization: str = "none"  # 4bit = NF4 + double quant (QLoRA)
     attn_implementation: str = "auto"  # auto: flash_attention_2 if installed on a GPU, else sdpa (eager if unsupported)
     trust_remote_code: bool = False  # run a model folder's own Python code (auto_map); InternLM2 never needs it

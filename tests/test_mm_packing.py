@@ -377,6 +377,11 @@ def test_logged_tokens_count_image_features(tiny_llama, tiny_clip, mixed_data, t
     samples = [by_id[s] for s in block["id"].split(",")]
     trainer.training_step(trainer.model, collate(samples))  # unpacked and padded: padding not counted
     assert trainer._tokens_since_log == sum(s["length"] for s in samples)
+    trainer._tokens_since_log = 0
+    blocks = [packed[i] for i in range(3)]  # several blocks of different lengths: flattened, no padding
+    assert len({b["length"] for b in blocks}) > 1
+    trainer.training_step(trainer.model, collate(blocks))
+    assert trainer._tokens_since_log == sum(b["length"] for b in blocks)
 
 
 def test_anyres_packed_loss_equals_unpacked(tiny_llama, tiny_clip, mixed_data):

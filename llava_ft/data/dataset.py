@@ -211,9 +211,26 @@ def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int,
     stats["samples"] = len(dataset)
     stats["tokens"] = int(pa.compute.sum(arrow_column(dataset, "length")).as_py())
     if data_cfg.pack_to_max_length:
-        dataset, pstats = pack_samples(dataset, data_cfg.max_length, seed if data_cfg.shuffle_before_pack else None)
-        stats["packing"] = pstats
+        dataset, stats["packing"] = pack_dataset(dataset, data_cfg, seed)
     return PreparedData(dataset, stats)
+
+
+def pack_dataset(dataset: datasets.Dataset, data_cfg: DataConfig, seed: int, cache_folder: Optional[str] = None) -> tuple:
+    """(packed dataset, packing stats) as `data_cfg` asks (max_length, shuffle_before_pack); see packing.py.
+
+    Also used after data.val_split has held out samples (llava_ft.engine.validation). With `cache_folder`
+    (a folder name derived from the unpacked data's cache folder and what was held out) the result is saved
+    there and memory-mapped, like prepare_dataset's: packing holds the blocks in memory, and every rank of a
+    large run would otherwise keep its own copy."""
+    if cache_folder is None:
+        return pack_samples(dataset, data_cfg.max_length, seed if data_cfg.shuffle_before_pack else None)
+    stats_file = os.path.join(cache_folder, "llava_ft_stats.json")
+    if os.path.isfile(stats_file):
+        with open(stats_file) as fh:
+            return datasets.load_from_disk(cache_folder), json.load(fh)
+    prepared = PreparedData(*pack_dataset(dataset, data_cfg, seed))
+    _save(prepared, cache_folder, stats_file)
+    return prepared.dataset, prepared.stats
 
 
 def prepare_dataset(data_cfg: DataConfig, tokenizer, num_image_tokens: int = 0, seed: int = 42,

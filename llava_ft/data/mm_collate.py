@@ -3,15 +3,17 @@
     collator = MultimodalCollator(tokenizer, image_shape=ve.image_shape)   # (3, H, W) of the tower
     batch = collator([ds[0], ds[1]])
     # {"input_ids", "attention_mask", "labels": [B, T], "pixel_values": [n_images, 3, H, W]}
-    # packed blocks (rows with position_ids): "position_ids" instead of "attention_mask"
+    # packed blocks (rows with position_ids): ONE flattened row [1, total], "position_ids" instead of
+    # "attention_mask" (TextCollator's flattening)
 
 `pixel_values` holds the images in the order their IMAGE_TOKEN_INDEX placeholders appear, row by row,
 which is the order `LlavaFtModel` splices them in. A batch without any image gets ONE dummy (zero)
 image: the model adds its features x 0, so the vision tower and projector run on every rank and ZeRO-3
 cannot hang waiting for a rank that skipped them (DeepSpeed #7170) -- packed blocks without an image
-included. Padding is on the right. Packed rows (`data.pack_to_max_length`) keep their `position_ids`
-(one per input id, restarting at each sample) and get no attention_mask, as in `TextCollator`; the
-model expands the positions with the image features.
+included. Padding is on the right. Packed blocks (`data.pack_to_max_length`) are concatenated into one
+row, as in `TextCollator`: `position_ids` (one per input id, restarting at each sample), no padding, no
+attention_mask. The images stay in placeholder order, so the splice still gives each sample its own
+images; the model expands the positions with the image features.
 """
 from __future__ import annotations
 

@@ -104,7 +104,10 @@ def training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
         logging_steps=t.logging_steps,
         seed=t.seed,
         data_seed=t.seed,
-        bf16=on_gpu and dtype == torch.bfloat16,
+        # Autocast in the compute dtype; trainable weights are fp32 masters (model.builder.keep_trainable_fp32).
+        # bf16 autocast runs on the CPU too (same code path as on a GPU); accelerate switches fp16 autocast and
+        # its GradScaler on only off the CPU, so fp16 is asked for on a GPU only.
+        bf16=dtype == torch.bfloat16,
         fp16=on_gpu and dtype == torch.float16,
         remove_unused_columns=False,  # the collators need `images`, the sampler `modality_length`
         dataloader_num_workers=t.dataloader_num_workers,
@@ -158,17 +161,21 @@ def build_train_data(cfg: Config, model, tokenizer, source_data=None, with_eval:
     data.val_sources / data.val_split (llava_ft.engine.validation; stats["validation"] counts it).
     """
     from llava_ft.data.dataset import prepare_dataset
-    from llava_ft.engine.validation import eval_split
+    from llava_ft.engine.validation import encoding_config, eval_split
 
     from llava_ft.model.anyres import image_token_counter
 
     num_image_tokens = image_token_counter(model.visual_encoder) if cfg.is_llava else 0
-    prepared = prepare_dataset(cfg.data, tokenizer, num_image_tokens=num_image_tokens, seed=cfg.train.seed,
-                               source_data=source_data)
+    # unpacked when data.val_split holds out samples: eval_split packs after the hold-out
+    prepared = prepare_dataset(encoding_config(cfg), tokenizer, num_image_tokens=num_image_tokens,
+                               seed=cfg.train.seed, source_data=source_data)
     if len(prepared.dataset) == 0:
         raise UserError("no training samples left after encoding; see the dropped counts above")
-    train_hf, eval_hf, eval_info = eval_split(cfg, tokenizer, num_image_tokens, prepared.dataset)
+    train_hf, eval_hf, eval_info = eval_split(cfg, tokenizer, num_image_tokens, prepared.dataset,
+                                              prepared.stats.get("cache_path"))
     if eval_info:
+        if "packing" in eval_info:
+            prepared.stats["packing"] = eval_info.pop("packing")
         prepared.stats["validation"] = eval_info
     if cfg.is_llava:
         from llava_ft.data.llava_dataset import LlavaDataset

@@ -9,10 +9,12 @@
 - checkpoints: `iter_<step>.pth` with only the trainable weights (docs/architecture.md), written before
   Trainer's `checkpoint-<step>/` (optimizer, scheduler, RNG, trainer_state.json). The folder holds no
   model weights: resume loads them back from the iter file. Both are rotated with `save_total_limit`;
-- logs: `tokens_per_s` (image features counted; padding not, except the right padding of packed rows in
-  batches of several blocks) and `elapsed` added to every logged step;
-- validation: Trainer's own eval loop; with `train.keep_best` a `validation.BestKeeper` keeps the best
-  weights as best_iter.pth (llava_ft.engine.validation).
+- logs: `tokens_per_s` (image features counted; padding not: packed batches are one flattened row without
+  padding, whatever the number of blocks) and `elapsed` added to every logged step;
+- validation: Trainer's own eval loop, but `eval_loss` is the token-weighted mean over the whole eval set
+  (independent of batch size and packing; `prediction_step` / `evaluation_loop` below); with
+  `train.keep_best` a `validation.BestKeeper` keeps the best weights as best_iter.pth
+  (llava_ft.engine.validation).
 
 Built by `llava_ft.engine.run.run_training`; not meant to be constructed by users directly.
 """
@@ -137,14 +139,16 @@ class LlavaFtTrainer(Trainer):
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict:
-        """Trainable weights by name; gathers ZeRO-3 shards (every rank must call this)."""
+        """Trainable weights by name on the ranks that save (`args.should_save`), {} on the others; every
+        rank must call this (under ZeRO-3 the shards are gathered module by module)."""
         model = self.accelerator.unwrap_model(self.model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for _, p in named):
-            import deepspeed
+            from llava_ft.engine.distributed import gather_trainable_state
 
-            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-                return {n: p.detach().cpu().clone() for n, p in named}
+            return gather_trainable_state(model, keep=self.args.should_save)
+        if not self.args.should_save:
+            return {}  # every rank holds the weights whole here; only the one that writes copies them
         return {n: p.detach().cpu().clone() for n, p in named}
 
     def _save(self, output_dir=None, state_dict=None):
@@ -177,6 +181,43 @@ class LlavaFtTrainer(Trainer):
         if self.best_keeper is not None:
             self.best_keeper.after_eval(self, metrics)
         return metrics
+
+    # ---- validation loss: token-weighted over the whole eval set (llava_ft.engine.validation) ----------
+    def get_eval_dataloader(self, eval_dataset=None):
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if self.args.world_size > 1 and dataset is not None and not isinstance(dataset, (str, dict)):
+            from llava_ft.engine.validation import EvenShards
+
+            dataset = EvenShards(dataset, self.args.world_size * self.args.eval_batch_size)
+        return super().get_eval_dataloader(dataset)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        totals = getattr(self, "_eval_totals", None)
+        if not prediction_loss_only or totals is None or inputs.get("labels") is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        import torch
+
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs["labels"]  # before compute_loss, which may pop it
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)  # the mean over this batch's supervised tokens
+        totals.add(loss.detach(), labels)
+        return loss.detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        from llava_ft.engine.validation import EvalTokenTotals
+
+        self._eval_totals = EvalTokenTotals()
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            mean = self._eval_totals.mean(self.accelerator)  # every rank: sums over ranks
+        finally:
+            self._eval_totals = None
+        if mean is not None:
+            output.metrics[f"{metric_key_prefix}_loss"] = mean
+        return output
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.is_deepspeed_enabled:

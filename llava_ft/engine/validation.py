@@ -7,10 +7,18 @@
 
 Where the held-out samples come from:
   * `data.val_sources` (same schema as data.sources): encoded and cached like the training data;
-  * `data.val_split: 0.02`: that share of the prepared training samples, picked by a permutation seeded
+  * `data.val_split: 0.02`: that share of the encoded training SAMPLES, picked by a permutation seeded
     with `train.seed` (so every rank and every rerun holds out the same samples), removed from training.
-The loss itself is transformers.Trainer's own eval loop (`prediction_loss_only`, the training collator,
-a sequential sampler; sharded across ranks when distributed), logged as `eval_loss`.
+    With `data.pack_to_max_length` the data is encoded unpacked (`encoding_config`), the samples are held
+    out, and only then are both parts packed (`eval_split`): a held-out sample never shares a block with
+    a training one, and "N samples" counts samples, not blocks.
+The loop is transformers.Trainer's own (`prediction_loss_only`, the training collator, a sequential
+sampler; sharded across ranks when distributed), but `eval_loss` is the token-weighted mean over the
+whole validation set: sum of the token losses / number of supervised tokens, whatever the batch size or
+packing (Trainer averages per-batch means, which moves with both). `LlavaFtTrainer.prediction_step` adds
+each batch's (mean x supervised tokens, supervised tokens) to `EvalTokenTotals`, `evaluation_loop` sums
+them over ranks. Distributed, the eval set is padded with rows that have no supervised token
+(`EvenShards`) so that accelerate never repeats real samples to even out the ranks' batches.
 
 `train.keep_best: eval_loss`: whenever the eval loss improves, the weights of that step become
 `best_iter.pth` (same layout as iter_N.pth) and `best_checkpoint.json` records {step, eval_loss}. When iter_<step>.pth is saved at the same step it is hard-linked (copied where links
@@ -47,6 +55,13 @@ def eval_training_kwargs(cfg) -> dict:
             "prediction_loss_only": True, "label_names": ["labels"]}
 
 
+def encoding_config(cfg):
+    """The data settings to encode with: unpacked when data.val_split must pick samples before packing."""
+    if cfg.data.val_split and cfg.data.pack_to_max_length:
+        return dataclasses.replace(cfg.data, pack_to_max_length=False)
+    return cfg.data
+
+
 def hold_out(dataset, fraction: float, seed: int):
     """(train, held_out) datasets: `fraction` of the rows, chosen by a permutation seeded with `seed`."""
     import numpy as np
@@ -62,19 +77,96 @@ def hold_out(dataset, fraction: float, seed: int):
     return dataset.select(kept, keep_in_memory=True), dataset.select(held, keep_in_memory=True)
 
 
-def eval_split(cfg, tokenizer, num_image_tokens: int, train_dataset):
-    """-> (train dataset, eval dataset or None, info dict or None) from data.val_sources / data.val_split."""
+def eval_split(cfg, tokenizer, num_image_tokens: int, train_dataset, cache_path=None):
+    """-> (train dataset, eval dataset or None, info dict or None) from data.val_sources / data.val_split.
+
+    `cache_path`: the cache folder of `train_dataset` (prepare_dataset's stats["cache_path"]); with packing
+    after data.val_split the packed parts are cached beside it."""
     if cfg.data.val_sources:
         from llava_ft.data.dataset import prepare_dataset
 
         val_cfg = dataclasses.replace(cfg.data, sources=list(cfg.data.val_sources), val_sources=[], val_split=0.0)
         prepared = prepare_dataset(val_cfg, tokenizer, num_image_tokens=num_image_tokens, seed=cfg.train.seed)
-        return train_dataset, prepared.dataset, {"samples": len(prepared.dataset), "from": "val_sources",
+        # stats["samples"]: samples, also when the validation data is packed into blocks
+        return train_dataset, prepared.dataset, {"samples": prepared.stats["samples"], "from": "val_sources",
                                                  "dropped": prepared.stats.get("dropped_total", 0)}
     if cfg.data.val_split:
+        if "position_ids" in train_dataset.column_names:
+            raise UserError("data.val_split holds out samples, but the dataset given is already packed into "
+                            "blocks; encode it with validation.encoding_config(cfg)")
         train, held = hold_out(train_dataset, cfg.data.val_split, cfg.train.seed)
-        return train, held, {"samples": len(held), "from": f"val_split {cfg.data.val_split} (seed {cfg.train.seed})"}
+        info = {"samples": len(held), "from": f"val_split {cfg.data.val_split} (seed {cfg.train.seed})"}
+        if cfg.data.pack_to_max_length:
+            from llava_ft.data.dataset import pack_dataset
+
+            # The unpacked cache's key covers data, tokenizer, max_length and shuffle_before_pack; add the split.
+            base = f"{cache_path}.val_split-{cfg.data.val_split}-seed-{cfg.train.seed}" if cache_path else None
+            train, info["packing"] = pack_dataset(train, cfg.data, cfg.train.seed, base and f"{base}-train")
+            held, _ = pack_dataset(held, cfg.data, cfg.train.seed, base and f"{base}-validation")
+        return train, held, info
     return train_dataset, None, None
+
+
+class EvalTokenTotals:
+    """(sum of token losses, supervised tokens) over an evaluation; `eval_loss` = their ratio.
+
+    `add` takes a batch's mean loss (the model's: over the batch's supervised tokens) and its labels, counted
+    as Trainer counts them for a causal LM (labels[..., 1:] != -100: the first label of a row is never a
+    target), so the sum is exact whatever the batch size, padding or packing."""
+
+    def __init__(self):
+        self.totals = None  # float64 [sum, count] on the loss's device (all_reduce needs it there)
+
+    def add(self, mean_loss, labels) -> None:
+        import torch
+
+        from llava_ft import IGNORE_INDEX
+
+        count = labels[..., 1:].ne(IGNORE_INDEX).sum().to(device=mean_loss.device, dtype=torch.float64)
+        # A batch without any supervised token (EvenShards' filler rows) has a NaN mean: it adds nothing.
+        total = torch.where(count > 0, mean_loss.detach().double() * count, torch.zeros_like(count))
+        pair = torch.stack([total, count])
+        self.totals = pair if self.totals is None else self.totals + pair
+
+    def mean(self, accelerator=None):
+        """The token-weighted mean over every rank (each rank must call it), or None without any batch."""
+        totals = self.totals
+        if totals is None:
+            return None
+        if accelerator is not None and accelerator.num_processes > 1:
+            totals = accelerator.reduce(totals, reduction="sum")
+        return float(totals[0] / totals[1]) if float(totals[1]) > 0 else float("nan")
+
+
+class EvenShards:
+    """The eval dataset padded to a multiple of `multiple` (world size x eval batch) with filler rows.
+
+    accelerate evens out the ranks' last batches by repeating samples from the start (gather_for_metrics
+    drops them again, but only for per-sample outputs); a token-weighted sum would count them twice. A filler
+    is a copy of a real row whose labels are all -100: every rank still runs the same forwards (ZeRO-3), and
+    the filler adds no token to the loss."""
+
+    def __init__(self, dataset, multiple: int):
+        self.dataset = dataset
+        n = len(dataset)
+        self.length = -(-n // multiple) * multiple
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        n = len(self.dataset)
+        if index < n:
+            return self.dataset[index]
+        import torch
+
+        from llava_ft import IGNORE_INDEX
+
+        item = dict(self.dataset[index % n])
+        labels = item["labels"]
+        item["labels"] = (torch.full_like(labels, IGNORE_INDEX) if torch.is_tensor(labels)
+                          else [IGNORE_INDEX] * len(labels))
+        return item
 
 
 class FinalEvalCallback(TrainerCallback):

@@ -33,6 +33,7 @@ def build_model(cfg, for_training: bool = True):
     from llava_ft.model.llava import LlavaFtModel
 
     m = cfg.model
+    dtype = resolve_dtype(m.dtype)
     released = None
     if m.llava:  # a released LlavaForConditionalGeneration brings LLM, tower, projector and tokenizer
         from llava_ft.model.llava_hf_import import load_released_llava
@@ -51,7 +52,6 @@ def build_model(cfg, for_training: bool = True):
         from llava_ft.model.projector import Projector
         from llava_ft.model.vision import apply_vision_lora, load_visual_encoder
 
-        dtype = resolve_dtype(m.dtype)
         visual_encoder = released.visual_encoder if released else load_visual_encoder(m, dtype=dtype)
         anyres = getattr(visual_encoder, "anyres", None) is not None
         if m.freeze_visual_encoder or m.visual_encoder_lora.enabled or not for_training:
@@ -61,11 +61,13 @@ def build_model(cfg, for_training: bool = True):
             visual_encoder = apply_vision_lora(visual_encoder, m.visual_encoder_lora)
         llm_hidden = llm.config.get_text_config().hidden_size
         _seed_new_weights(cfg, 2)
-        projector = Projector(visual_encoder.hidden_size, llm_hidden, m.projector_depth,
-                              image_newline=anyres).to(dtype)
+        # Created in fp32 (a training run's master weights; see training_dtypes); load_state_dict copies a
+        # released projector's weights into it in whatever dtype they were saved.
+        projector = Projector(visual_encoder.hidden_size, llm_hidden, m.projector_depth, image_newline=anyres)
         if released:
-            projector.load_state_dict({k: v.to(dtype) for k, v in released.projector_state.items()})
+            projector.load_state_dict(released.projector_state)
         if not for_training:
+            projector.to(dtype)
             _freeze(projector)
     model = LlavaFtModel(llm, visual_encoder, projector)
     if m.pretrained_pth:
@@ -73,7 +75,35 @@ def build_model(cfg, for_training: bool = True):
     if for_training and not any(p.requires_grad for p in model.parameters()):
         raise UserError("no trainable parameters: every weight is frozen. Enable model.llm_lora.enabled, set "
                         "model.freeze_llm=false, or add a visual encoder (its projector trains)")
+    if for_training:
+        training_dtypes(model, dtype)
     return model, tokenizer
+
+
+def training_dtypes(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """Make every trainable floating-point weight an fp32 master; frozen weights keep the compute dtype.
+
+    Mixed precision (Trainer's fp16/bf16 = torch.autocast) runs the forward in the compute dtype whatever the
+    weights' dtype, but the optimizer updates the weights themselves: fp16 trainable weights make GradScaler
+    stop ("Attempting to unscale FP16 gradients"), bf16 ones round AdamW's small updates away (at lr 2e-5 most
+    of a full fine-tune's updates are below half a bf16 ulp). peft already does this for LoRA adapters
+    (get_peft_model's autocast_adapter_dtype); the projector, AnyRes newline and any unfrozen LLM or tower
+    weights are cast here. The cast reassigns `p.data`, so tied weights (one Parameter) stay tied.
+
+    DeepSpeed keeps its own fp32 master copies (in its optimizer) for bf16/fp16 runs and wants the module's
+    weights in its compute dtype. Without zero.Init its engine casts the weights it is given itself, so fp32
+    here changes nothing for it. A model built sharded by ZeRO-3 (zero.Init: parameters carry `ds_id`) is not
+    recast by the engine, so there the trainable weights created after loading (projector, LoRA: peft made them
+    fp32) are given the compute dtype of the sharded ones, as DeepSpeed expects (one dtype per gather).
+    Returns how many tensors were cast."""
+    params = list(model.parameters())
+    target = compute_dtype if any(hasattr(p, "ds_id") for p in params) else torch.float32
+    cast = 0
+    for p in params:
+        if p.requires_grad and p.is_floating_point() and p.dtype != target and not hasattr(p, "ds_id"):
+            p.data = p.data.to(target)
+            cast += 1
+    return cast
 
 
 def resolve_pretrained_pth(path: str) -> Path:

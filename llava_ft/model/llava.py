@@ -12,7 +12,8 @@ Images in `pixel_values` are in the order their placeholders appear (row-major).
 by 0 so the vision tower and projector run on every rank (ZeRO-3 cannot hang on mixed batches).
 
 Packed batches (`data.pack_to_max_length`): `position_ids` one per input id, restarting at 0 at each
-sample's first token, and no attention_mask. The splice expands them with the features (an image's N
+sample's first token, and no attention_mask, in ONE row (the collators flatten the blocks of a batch; a
+multi-row packed batch is flattened here). The splice expands them with the features (an image's N
 vectors take N consecutive positions, later tokens shift by N-1, a sample still starts at 0) and calls
 the LLM without attention_mask and without cache, so transformers builds a block-diagonal mask (varlen
 flash-attention on GPU) from the expanded positions and attention never crosses samples.
@@ -178,8 +179,9 @@ class LlavaFtModel(nn.Module):
         return sorted(state_dict)
 
     # ---- vision path ----------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n, 3, H, W] -> projected features [n, num_image_tokens, llm_hidden]."""
+    def encode_images(self, pixel_values: torch.Tensor, pack=None):
+        """[n, 3, H, W] -> projected features [n, num_image_tokens, llm_hidden] (with `pack`, the
+        projector's per-image AnyRes list)."""
         ve = self.visual_encoder
         ve_param = next(ve.parameters())
         trains = any(p.requires_grad for p in ve.parameters())
@@ -187,16 +189,17 @@ class LlavaFtModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
             feats = ve(pixel_values.to(device=ve_param.device, dtype=ve_param.dtype))
         proj_param = next(self.projector.parameters())
-        return self.projector(feats.to(device=proj_param.device, dtype=proj_param.dtype))
+        return self.projector(feats.to(device=proj_param.device, dtype=proj_param.dtype), pack=pack)
 
     def encode_images_per_image(self, pixel_values: torch.Tensor, image_sizes=None):
         """Projected features per image: a [n, N, D] tensor, or with AnyRes (`image_sizes` given, the
         tower set to anyres) a list of [tokens_i, D] -- overview, unpadded tiles, a newline per row."""
-        features = self.encode_images(pixel_values)
         spec = getattr(self.visual_encoder, "anyres", None)
         if image_sizes is None or spec is None:
-            return features
-        return spec.pack(features, image_sizes.tolist(), self.projector.image_newline)
+            return self.encode_images(pixel_values)
+        sizes = image_sizes.tolist()
+        # The projector packs (its forward reads the newline), so ZeRO-3 gathers the newline with it.
+        return self.encode_images(pixel_values, pack=lambda feats, newline: spec.pack(feats, sizes, newline))
 
     def prepare_inputs_embeds(self, input_ids, attention_mask=None, labels=None, pixel_values=None,
                               padding_side: str = "right", image_sizes=None, position_ids=None):
@@ -317,6 +320,12 @@ class LlavaFtModel(nn.Module):
         packed = position_ids is not None and attention_mask is None
         if packed:
             kwargs["use_cache"] = False  # a KV cache switches transformers' packed-sequence detection off
+            if input_ids is not None and input_ids.shape[0] > 1:
+                # flash-attention reads position_ids as packed only for ONE row (`_is_packed_sequence`):
+                # several rows would attend across samples. The collators already flatten; this keeps any
+                # other caller right (right padding restarts at 0, so it is a segment of its own).
+                input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+                labels = labels.reshape(1, -1) if labels is not None else None
         if self.visual_encoder is None:
             if pixel_values is not None:
                 raise UserError("pixel_values given to a text-only model (no visual_encoder configured)")

@@ -4,13 +4,13 @@
     model = apply_lora(model, cfg.model.llm_lora)                # every Linear but lm_head by default
 
 `load_llm` resolves the three "auto" settings and prints one line saying what it chose and why:
-dtype (bf16 on a GPU that supports it, fp32 on CPU), attention implementation (flash_attention_2 when the
+dtype (bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on CPU), attention implementation (flash_attention_2 when the
 package imports and a GPU is present, else sdpa) and quantization (4-bit NF4 with double quantization =
 QLoRA, or 8-bit, both via bitsandbytes). A path that does not exist, or a hub id that cannot be fetched,
 raises `UserError` with one sentence instead of a stack trace.
 
 An InternLM2 checkpoint (config.json `model_type: internlm2`) is converted once to a Llama folder in the
-llava_ft cache (`llava_ft.model.internlm2`) and loaded as LlamaForCausalLM, its tokenizer natively
+llava_ft cache (`llava_ft.model.internlm2_convert`) and loaded as LlamaForCausalLM, its tokenizer natively
 (`llava_ft.model.internlm2_tokenizer`): no remote code. Other models' own code (config.json `auto_map`
 with a model_type transformers does not know) runs only with `model.trust_remote_code: true`; attention
 `auto` falls back to eager for a model class without sdpa support. `load_causal_lm` is the one
@@ -32,13 +32,32 @@ from llava_ft.errors import UserError
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` -> bf16 on a CUDA device that supports it, else fp32 (CPU half-precision matmuls are slow)."""
+def dtype_choice(name: str, cuda_available: Optional[bool] = None,
+                 bf16_supported: Optional[bool] = None) -> tuple[torch.dtype, str]:
+    """(compute dtype, why) for `model.dtype`; the one place `auto` is decided.
+
+    `auto`: bf16 on a CUDA GPU that supports it (Ampere and newer); fp16 on one that does not (T4, V100:
+    their tensor cores run fp16, and fp32 would double QLoRA's compute memory and halve its speed; training is
+    safe because trainable weights are fp32 masters, see builder.keep_trainable_fp32); fp32 on the CPU
+    (half-precision matmuls are slow there). The device facts default to this machine's; a test passes them
+    to ask about another device."""
     if name != "auto":
-        return _DTYPES[name]
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+        return _DTYPES[name], "set in the config"
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
+        return torch.float32, "auto: no CUDA GPU, and half precision is slow on the CPU"
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    if bf16_supported:
+        return torch.bfloat16, "auto: the GPU supports bf16"
+    return torch.float16, "auto: the GPU has no bf16 (pre-Ampere), so fp16 with fp32 trainable weights"
+
+
+def resolve_dtype(name: str, cuda_available: Optional[bool] = None,
+                  bf16_supported: Optional[bool] = None) -> torch.dtype:
+    """The compute dtype for `model.dtype` (see `dtype_choice` for what `auto` picks and why)."""
+    return dtype_choice(name, cuda_available, bf16_supported)[0]
 
 
 def resolve_attn_implementation(name: str) -> tuple[str, str]:
@@ -109,7 +128,7 @@ def _hub_internlm2(name: str) -> Optional[str]:
 
         from huggingface_hub import hf_hub_download, snapshot_download
 
-        from llava_ft.model.internlm2 import is_internlm2_config
+        from llava_ft.model.internlm2_detect import is_internlm2_config
 
         with open(hf_hub_download(name, "config.json"), encoding="utf-8") as fh:
             if not is_internlm2_config(json.load(fh)):
@@ -122,14 +141,15 @@ def _hub_internlm2(name: str) -> Optional[str]:
 def resolve_llm_source(name: str, what: str = "model.llm", verbose: bool = True) -> str:
     """The folder/hub id to load for `name`: an InternLM2 checkpoint -> its converted Llama folder (cached),
     announced with one line; anything else unchanged."""
-    from llava_ft.model import internlm2
+    from llava_ft.model.internlm2_convert import convert_to_llama, quiet_config_type_warning
+    from llava_ft.model.internlm2_detect import is_internlm2
 
     source = check_model_source(name, what)
     folder = source if os.path.isdir(source) else _hub_internlm2(source)
-    if folder is None or not internlm2.is_internlm2(folder):
+    if folder is None or not is_internlm2(folder):
         return source
-    converted = internlm2.convert_to_llama(folder)
-    internlm2.quiet_config_type_warning()
+    converted = convert_to_llama(folder)
+    quiet_config_type_warning()
     _say(f"[llava_ft] InternLM2 checkpoint {name} is run as Llama (converted weights cached at {converted})",
          verbose)
     return converted
@@ -141,7 +161,7 @@ def check_remote_code(source: str, trust_remote_code: bool, what: str = "model.l
         return  # hub ids: AutoConfig's ValueError is translated by `explain_load_error`
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from llava_ft.model.internlm2 import is_internlm2_config, read_config
+    from llava_ft.model.internlm2_detect import is_internlm2_config, read_config
 
     cfg = read_config(source)
     model_type = cfg.get("model_type")
@@ -264,7 +284,7 @@ def load_tokenizer(model_cfg: Any):
     InternLM2's sentencepiece tokenizer is converted natively (its remote code never runs)."""
     from transformers import AutoTokenizer
 
-    from llava_ft.model.internlm2 import source_of_converted
+    from llava_ft.model.internlm2_convert import source_of_converted
 
     what = "model.tokenizer" if model_cfg.tokenizer else "model.llm"
     name = os.path.expanduser(model_cfg.tokenizer or model_cfg.llm)
@@ -304,7 +324,7 @@ def load_llm(model_cfg: Any, device_map: Optional[Any] = None, for_training: boo
     """
     check_model_source(model_cfg.llm)
     tokenizer = load_tokenizer(model_cfg)
-    dtype = resolve_dtype(model_cfg.dtype)
+    dtype, dtype_why = dtype_choice(model_cfg.dtype)
     quant = _quantization_config(model_cfg.quantization, dtype)
     if quant is not None and device_map is None:
         # bitsandbytes quantizes while placing weights: give it the device explicitly.
@@ -312,7 +332,7 @@ def load_llm(model_cfg: Any, device_map: Optional[Any] = None, for_training: boo
 
     def describe(attn: str, why: str) -> None:
         if verbose and int(os.environ.get("RANK", "0")) == 0:  # one line per job, not one per process
-            print(f"[llava_ft] LLM {model_cfg.llm}: dtype {str(dtype).replace('torch.', '')}, "
+            print(f"[llava_ft] LLM {model_cfg.llm}: dtype {str(dtype).replace('torch.', '')} ({dtype_why}), "
                   f"quantization {model_cfg.quantization}, attention {attn} ({why})", flush=True)
 
     model, _ = load_causal_lm(model_cfg.llm, dtype=dtype, attn_implementation=model_cfg.attn_implementation,
