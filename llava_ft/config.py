@@ -115,6 +115,7 @@ class DataConfig:
     pack_to_max_length: bool = False
     pad_image_to_square: bool = False
     skip_bad_samples: bool = False  # true: bad samples/images are warned about and counted, not fatal
+    video_frames: int = 8  # frames sampled uniformly from a `"video"` clip (released LLaVA-OneVision runs)
     truncation: str = "drop"  # image samples too long: drop them, or cut text after the last image
     num_proc: int = 1  # processes for tokenization
     cache_dir: Optional[str] = None  # default: ~/.cache/llava_ft/datasets (LLAVA_FT_CACHE overrides)
@@ -363,6 +364,7 @@ def _validate(cfg: Config, where: str) -> None:
         )
     positive = {
         "data.max_length": cfg.data.max_length,
+        "data.video_frames": cfg.data.video_frames,
         "train.per_device_batch_size": cfg.train.per_device_batch_size,
         "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
         "train.save_steps": cfg.train.save_steps,

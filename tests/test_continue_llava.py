@@ -167,7 +167,7 @@ def test_model_llava_config_errors(released, tiny_llama, demo_data, tmp_path):
         _cfg(released, demo_data, tmp_path, projector_depth=3)
     with pytest.raises(UserError, match="does not exist"):
         build_model(_cfg(str(tmp_path / "missing"), demo_data, tmp_path))
-    with pytest.raises(UserError, match="not 'llava'"):
+    with pytest.raises(UserError, match="model_type is 'llama', not one of llava, llava_next"):
         build_model(_cfg(tiny_llama, demo_data, tmp_path))
     cfg = _cfg(released, demo_data, tmp_path)
     assert cfg.is_llava and cfg.resolved_phase == "finetune"

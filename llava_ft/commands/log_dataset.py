@@ -68,8 +68,15 @@ def load_prepared(cfg):
     from llava_ft.data.dataset import prepare_dataset
     from llava_ft.model.llm import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model)
     num_image_tokens = 0
+    if cfg.model.llava:  # a released LLaVA: its folder holds the tokenizer and the tower
+        from llava_ft.model.anyres import image_token_counter
+        from llava_ft.model.llava_hf_import import load_released_tokenizer_and_tower
+
+        tokenizer, tower = load_released_tokenizer_and_tower(cfg)
+        return tokenizer, prepare_dataset(cfg.data, tokenizer, num_image_tokens=image_token_counter(tower),
+                                          seed=cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
     if cfg.is_llava:
         from llava_ft.model.vision import load_visual_encoder
 

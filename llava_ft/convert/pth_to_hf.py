@@ -244,9 +244,17 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
     config_cls, model_cls = (LlavaNextConfig, LlavaNextForConditionalGeneration) if anyres else \
         (LlavaConfig, LlavaForConditionalGeneration)
     extra = {"image_grid_pinpoints": anyres.pinpoints} if anyres else {}
+    released = _released_next_config(cfg)  # a run from a LlavaNext / LlavaOnevision goes back to that class
+    if released is not None:
+        import transformers
+
+        config_cls = type(released)
+        model_cls = getattr(transformers, _released_classes()[released.model_type])
+        extra = {k: v for k, v in released.to_dict().items() if k in (
+            "image_grid_pinpoints", "vision_aspect_ratio", "video_token_index", "image_seq_length")}
     config = config_cls(
         vision_config=vision.config.to_dict(), text_config=llm.config.to_dict(), image_token_index=image_id,
-        image_seq_length=ve.num_image_tokens, projector_hidden_act="gelu",
+        **({} if released is not None else {"image_seq_length": ve.num_image_tokens}), projector_hidden_act="gelu",
         vision_feature_select_strategy=strategy, vision_feature_layer=int(ve.select_layer),
         multimodal_projector_bias=True, tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
         **extra,
@@ -268,6 +276,12 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
     hf.to(llm.get_input_embeddings().weight.dtype)
     gen = _turn_end_config(llm, tok, cfg).to_dict()  # eos: the template's end-of-turn tokens too
     gen = {k: v for k, v in gen.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id") and v is not None}
+    if released is not None and cfg.data.template == HF_TEMPLATE:  # stop where the checkpoint's turns end
+        from llava_ft.data.checkpoint_template import answer_end_ids
+
+        eos = gen.get("eos_token_id")
+        eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        gen["eos_token_id"] = list(dict.fromkeys(eos + answer_end_ids(tok)))
     hf.generation_config = GenerationConfig(**gen, suppress_tokens=[image_id])
 
     template = cfg.data.template
@@ -276,12 +290,19 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
     if ve.processor is None or not hasattr(ve.processor, "save_pretrained"):
         raise UserError(f"the vision tower {cfg.model.visual_encoder} has no Hugging Face image processor to save")
     processor_cls = LlavaNextProcessor if anyres else LlavaProcessor
-    processor = processor_cls(
-        image_processor=anyres.processor if anyres else _llava_image_processor(ve, cfg), tokenizer=tok,
-        patch_size=vision.config.patch_size,
-        vision_feature_select_strategy=strategy, chat_template=jinja, image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1 if kind == "clip" else 0,
-    )
+    if released is not None:  # the checkpoint's own processor (image + video processors), our tokenizer
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(_released_folder(cfg))
+        processor.tokenizer = tok
+        processor.chat_template = jinja
+    else:
+        processor = processor_cls(
+            image_processor=anyres.processor if anyres else _llava_image_processor(ve, cfg), tokenizer=tok,
+            patch_size=vision.config.patch_size,
+            vision_feature_select_strategy=strategy, chat_template=jinja, image_token=IMAGE_TOKEN,
+            num_additional_image_tokens=1 if kind == "clip" else 0,
+        )
     tmp = staging_dir(save_dir)
     try:
         hf.save_pretrained(str(tmp), max_shard_size=max_shard_size)
@@ -294,6 +315,28 @@ def export_llava_hf(cfg, pth, save_dir, fp32: bool = False, max_shard_size: Unio
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return publish_dir(tmp, save_dir)
+
+
+def _released_folder(cfg) -> str:
+    from llava_ft.model.llava_hf_import import resolve_folder
+
+    return resolve_folder(cfg.model.llava)
+
+
+def _released_classes() -> dict:
+    from llava_ft.model.llava_hf_import import CLASSES
+
+    return CLASSES
+
+
+def _released_next_config(cfg):
+    """The LlavaNext / LlavaOnevision config of the checkpoint a `model.llava` run started from, else None."""
+    if not cfg.model.llava:
+        return None
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(_released_folder(cfg))
+    return config if config.model_type in ("llava_next", "llava_onevision") else None
 
 
 def _llava_image_processor(ve, cfg):

@@ -130,11 +130,20 @@ def _hf_pieces(messages: list, tokenizer, system: Optional[str], for_generation:
         if not any(m["role"] == "assistant" and l and m["content"].strip() for m, l in zip(msgs, losses)):
             return DROP_EMPTY
 
+    lists = _reads_content_lists(tokenizer)
+    chat = [_as_content_list(m) for m in msgs] if lists else msgs
+
     def render(upto: int, gen: bool) -> str:
-        return tokenizer.apply_chat_template(msgs[:upto], tokenize=False, add_generation_prompt=gen)
+        return tokenizer.apply_chat_template(chat[:upto], tokenize=False, add_generation_prompt=gen)
 
     pieces: list = []
     done = ""
+    if lists:
+        # A processor's template (released LLaVA-NeXT / OneVision): its text goes through tokenizer(text),
+        # which adds the tokenizer's own leading specials (Llama/Mistral's BOS) unless the template wrote them.
+        lead = _tokenizer_lead(tokenizer)
+        if lead and not render(len(chat), False).startswith(tokenizer.decode(lead)):
+            pieces.append((lead, False))
     cuts = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     for i in cuts:
         prompt = render(i, True)
@@ -150,6 +159,41 @@ def _hf_pieces(messages: list, tokenizer, system: Optional[str], for_generation:
         text = render(len(msgs), True)[len(done):]
         pieces.extend(_split_images(text) if with_images else [(text, False)])
     return pieces
+
+
+_CONTENT_LIST_TEMPLATES: dict = {}  # chat template text -> whether it reads content lists
+
+
+def _reads_content_lists(tokenizer) -> bool:
+    """Whether the tokenizer's chat template reads content lists ([{"type": "image"}, {"type": "text", ...}]),
+    as the processors' templates of released LLaVA-NeXT / OneVision checkpoints do, rather than strings."""
+    template = tokenizer.chat_template
+    if template not in _CONTENT_LIST_TEMPLATES:
+        probe = [{"role": "user", "content": "zq7 probe"}, {"role": "assistant", "content": "zq8 probe"}]
+        try:
+            text = tokenizer.apply_chat_template(probe, tokenize=False)
+            as_string = all(m["content"] in text for m in probe)
+        except Exception:  # a template indexing content['type'] fails on strings (jinja's own error types)
+            as_string = False
+        _CONTENT_LIST_TEMPLATES[template] = not as_string
+    return _CONTENT_LIST_TEMPLATES[template]
+
+
+def _as_content_list(message: dict) -> dict:
+    """{"role", "content": "<image>\nQ"} -> {"role", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}
+    (images first, as the released templates place them)."""
+    text = message["content"]
+    n = text.count(IMAGE_TOKEN)
+    text = text.replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")
+    return {"role": message["role"], "content": [{"type": "image"}] * n + [{"type": "text", "text": text}]}
+
+
+def _tokenizer_lead(tokenizer) -> list:
+    """Ids the tokenizer puts before any text by itself (e.g. [bos] for Llama/Mistral; [] for Qwen)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    at = next((i for i in range(len(full)) if full[i:i + len(plain)] == plain), 0)
+    return list(full[:at])
 
 
 def _record_pieces(record: dict, tokenizer, template: Union[Template, str], system: Optional[str],
@@ -176,7 +220,11 @@ def _tokenize_unique(tokenizer, texts: set) -> dict:
 
 def image_feature_tokens(num_image_tokens, images: Sequence) -> int:
     """Feature vectors the images of one sample become: `num_image_tokens` each (an int), or per image
-    from a counter (AnyRes, where it depends on the image's size: llava_ft.model.anyres)."""
+    from a counter (AnyRes, where it depends on the image's size: llava_ft.model.anyres), or per sample
+    (a released LLaVA-OneVision sees the images of a multi-image sample as single views: released_anyres)."""
+    count_sample = getattr(num_image_tokens, "count_sample", None)
+    if count_sample is not None:
+        return int(count_sample(images))
     if callable(num_image_tokens):
         return sum(int(num_image_tokens(image)) for image in images)
     return len(images) * int(num_image_tokens or 0)

@@ -4,7 +4,8 @@ Formats (`data.sources[i].format`, `auto` detects from the first record's keys):
   openai    {"messages": [{"role": system|user|assistant, "content": ..., "loss": false?}]}
   alpaca    {"instruction", "input", "output"}            (XTuner: input = instruction + "\\n" + input)
   sharegpt  {"conversations": [{"from": human|gpt|system, "value": ...}]}
-  llava     sharegpt + {"id", "image": str | [str]}       (images resolved against `image_folder`)
+  llava     sharegpt + {"id", "image": str | [str]}       (images resolved against `image_folder`;
+            + "video": "clip.mp4" with a <video> marker, an image entry + <image> marker: data/videos.py)
   oasst1    {"text": "### Human: ... ### Assistant: ..."}
   text      {"text": ...}                                  (incremental pretraining: all text supervised)
 Files: .json (a list), .jsonl, .parquet, or a folder written by `datasets.Dataset.save_to_disk`.
@@ -124,7 +125,7 @@ def detect_format(row: dict, where: str, image_folder: Optional[str] = None) -> 
     if "messages" in row:
         return "openai"
     if "conversations" in row:
-        return "llava" if ("image" in row or "images" in row or image_folder) else "sharegpt"
+        return "llava" if ("image" in row or "images" in row or "video" in row or image_folder) else "sharegpt"
     if "instruction" in row and "output" in row:
         return "alpaca"
     if "text" in row:
@@ -184,6 +185,9 @@ def _move_image_tokens(text: str) -> str:
     return (IMAGE_TOKEN + "\n") * n + rest if rest else ((IMAGE_TOKEN + "\n") * n).strip()
 
 
+VIDEO_TOKEN = "<video>"
+
+
 def _sharegpt(row: dict, where: str, move_images: bool) -> list[dict]:
     convs = _need(row, "conversations", where, "sharegpt")
     if not isinstance(convs, list):
@@ -198,7 +202,8 @@ def _sharegpt(row: dict, where: str, move_images: bool) -> list[dict]:
                               "bad_role")
         value = turn["value"]
         if role == "user" and move_images and isinstance(value, str):
-            value = _move_image_tokens(value)
+            # a clip's <video> marker becomes an ordinary placeholder: the clip is an entry of "images"
+            value = _move_image_tokens(value.replace(VIDEO_TOKEN, IMAGE_TOKEN) if "video" in row else value)
         out.append(_msg(role, value, f"{where} conversations[{j}]", _parse_loss(turn.get("loss", True))))
     return out
 
@@ -223,9 +228,10 @@ def _oasst1(text: str) -> list[dict]:
 
 def _images(row: dict, where: str, image_folder: Optional[str], base_dir: str) -> list[str]:
     value = row.get("image", row.get("images"))
-    if value is None or value == "":
-        return []
-    items = value if isinstance(value, list) else [value]
+    items = [] if value is None or value == "" else value if isinstance(value, list) else [value]
+    video = row.get("video")  # LLaVA-NeXT's key for a clip (llava_ft.data.videos); it follows the images
+    if video not in (None, ""):
+        items = list(items) + [video]
     folder = image_folder if image_folder is not None else base_dir
     out = []
     for item in items:

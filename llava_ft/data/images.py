@@ -123,10 +123,15 @@ class ImageProblem:
 
 def check_image_file(path: str) -> Optional[str]:
     """Reason the file is unusable, or None. Header + structure check (PIL verify), no full decode.
+    A video clip (llava_ft.data.videos) is opened with PyAV instead and must have frames.
 
     `verify()` walks a PNG's chunks (catching truncation) but not a JPEG's entropy data, so a JPEG
     that does not end in its EOI marker (FFD9) is decoded fully to confirm.
     """
+    from llava_ft.data.videos import check_video_file, is_video
+
+    if is_video(path):
+        return check_video_file(path)
     try:
         if not os.path.isfile(path):
             return "file not found (check data.sources.*.image_folder)"

@@ -92,6 +92,14 @@ class LlavaDataset(Dataset):
         tensors, sizes = [], []
         # Images stored inside a `datasets` source arrive as encoded bytes (llava_ft.data.hub); b"" = a path.
         data = list(row.get("image_bytes") or [b""] * len(paths))
+        if hasattr(self.anyres, "sample_views"):  # a released LlavaNext/OneVision: its processor sees the sample
+            from llava_ft.data.videos import is_video
+
+            sid = row.get("id", "?")
+            return self.anyres.sample_views([
+                load_image_bytes(blob, path, sid) if blob else
+                self._clip(path, sid) if is_video(path) else load_image(path, sid)
+                for path, blob in zip(paths, data)])
         for path, blob in zip(paths, data):
             img = load_image_bytes(blob, path, row.get("id", "?")) if blob else load_image(path, row.get("id", "?"))
             if self.anyres is not None:
@@ -105,6 +113,15 @@ class LlavaDataset(Dataset):
         if self.anyres is not None:
             return torch.cat(tensors), torch.tensor(sizes, dtype=torch.long)
         return torch.stack(tensors)
+
+    def _clip(self, path: str, sample_id):
+        """A `"video"` entry's sampled frames; a bad clip is a bad sample like a bad image."""
+        from llava_ft.data.videos import BadVideoError, load_video_frames
+
+        try:
+            return load_video_frames(path, self.anyres.video_frames)
+        except BadVideoError as err:
+            raise BadImageError(sample_id, path, err.reason) from None
 
     def _item(self, index: int) -> dict:
         row = self.data[index]

@@ -4,7 +4,8 @@
     art.kind in ARTIFACT_KINDS
 
 Never guessed from folder names (LLaVA #1021): an `iter_N.pth` file (or a work dir whose `last_checkpoint`
-names one), a folder with `config.json` `model_type: llava` or `llava_next` (llava-hf export), a folder with `projector/`
+names one), a folder with `config.json` `model_type: llava`, `llava_next` or `llava_onevision` (llava-hf export),
+a folder with `projector/`
 (XTuner layout from `convert pth_to_hf`), a folder with `adapter_config.json` (PEFT adapter), or a folder
 with `config.json` (a plain/merged Hugging Face causal LM).
 
@@ -75,7 +76,7 @@ def detect_artifact(path) -> Artifact:
     if (p / "projector").is_dir():
         return Artifact("xtuner_llava", str(p))
     model_type = model_type_of(p)
-    if model_type in ("llava", "llava_next"):  # llava_next: an AnyRes run's export (or llava-v1.6)
+    if model_type in ("llava", "llava_next", "llava_onevision"):  # llava_next: an AnyRes run's export (or llava-v1.6)
         return Artifact("llava_hf", str(p))
     if (p / "adapter_config.json").is_file():
         return Artifact("peft_adapter", str(p))

@@ -191,8 +191,11 @@ class ChatModel:
         counts = [self.num_image_tokens] * len(images)
         if images and self.anyres is not None:
             pils = [self.load_image(im) for im in images]
-            pixel_values = torch.cat([self.anyres.views(im) for im in pils])
-            sizes = torch.tensor([(im.height, im.width) for im in pils], dtype=torch.long)
+            if hasattr(self.anyres, "sample_views"):  # a released NeXT/OneVision: its processor sees them together
+                pixel_values, sizes = self.anyres.sample_views(pils)
+            else:
+                pixel_values = torch.cat([self.anyres.views(im) for im in pils])
+                sizes = torch.tensor([(im.height, im.width) for im in pils], dtype=torch.long)
             counts = [self.anyres.num_tokens(hw) for hw in sizes.tolist()]
         elif images:
             pixel_values = torch.stack([self.image_processor(self.load_image(im)) for im in images])
@@ -298,6 +301,8 @@ class ChatModel:
         sizes = [p.image_sizes for p in prompts if p.image_sizes is not None]
         if sizes:
             out["image_sizes"] = torch.cat(sizes).to(self.device)
+            if getattr(self.anyres, "single_view_for_multi_image", False):  # OneVision: images per prompt
+                out["batch_num_images"] = torch.tensor([len(s) for s in sizes], device=self.device)
         return out
 
     def _generate(self, inputs: dict, **kw) -> torch.Tensor:
@@ -311,6 +316,8 @@ class ChatModel:
                 # LlavaNext takes the views of all images of the batch as [n_images, max views, 3, S, S].
                 extra["pixel_values"] = _per_image_views(extra["pixel_values"], inputs["image_sizes"], self.anyres)
                 extra["image_sizes"] = inputs["image_sizes"]
+            if "batch_num_images" in inputs:
+                extra["batch_num_images"] = inputs["batch_num_images"]
             # No pixel_values key at all for a text-only prompt: transformers >= 5.24 runs the vision tower
             # on any `pixel_values` key passed to generate, None included, and crashes on it.
             out = self.model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],

@@ -294,8 +294,13 @@ def _load_llava_hf(folder, quant, dtype, device, prompt_template, system, settin
     if dmap is not None:
         kwargs["device_map"] = dmap
     try:
-        next_ = model_type_of(Path(folder)) == "llava_next"
-        model_cls = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
+        model_type = model_type_of(Path(folder))
+        onevision = model_type == "llava_onevision"
+        next_ = model_type == "llava_next" or onevision
+        if onevision:  # a released LLaVA-OneVision, or the export of a run that started from one
+            from transformers import LlavaOnevisionForConditionalGeneration as model_cls
+        else:
+            model_cls = LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration
         model = model_cls.from_pretrained(folder, **kwargs)
         processor = AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError) as err:
@@ -320,7 +325,13 @@ def _load_llava_hf(folder, quant, dtype, device, prompt_template, system, settin
 
     mean = tuple(round(v * 255) for v in (ip.image_mean or (0, 0, 0)))
     anyres = None
-    if next_:
+    if onevision:  # OneVision's own rules (anyres_max_N, single views for several images)
+        from llava_ft.model.released_anyres import ReleasedAnyResSpec
+
+        max_tiles = int(str(cfg.vision_aspect_ratio).rsplit("_", 1)[-1])
+        anyres = ReleasedAnyResSpec(ip, cfg.image_grid_pinpoints, n, max_tiles_before_shrink=max_tiles,
+                                    single_view_for_multi_image=True)
+    elif next_:
         from llava_ft.model.anyres import AnyResSpec
 
         anyres = AnyResSpec(ip, cfg.image_grid_pinpoints, n)

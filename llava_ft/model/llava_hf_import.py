@@ -34,6 +34,10 @@ _LLM_KEYS = {r"^model\.language_model\.": "model.", r"^language_model\.model\.":
 _VISION_KEYS = {r"^model\.vision_tower\.": "", r"^vision_tower\.": ""}
 _PROJECTOR = {"linear_1": "layers.0", "linear_2": "layers.2"}
 _STRATEGY = {"clip": "default", "siglip": "full"}  # what llava_ft's towers do (vision.py)
+_NEWLINE_KEYS = ("image_newline", "model.image_newline")  # old / current transformers names
+# model_type -> the transformers class a checkpoint of it is (and is exported back to).
+CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+           "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
 @dataclass
@@ -69,10 +73,12 @@ def _llava_config(folder: str, name: str):
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise UserError(f"model.llava={name!r}: cannot read its config.json ({str(err).splitlines()[0]})") from None
-    if config.model_type != "llava":
-        raise UserError(f"model.llava={name!r}: config.json model_type is {config.model_type!r}, not 'llava'; give a "
-                        "LlavaForConditionalGeneration checkpoint (e.g. llava-hf/llava-1.5-7b-hf, or the output of "
-                        "`llava_ft convert pth_to_hf ... --format llava-hf`)")
+    if config.model_type not in CLASSES:
+        raise UserError(f"model.llava={name!r}: config.json model_type is {config.model_type!r}, not one of "
+                        f"{', '.join(CLASSES)}; give a LlavaForConditionalGeneration, LlavaNextForConditionalGeneration "
+                        "or LlavaOnevisionForConditionalGeneration checkpoint (e.g. llava-hf/llava-1.5-7b-hf, "
+                        "llava-hf/llava-v1.6-mistral-7b-hf, llava-hf/llava-onevision-qwen2-0.5b-ov-hf, or the output "
+                        "of `llava_ft convert pth_to_hf ... --format llava-hf`)")
     return config
 
 
@@ -94,6 +100,11 @@ def _projector_state(folder: str, name: str, config) -> dict:
                 parts = key.split(".")
                 if "multi_modal_projector" in parts and parts[-2] in _PROJECTOR:
                     state[f"{_PROJECTOR[parts[-2]]}.{parts[-1]}"] = f.get_tensor(key)
+                elif key in _NEWLINE_KEYS:
+                    state["image_newline"] = f.get_tensor(key)
+    if config.model_type != "llava" and "image_newline" not in state:
+        raise UserError(f"model.llava={name!r}: a {CLASSES[config.model_type]} checkpoint without image_newline "
+                        f"weights in {folder}")
     for layer in _PROJECTOR.values():
         if f"{layer}.weight" not in state:
             raise UserError(f"model.llava={name!r}: no multi_modal_projector weights found in {folder}")
@@ -103,7 +114,7 @@ def _projector_state(folder: str, name: str, config) -> dict:
     return state
 
 
-def _vision(folder: str, name: str, config, dtype):
+def _vision(folder: str, name: str, config, dtype, video_frames: int = 8):
     from transformers import AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
 
     from llava_ft.model.vision import HF_TYPES, wrap_hf_tower
@@ -127,7 +138,38 @@ def _vision(folder: str, name: str, config, dtype):
         processor = AutoImageProcessor.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise UserError(f"model.llava={name!r}: cannot load its vision tower ({str(err).splitlines()[0]})") from None
-    return wrap_hf_tower(model, processor, kind, layer, f"{name} (vision tower)")
+    ve = wrap_hf_tower(model, processor, kind, layer, f"{name} (vision tower)")
+    if config.model_type != "llava":
+        _attach_anyres(ve, config, processor, name, folder, video_frames)
+    return ve
+
+
+def _attach_anyres(ve, config, processor, name: str, folder: str, video_frames: int) -> None:
+    """LlavaNext / LlavaOnevision: tile images with the checkpoint's own image processor and pinpoints
+    (llava_ft.model.released_anyres); the plain view (the collator's dummy image) is the processor's
+    overview of the image."""
+    from llava_ft.model.released_anyres import ReleasedAnyResSpec
+
+    max_tiles = None
+    if config.model_type == "llava_onevision":
+        ratio = str(getattr(config, "vision_aspect_ratio", "anyres_max_9"))
+        if not ratio.startswith("anyres_max_") or not ratio[len("anyres_max_"):].isdigit():
+            raise UserError(f"model.llava={name!r}: vision_aspect_ratio {ratio!r} is not anyres_max_<N> (the only "
+                            "kind transformers' LlavaOnevision implements)")
+        max_tiles = int(ratio[len("anyres_max_"):])
+    pinpoints = config.image_grid_pinpoints or processor.image_grid_pinpoints
+    video_processor = None
+    if config.model_type == "llava_onevision":
+        from transformers import AutoVideoProcessor
+
+        try:
+            video_processor = AutoVideoProcessor.from_pretrained(folder)
+        except (OSError, ValueError):  # a checkpoint saved without one: images only (a clip then says so)
+            video_processor = None
+    ve.anyres = ReleasedAnyResSpec(processor, pinpoints, ve.num_image_tokens, max_tiles_before_shrink=max_tiles,
+                                   single_view_for_multi_image=config.model_type == "llava_onevision",
+                                   video_processor=video_processor, video_frames=video_frames)
+    ve._preprocess_fn = ve.anyres.overview
 
 
 class _DropUnexpectedOnly:
@@ -166,7 +208,7 @@ def load_released_llava(cfg, for_training: bool = True) -> ReleasedLlava:
         grid = vc.image_size // vc.patch_size
         from llava_ft.model.vision import HF_TYPES
 
-        print(f"[llava_ft] model.llava {m.llava}: LlavaForConditionalGeneration -> LLM {tc.model_type} "
+        print(f"[llava_ft] model.llava {m.llava}: {CLASSES[config.model_type]} -> LLM {tc.model_type} "
               f"({tc.num_hidden_layers} layers), {HF_TYPES.get(vc.model_type, vc.model_type)} tower (feature layer {config.vision_feature_layer}, "
               f"{config.vision_feature_select_strategy}: {grid * grid} tokens per image), projector "
               f"{vc.hidden_size}->{tc.hidden_size} gelu, tokenizer with <image>, image processor", flush=True)
@@ -175,17 +217,53 @@ def load_released_llava(cfg, for_training: bool = True) -> ReleasedLlava:
             replaced.append(f"model.visual_select_layer={m.visual_select_layer}")
         if replaced:
             print(f"[llava_ft] model.llava replaces {', '.join(replaced)} (not used)", flush=True)
+    if config.model_type != "llava":  # NeXT / OneVision carry their prompt format as a chat template
+        _check_template(cfg, folder)
     # The LLM goes through load_llm like any other (quantization, dtype, attention, k-bit prep); only its
     # weights are read out of the LLaVA checkpoint under the text config.
     llm_cfg = replace(m, llm=folder, tokenizer=m.tokenizer or folder)
     with _quiet_unused_keys():
         llm, tokenizer = load_llm(llm_cfg, for_training=for_training, verbose=verbose,
                                   load_kwargs={"config": tc, "key_mapping": _LLM_KEYS})
-        visual_encoder = _vision(folder, m.llava, config, resolve_dtype(m.dtype))
+        visual_encoder = _vision(folder, m.llava, config, resolve_dtype(m.dtype), cfg.data.video_frames)
     projector_state = _projector_state(folder, m.llava, config)
-    if verbose and getattr(visual_encoder.processor, "do_pad", False):
+
+    # (NeXT / OneVision processors' do_pad pads a batch's tile counts, not images to square)
+    if verbose and config.model_type == "llava" and getattr(visual_encoder.processor, "do_pad", False):
         print("[llava_ft] model.llava: its image processor pads images to square (kept)", flush=True)
+    elif verbose and config.model_type != "llava":
+        spec = visual_encoder.anyres
+        extra = (f", anyres_max_{spec.max_tiles}, several images = one view each, videos of "
+                 f"{spec.video_frames} frames" if spec.single_view_for_multi_image else "")
+        print(f"[llava_ft] model.llava: AnyRes with the checkpoint's image processor and {len(spec.pinpoints)} "
+              f"grid pinpoints{extra}", flush=True)
     return ReleasedLlava(llm, tokenizer, visual_encoder, projector_state, folder)
+
+
+def _check_template(cfg, folder: str) -> None:
+    """Refuse (before the LLM loads) a data.template that trains another prompt format than the checkpoint's."""
+    from llava_ft.data.checkpoint_template import template_mismatch
+    from llava_ft.model.llm import load_tokenizer
+
+    m = cfg.model
+    tokenizer = load_tokenizer(replace(m, llm=folder, tokenizer=m.tokenizer or folder))
+    problem = template_mismatch(cfg.data.template, cfg.data.system, tokenizer)
+    if problem:
+        raise UserError(f"model.llava={m.llava!r}: {problem}")
+
+
+def load_released_tokenizer_and_tower(cfg):
+    """(tokenizer, VisualEncoder) of `cfg.model.llava` without its LLM: what data preparation needs (the
+    tokenizer and the per-image token count), e.g. for `llava_ft log-dataset`."""
+    from llava_ft.model.llm import load_tokenizer, resolve_dtype
+
+    m = cfg.model
+    folder = resolve_folder(m.llava)
+    config = _llava_config(folder, m.llava)
+    tokenizer = load_tokenizer(replace(m, llm=folder, tokenizer=m.tokenizer or folder))
+    with _quiet_unused_keys():
+        tower = _vision(folder, m.llava, config, resolve_dtype(m.dtype), cfg.data.video_frames)
+    return tokenizer, tower
 
 
 def _is_main() -> bool:
