@@ -3,7 +3,7 @@
 A recipe is a YAML file with four sections (model, data, train, evaluation) plus optional `name` and
 `phase`. Load one with:
 
-    cfg = load_config("configs/demo/tiny_text_qlora.yaml", overrides=["train.learning_rate=1e-4"])
+    cfg = load_config("configs/demo/tiny_text_sft_qlora.yaml", overrides=["train.learning_rate=1e-4"])
 
 Every key is checked against the dataclasses below before any model loads: an unknown key, or a value
 outside its allowed set, raises `UserError` naming the key, the allowed values and the closest match.

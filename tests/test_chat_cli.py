@@ -8,7 +8,7 @@ import sys
 import pexpect
 import pytest
 
-from llava_ft.testing.assets import draw_shape
+from llava_ft.demo.assets import draw_shape
 from llava_ft.inference import GenerationSettings, load_chat_model
 from llava_ft.testing.checkpoints import write_random_checkpoint
 

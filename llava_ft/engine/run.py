@@ -2,7 +2,7 @@
 
     from llava_ft.config import load_config
     from llava_ft.engine.run import run_training
-    result = run_training(load_config("configs/demo/tiny_text_qlora.yaml"), work_dir="work_dirs/x")
+    result = run_training(load_config("configs/demo/tiny_text_sft_qlora.yaml"), work_dir="work_dirs/x")
     result.last_checkpoint   # work_dirs/x/iter_<step>.pth
 
 Order matters for the user: the config is checked, the resume point and DeepSpeed config are resolved,
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llava_ft.config import CONFIG_ROOT, Config, save_config
-from llava_ft.engine import checkpoint as ckpt
+from llava_ft.engine.resume import resolve_resume
 from llava_ft.errors import UserError
 
 
@@ -218,7 +218,7 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
         from llava_ft.versions import check_versions
 
         check_versions(("deepspeed",))
-    resume_from = ckpt.resolve_resume(resume, work_dir)
+    resume_from = resolve_resume(resume, work_dir)
     # Data before model (and before transformers is even imported, which alone takes seconds): a missing file
     # or image folder, undecodable data and bad records (all of them, or skipped and counted) are reported at
     # once. Rank 0 of each node reads (it encodes and caches below); the other ranks load that cache, so they

@@ -26,9 +26,9 @@ from pathlib import Path
 from transformers import Trainer
 
 from llava_ft import __version__
-from llava_ft.checkpoint import iter_path, load_iter_checkpoint
+from llava_ft.checkpoint import iter_path, load_iter_checkpoint, save_iter_checkpoint
 from llava_ft.config import config_to_dict
-from llava_ft.engine import checkpoint as ckpt
+from llava_ft.engine.resume import rotate_checkpoints
 from llava_ft.model.llava import LlavaFtModel
 
 
@@ -161,12 +161,12 @@ class LlavaFtTrainer(Trainer):
         step = self.state.global_step
         sd = self.trainable_state_dict()
         if self.args.should_save:
-            ckpt.save_iter_checkpoint(self.work_dir, step, sd, self.checkpoint_meta())
+            save_iter_checkpoint(self.work_dir, step, sd, self.checkpoint_meta())
         super()._save_checkpoint(model, trial)
         if self.best_keeper is not None:
             self.best_keeper.after_save(self, step)  # before rotation: it links the iter file just written
         if self.args.should_save:
-            ckpt.rotate_checkpoints(self.work_dir, self.llava_cfg.train.save_total_limit, keep=step)
+            rotate_checkpoints(self.work_dir, self.llava_cfg.train.save_total_limit, keep=step)
 
     def evaluate(self, *args, **kwargs):
         from llava_ft.engine.callbacks import keep_4bit_training_layout
