@@ -162,7 +162,7 @@ def build_train_data(cfg: Config, model, tokenizer, source_data=None, with_eval:
 
     from llava_ft.model.anyres import image_token_counter
 
-    num_image_tokens = image_token_counter(model.visual_encoder) if cfg.is_llava else 0
+    num_image_tokens = image_token_counter(model.visual_encoder if cfg.is_llava else None)
     prepared = prepare_dataset(cfg.data, tokenizer, num_image_tokens=num_image_tokens, seed=cfg.train.seed,
                                source_data=source_data)
     if len(prepared.dataset) == 0:

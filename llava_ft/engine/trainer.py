@@ -95,10 +95,15 @@ class LlavaFtTrainer(Trainer):
         ids = inputs["input_ids"]
         self._tokens_since_log += int(mask.sum()) if mask is not None else int(ids.numel())
         ve = getattr(self.accelerator.unwrap_model(model), "visual_encoder", None)
-        if ve is not None:  # each <image> placeholder stands for num_image_tokens positions
+        if ve is not None:  # each <image> placeholder stands for its image's feature vectors
             from llava_ft import IMAGE_TOKEN_INDEX
+            from llava_ft.model.anyres import image_token_counter
 
-            self._tokens_since_log += int((ids == IMAGE_TOKEN_INDEX).sum()) * (ve.num_image_tokens - 1)
+            n_images = int((ids == IMAGE_TOKEN_INDEX).sum())
+            sizes = inputs.get("image_sizes")  # AnyRes: one (height, width) per image, counts differ
+            sizes = sizes.tolist() if sizes is not None else [None] * n_images
+            count = image_token_counter(ve)
+            self._tokens_since_log += sum(count.for_size(hw) for hw in sizes[:n_images]) - n_images
         return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs, start_time=None):
