@@ -5,7 +5,8 @@ Problem kinds (severity error unless noted):
   not_utf8            a line or record with a byte that is not UTF-8 (the message gives the byte offset)
   malformed           a record the parser rejects (wrong keys/types, unknown role)
   empty_conversation  no messages, no assistant turn, or an empty answer
-  roles_out_of_order  turns not (system?) user, assistant, user, assistant, ...
+  roles_out_of_order  turns not (system?) user, assistant, user, assistant, ... (system, assistant greeting,
+                      user, ... is fine: XTuner and training keep the greeting as a turn of its own)
   image_count_mismatch  `<image>` markers in the text != images of the record
                       (images with no marker at all: warning, they are put at the start of the first turn)
   duplicate_id        (warning) an id seen before (the message names the first line)
@@ -80,6 +81,8 @@ def _conversation_problems(record: dict) -> list[tuple[str, str, str]]:
         return [("empty_conversation", "error", "no messages")]
     roles = [m["role"] for m in messages]
     body = roles[1:] if roles[0] == "system" else roles
+    if roles[0] == "system" and body[:2] == ["assistant", "user"]:
+        body = body[1:]  # a greeting after the system prompt: trained as a turn with an empty input (XTuner)
     expected = ["user", "assistant"] * (len(body) // 2 + 1)
     if "system" in body or body != expected[: len(body)] or not body or body[-1] != "assistant":
         out.append(("roles_out_of_order", "error",
