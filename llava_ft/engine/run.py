@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from llava_ft.config import CONFIG_ROOT, Config, save_config
+from llava_ft.config import CONFIG_ROOT, Config, check_model_paths, save_config
 from llava_ft.engine.resume import resolve_resume
 from llava_ft.errors import UserError
 
@@ -91,7 +91,8 @@ def training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_epochs,
         max_steps=t.max_steps,
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps (transformers 5)
+        # transformers 5 reads a float in [0, 1) as a ratio of the total steps, an int >= 1 as steps
+        warmup_steps=t.warmup_ratio if t.warmup_steps is None else int(t.warmup_steps),
         lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1,
@@ -223,6 +224,7 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
     # or image folder, undecodable data and bad records (all of them, or skipped and counted) are reported at
     # once. Rank 0 of each node reads (it encodes and caches below); the other ranks load that cache, so they
     # only check that the files exist.
+    check_model_paths(cfg, cfg.source_path or "config")  # missing model folders fail before the data pass
     if cfg.model.pretrained_pth:
         resolve_pretrained_pth(cfg.model.pretrained_pth)  # a wrong path fails now, not after the LLM loads
     if dist.local_rank() == 0:
