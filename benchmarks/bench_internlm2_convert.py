@@ -20,7 +20,7 @@ import tempfile
 
 CHILD = r"""
 import sys, time
-from llava_ft.model.internlm2 import convert_to_llama
+from llava_ft.model.internlm2_convert import convert_to_llama
 import safetensors.torch, transformers  # noqa: F401  (imported before the peak is reset)
 
 def rss_gb(field):

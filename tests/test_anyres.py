@@ -135,6 +135,32 @@ def test_anyres_lengths_match_the_splice_and_the_newline_trains(tiny_llama, tiny
     assert not torch.allclose(saved["projector.image_newline"], start)
 
 
+def test_the_newline_is_read_inside_the_projector_forward(tiny_llama, tiny_clip, tmp_path):
+    """ZeRO-3 gathers a module's own parameters around that module's forward; DeepSpeed puts a dict of its
+    own in `module._parameters` that fetches a weight read at any other time only as a fallback. Record
+    every read of the newline the same way: each one happens while the projector's forward runs."""
+    from llava_ft.model.builder import build_model
+
+    cfg = _anyres_cfg(tiny_llama, tiny_clip, str(tmp_path / "unused.json"), str(tmp_path), tmp_path)
+    model, _ = build_model(cfg)
+    proj, in_forward, reads = model.projector, [False], []
+
+    class RecordingParameters(dict):
+        def __getitem__(self, key):
+            reads.append((key, in_forward[0]))
+            return super().__getitem__(key)
+
+    object.__setattr__(proj, "_parameters", RecordingParameters(proj._parameters))
+    proj.register_forward_pre_hook(lambda *_: in_forward.__setitem__(0, True))
+    proj.register_forward_hook(lambda *_: in_forward.__setitem__(0, False))
+    hw = (40, 120)
+    image = Image.new("RGB", (hw[1], hw[0]), (200, 30, 30))
+    packed = model.encode_images_per_image(model.visual_encoder.anyres.views(image), torch.tensor([hw]))
+    assert len(packed) == 1
+    newline_reads = [inside for key, inside in reads if key == "image_newline"]
+    assert newline_reads and all(newline_reads), reads
+
+
 def test_anyres_refuses_pad_to_square_and_open_clip(tiny_llama, tiny_clip, tmp_path):
     from llava_ft.config import config_from_dict
 

@@ -1,12 +1,13 @@
 """Scale-out tests: launch env mapping, DeepSpeed config checks, and real 2-process runs on the CPU.
 
     pytest tests/test_distributed.py -m "not multiprocess"   # unit tests, ~2 s
-    pytest tests/test_distributed.py                         # + 2-process runs (gloo), ~2.5 min on 2 cores
+    pytest tests/test_distributed.py                         # + 2-process runs (gloo), several minutes on 2 cores
 
 The multi-process tests train the tiny demo LLaVA (and a QLoRA text model) with 2 processes under
 ZeRO-2 / ZeRO-3 and compare against one process with the same global batch (2 processes x 3 x accum 1
 == 1 x 3 x accum 2): same loss at every step, same trainable weights at the end (fp32 on CPU, so only summation
-order differs). The first DeepSpeed run on a machine compiles a small op (~2 min), later ones reuse it.
+order differs); under ZeRO-3 also AnyRes (its newline partitioned, persistence threshold 0) and a full text
+fine-tune. The first DeepSpeed run on a machine compiles a small op (~2 min), later ones reuse it.
 Helpers here are shared with tests/test_resume_exact.py.
 """
 from __future__ import annotations
@@ -217,6 +218,38 @@ def test_zero3_llava_matches_single_process_and_writes_the_same_iter_file(config
     assert {"projector", "llm_adapter", "visual_encoder_adapter"} <= {p.name for p in (tmp_path / "hf").iterdir()}
 
 
+# AnyRes on the same run, shortened (tiled images make each step several times longer).
+ANYRES = ["model.image_aspect=anyres", "train.max_steps=4", "train.save_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def single_anyres(configs, tmp_path_factory) -> str:
+    work = str(tmp_path_factory.mktemp("single_anyres") / "w")
+    run_cli(["finetune", configs["llava"], *ANYRES, ONE_PROCESS, "--work-dir", work])
+    return work
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("persistence", ["auto", 0])
+def test_zero3_anyres_matches_single_process(configs, single_anyres, tmp_path, persistence):
+    """AnyRes under ZeRO-3 (~60 s each): the projector's newline is gathered by the projector's own forward.
+    With stage3_param_persistence_threshold 0 it is partitioned like every weight (with `auto` a vector this
+    small stays whole on every rank); losses and saved weights, newline included, equal one process."""
+    from llava_ft.engine.run import resolve_deepspeed
+
+    ds = json.loads(Path(resolve_deepspeed("zero3")).read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
+    ds_path = tmp_path / "zero3.json"
+    ds_path.write_text(json.dumps(ds))
+    work = str(tmp_path / "w")
+    run_cli(["finetune", configs["llava"], *ANYRES, "--work-dir", work, "--deepspeed", str(ds_path)], nproc=2)
+    assert losses(work) == pytest.approx(losses(single_anyres), rel=1e-5)
+    multi, single = iter_state(work, 4), iter_state(single_anyres, 4)
+    assert "projector.image_newline" in single
+    assert_same_weights(multi, single)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_deepspeed_launcher_runs_llava_ft_and_matches_single_process(configs, single_llava, tmp_path):
@@ -237,16 +270,25 @@ def test_deepspeed_launcher_runs_llava_ft_and_matches_single_process(configs, si
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_lora_text_zero3_builds_sharded_and_matches_single_process(configs, tmp_path):
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_text_zero3_builds_sharded_and_matches_single_process(configs, tmp_path, tuning):
     """A non-quantized LLM under ZeRO-3 is built in deepspeed.zero.Init (no rank holds it whole), and the
-    new LoRA weights start as in one process (seeded after loading), so losses and weights match."""
+    new LoRA weights start as in one process (seeded after loading), so losses and weights match. A full
+    fine-tune saves every weight, gathered module by module: the same iter file as one process."""
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
-    run_cli(["train", configs["text"], "model.quantization=none", ONE_PROCESS, "--work-dir", single])
-    proc = run_cli(["train", configs["text"], "model.quantization=none", "--work-dir", multi,
-                    "--deepspeed", "zero3"], nproc=2)
+    overrides = ["model.quantization=none"] + (["model.llm_lora.enabled=false", "train.learning_rate=1e-4"]
+                                               if tuning == "full" else [])
+    run_cli(["train", configs["text"], *overrides, ONE_PROCESS, "--work-dir", single])
+    proc = run_cli(["train", configs["text"], *overrides, "--work-dir", multi, "--deepspeed", "zero3"], nproc=2)
     assert "built sharded (deepspeed.zero.Init)" in proc.stdout + proc.stderr
     assert losses(multi) == pytest.approx(losses(single), rel=1e-5)
-    assert_same_weights(iter_state(multi, 4), iter_state(single, 4))
+    multi_state, single_state = iter_state(multi, 4), iter_state(single, 4)
+    if tuning == "full":
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(yaml.safe_load(Path(configs["text"]).read_text())["model"]["llm"])
+        assert set(single_state) == {f"llm.{n}" for n, _ in base.named_parameters()}  # every weight saved
+    assert_same_weights(multi_state, single_state)
 
 
 @pytest.mark.multiprocess

@@ -99,6 +99,99 @@ def test_conversion_variants(tmp_path, monkeypatch, variant):
                               atol=1e-6, rtol=0)
 
 
+def _internlm2_forward(state: dict, cfg: dict, ids: torch.Tensor) -> torch.Tensor:
+    """InternLM2's causal LM forward in plain torch, read from its own modeling_internlm2.py (not from
+    llava_ft's converter): wqkv rows grouped per kv head as [its query heads..., k, v] (`(h gs d)`,
+    gs = queries per kv head + 2), query head h*gs+j attends with kv head h, rotate-half rotary with dynamic
+    NTK scaling (base grown when the sequence is longer than max_position_embeddings), RMSNorm,
+    w2(silu(w1 x) * w3 x), `output` head."""
+    import math
+
+    import torch.nn.functional as F
+
+    hidden, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d, groups, eps = hidden // heads, heads // kv, cfg["rms_norm_eps"]
+    batch, seq = ids.shape
+    base, scaling, limit = cfg["rope_theta"], cfg.get("rope_scaling"), cfg["max_position_embeddings"]
+    if scaling and scaling["type"] == "dynamic" and seq > limit:
+        f = scaling["factor"]
+        base = base * ((f * seq / limit) - (f - 1)) ** (d / (d - 2))
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32), inv_freq).repeat(1, 2)
+    cos, sin = angles.cos(), angles.sin()
+
+    def rope(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    def rms(x, name):
+        return state[name] * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def linear(x, name):
+        return F.linear(x, state[f"{name}.weight"], state.get(f"{name}.bias"))
+
+    causal = torch.full((seq, seq), float("-inf")).triu(1)
+    h = state["model.tok_embeddings.weight"][ids]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        qkv = linear(rms(h, p + "attention_norm.weight"), p + "attention.wqkv").view(batch, seq, kv, groups + 2, d)
+        q = rope(qkv[:, :, :, :groups].reshape(batch, seq, heads, d).transpose(1, 2))
+        k = rope(qkv[:, :, :, -2].transpose(1, 2)).repeat_interleave(groups, dim=1)
+        v = qkv[:, :, :, -1].transpose(1, 2).repeat_interleave(groups, dim=1)
+        attn = ((q @ k.transpose(-1, -2)) / math.sqrt(d) + causal).softmax(-1) @ v
+        h = h + linear(attn.transpose(1, 2).reshape(batch, seq, hidden), p + "attention.wo")
+        x = rms(h, p + "ffn_norm.weight")
+        h = h + linear(F.silu(linear(x, p + "feed_forward.w1")) * linear(x, p + "feed_forward.w3"),
+                       p + "feed_forward.w2")
+    return linear(rms(h, "model.norm.weight"), "output")
+
+
+@needs_native_tokenizer
+def test_converted_internlm2_equals_internlm2s_own_forward(tmp_path, monkeypatch):
+    """Random weights made in InternLM2's own layout (no Llama behind them), converted by llava_ft and run
+    by transformers' Llama, give the logits of InternLM2's forward written out above, with GQA (8 query
+    heads on 2 kv heads), biases, and dynamic RoPE scaling engaged (40 tokens past a 16-position limit)."""
+    from transformers import LlamaForCausalLM
+
+    from llava_ft.model.internlm2_convert import convert_to_llama
+    from llava_ft.testing.internlm2 import hub_config, save_internlm2_folder
+    from llava_ft.testing.internlm2_tokenizer import VOCAB_SIZE
+
+    monkeypatch.setenv("LLAVA_FT_CACHE", str(tmp_path / "cache"))
+    hidden, inner, heads, kv, layers = 64, 96, 8, 2, 2
+    cfg = hub_config(hidden_size=hidden, intermediate_size=inner, num_layers=layers, num_heads=heads,
+                     num_kv_heads=kv, bias=True, rope_theta=10000.0, rope_scaling={"type": "dynamic", "factor": 2.0},
+                     max_position_embeddings=16)
+    qkv_rows = (heads + 2 * kv) * (hidden // heads)
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=0.1, offset=0.0):
+        return offset + scale * torch.randn(*shape, generator=gen)
+
+    state = {"model.tok_embeddings.weight": rand(VOCAB_SIZE, hidden, scale=1.0),
+             "model.norm.weight": rand(hidden, offset=1.0), "output.weight": rand(VOCAB_SIZE, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        state.update({
+            p + "attention.wqkv.weight": rand(qkv_rows, hidden), p + "attention.wqkv.bias": rand(qkv_rows),
+            p + "attention.wo.weight": rand(hidden, hidden), p + "attention.wo.bias": rand(hidden),
+            p + "feed_forward.w1.weight": rand(inner, hidden), p + "feed_forward.w3.weight": rand(inner, hidden),
+            p + "feed_forward.w2.weight": rand(hidden, inner),
+            p + "attention_norm.weight": rand(hidden, offset=1.0), p + "ffn_norm.weight": rand(hidden, offset=1.0)})
+    folder = save_internlm2_folder(tmp_path / "internlm2", state, cfg)
+    ours = LlamaForCausalLM.from_pretrained(convert_to_llama(folder), dtype=torch.float32,
+                                            attn_implementation="eager").eval()
+    short = torch.randint(3, VOCAB_SIZE, (2, 12), generator=gen)
+    long = torch.randint(3, VOCAB_SIZE, (2, 40), generator=gen)
+    with torch.no_grad():
+        for ids in (short, long):
+            torch.testing.assert_close(ours(input_ids=ids).logits, _internlm2_forward(state, cfg, ids),
+                                       atol=1e-5, rtol=1e-4)
+        # The scaling changes the long sequence's logits, so the comparison above covers it.
+        unscaled = _internlm2_forward(state, dict(cfg, rope_scaling=None), long)
+        assert not torch.allclose(unscaled, _internlm2_forward(state, cfg, long), atol=1e-3)
+
+
 @needs_native_tokenizer
 @pytest.mark.parametrize("quantization,layer", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
 def test_quantized_loading_of_converted_weights(tiny_internlm2, quantization, layer):

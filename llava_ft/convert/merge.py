@@ -38,7 +38,8 @@ def merge_adapter(base, adapter, save_dir, is_clip: bool = False, max_shard_size
     """Load `base`, apply the adapter, merge, save to `save_dir` (atomically: staged then renamed)."""
     from peft import PeftModel
 
-    from llava_ft.model.internlm2 import LAYOUTS, check_adapter_layout, save_internlm2_layout
+    from llava_ft.model.internlm2_detect import LAYOUTS, check_adapter_layout
+    from llava_ft.model.internlm2_export import save_internlm2_layout
     from llava_ft.model.llm import peft_quiet
 
     adapter_dir = Path(adapter)

@@ -53,7 +53,7 @@ def _load_config(config):
 def _meta(cfg, fmt: str, pth, step=None, layout: str = "llama") -> dict:
     from llava_ft.config import config_to_dict
     from llava_ft.convert.model_card import run_facts
-    from llava_ft.model.internlm2 import is_internlm2
+    from llava_ft.model.internlm2_detect import is_internlm2
 
     meta = {"format": fmt, "template": cfg.data.template, "system": cfg.data.system,
             "pad_image_to_square": bool(cfg.data.pad_image_to_square), "source": str(pth), "step": step,
@@ -64,7 +64,7 @@ def _meta(cfg, fmt: str, pth, step=None, layout: str = "llama") -> dict:
 
 
 def _check_layout(layout: str, cfg, fmt: str) -> None:
-    from llava_ft.model.internlm2 import LAYOUTS, is_internlm2
+    from llava_ft.model.internlm2_detect import LAYOUTS, is_internlm2
 
     if layout not in LAYOUTS:
         raise UserError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -85,7 +85,7 @@ def _check_layout(layout: str, cfg, fmt: str) -> None:
 def _save_full_llm(llm, out: Path, max_shard_size, layout: str, base: str) -> None:
     llm.save_pretrained(str(out), max_shard_size=max_shard_size)
     if layout == "internlm2":
-        from llava_ft.model.internlm2 import save_internlm2_layout
+        from llava_ft.model.internlm2_export import save_internlm2_layout
 
         save_internlm2_layout(out, base)
 

@@ -93,6 +93,36 @@ def main_process_first(desc: str = "work", local: bool = True) -> Iterator[None]
             barrier()
 
 
+def gather_trainable_state(model, keep: bool) -> dict:
+    """Trainable weights of a ZeRO-3 sharded `model` by `named_parameters()` name, as CPU copies on the
+    ranks with `keep` (the ones that write the file), {} on the others. Every rank must call it.
+
+    One module's own trainable parameters are gathered at a time (one collective each) and released
+    before the next, so no rank ever holds more than the largest module gathered plus, where `keep`, the
+    CPU copies. Hand-written rather than DeepSpeed's `_zero3_consolidated_16bit_state_dict` (which
+    accelerate's `get_state_dict` calls): that one gathers frozen weights too (a LoRA run would gather
+    the whole base model at every save), adds buffers, needs `stage3_gather_16bit_weights_on_model_save`,
+    and on the CPU returns views into the gather buffer instead of copies.
+    """
+    import deepspeed
+
+    out: dict = {}
+    groups: list = []  # consecutive names with one owning module, in named_parameters() order
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner = name.rpartition(".")[0]
+        if groups and groups[-1][0] == owner:
+            groups[-1][1].append((name, p))
+        else:
+            groups.append((owner, [(name, p)]))
+    for _, named in groups:
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            if keep:
+                out.update((n, p.detach().cpu().clone()) for n, p in named)
+    return out
+
+
 # ---- DeepSpeed config -------------------------------------------------------------------------------
 
 def load_deepspeed_config(path: str) -> dict:

@@ -142,14 +142,16 @@ class LlavaFtTrainer(Trainer):
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict:
-        """Trainable weights by name; gathers ZeRO-3 shards (every rank must call this)."""
+        """Trainable weights by name on the ranks that save (`args.should_save`), {} on the others; every
+        rank must call this (under ZeRO-3 the shards are gathered module by module)."""
         model = self.accelerator.unwrap_model(self.model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for _, p in named):
-            import deepspeed
+            from llava_ft.engine.distributed import gather_trainable_state
 
-            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-                return {n: p.detach().cpu().clone() for n, p in named}
+            return gather_trainable_state(model, keep=self.args.should_save)
+        if not self.args.should_save:
+            return {}  # every rank holds the weights whole here; only the one that writes copies them
         return {n: p.detach().cpu().clone() for n, p in named}
 
     def _save(self, output_dir=None, state_dict=None):

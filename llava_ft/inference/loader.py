@@ -82,7 +82,7 @@ def _load_text_llm(path: str, adapter: Optional[str], quantization: str, dtype: 
 def _apply_adapter(model, adapter: str, base: str = "the base model"):
     from peft import PeftModel
 
-    from llava_ft.model.internlm2 import check_adapter_layout
+    from llava_ft.model.internlm2_detect import check_adapter_layout
     from llava_ft.model.llm import peft_quiet
 
     if not (Path(adapter) / "adapter_config.json").is_file():

@@ -178,8 +178,9 @@ class LlavaFtModel(nn.Module):
         return sorted(state_dict)
 
     # ---- vision path ----------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n, 3, H, W] -> projected features [n, num_image_tokens, llm_hidden]."""
+    def encode_images(self, pixel_values: torch.Tensor, pack=None):
+        """[n, 3, H, W] -> projected features [n, num_image_tokens, llm_hidden] (with `pack`, the
+        projector's per-image AnyRes list)."""
         ve = self.visual_encoder
         ve_param = next(ve.parameters())
         trains = any(p.requires_grad for p in ve.parameters())
@@ -187,16 +188,17 @@ class LlavaFtModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
             feats = ve(pixel_values.to(device=ve_param.device, dtype=ve_param.dtype))
         proj_param = next(self.projector.parameters())
-        return self.projector(feats.to(device=proj_param.device, dtype=proj_param.dtype))
+        return self.projector(feats.to(device=proj_param.device, dtype=proj_param.dtype), pack=pack)
 
     def encode_images_per_image(self, pixel_values: torch.Tensor, image_sizes=None):
         """Projected features per image: a [n, N, D] tensor, or with AnyRes (`image_sizes` given, the
         tower set to anyres) a list of [tokens_i, D] -- overview, unpadded tiles, a newline per row."""
-        features = self.encode_images(pixel_values)
         spec = getattr(self.visual_encoder, "anyres", None)
         if image_sizes is None or spec is None:
-            return features
-        return spec.pack(features, image_sizes.tolist(), self.projector.image_newline)
+            return self.encode_images(pixel_values)
+        sizes = image_sizes.tolist()
+        # The projector packs (its forward reads the newline), so ZeRO-3 gathers the newline with it.
+        return self.encode_images(pixel_values, pack=lambda feats, newline: spec.pack(feats, sizes, newline))
 
     def prepare_inputs_embeds(self, input_ids, attention_mask=None, labels=None, pixel_values=None,
                               padding_side: str = "right", image_sizes=None, position_ids=None):

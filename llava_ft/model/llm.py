@@ -10,7 +10,7 @@ QLoRA, or 8-bit, both via bitsandbytes). A path that does not exist, or a hub id
 raises `UserError` with one sentence instead of a stack trace.
 
 An InternLM2 checkpoint (config.json `model_type: internlm2`) is converted once to a Llama folder in the
-llava_ft cache (`llava_ft.model.internlm2`) and loaded as LlamaForCausalLM, its tokenizer natively
+llava_ft cache (`llava_ft.model.internlm2_convert`) and loaded as LlamaForCausalLM, its tokenizer natively
 (`llava_ft.model.internlm2_tokenizer`): no remote code. Other models' own code (config.json `auto_map`
 with a model_type transformers does not know) runs only with `model.trust_remote_code: true`; attention
 `auto` falls back to eager for a model class without sdpa support. `load_causal_lm` is the one
@@ -104,7 +104,7 @@ def _hub_internlm2(name: str) -> Optional[str]:
 
         from huggingface_hub import hf_hub_download, snapshot_download
 
-        from llava_ft.model.internlm2 import is_internlm2_config
+        from llava_ft.model.internlm2_detect import is_internlm2_config
 
         with open(hf_hub_download(name, "config.json"), encoding="utf-8") as fh:
             if not is_internlm2_config(json.load(fh)):
@@ -117,14 +117,15 @@ def _hub_internlm2(name: str) -> Optional[str]:
 def resolve_llm_source(name: str, what: str = "model.llm", verbose: bool = True) -> str:
     """The folder/hub id to load for `name`: an InternLM2 checkpoint -> its converted Llama folder (cached),
     announced with one line; anything else unchanged."""
-    from llava_ft.model import internlm2
+    from llava_ft.model.internlm2_convert import convert_to_llama, quiet_config_type_warning
+    from llava_ft.model.internlm2_detect import is_internlm2
 
     source = check_model_source(name, what)
     folder = source if os.path.isdir(source) else _hub_internlm2(source)
-    if folder is None or not internlm2.is_internlm2(folder):
+    if folder is None or not is_internlm2(folder):
         return source
-    converted = internlm2.convert_to_llama(folder)
-    internlm2.quiet_config_type_warning()
+    converted = convert_to_llama(folder)
+    quiet_config_type_warning()
     _say(f"[llava_ft] InternLM2 checkpoint {name} is run as Llama (converted weights cached at {converted})",
          verbose)
     return converted
@@ -136,7 +137,7 @@ def check_remote_code(source: str, trust_remote_code: bool, what: str = "model.l
         return  # hub ids: AutoConfig's ValueError is translated by `explain_load_error`
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from llava_ft.model.internlm2 import is_internlm2_config, read_config
+    from llava_ft.model.internlm2_detect import is_internlm2_config, read_config
 
     cfg = read_config(source)
     model_type = cfg.get("model_type")
@@ -259,7 +260,7 @@ def load_tokenizer(model_cfg: Any):
     InternLM2's sentencepiece tokenizer is converted natively (its remote code never runs)."""
     from transformers import AutoTokenizer
 
-    from llava_ft.model.internlm2 import source_of_converted
+    from llava_ft.model.internlm2_convert import source_of_converted
 
     what = "model.tokenizer" if model_cfg.tokenizer else "model.llm"
     name = os.path.expanduser(model_cfg.tokenizer or model_cfg.llm)

@@ -40,8 +40,17 @@ class Projector(nn.Module):
         self.image_newline = (nn.Parameter(torch.randn(out_dim) / float(out_dim) ** 0.5)
                               if image_newline else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+    def forward(self, x: torch.Tensor, pack=None):
+        """Project `x`; with `pack` (AnyRes: `pack(features, newline) -> per-image list`) the projected
+        features are packed here, inside forward, because ZeRO-3 gathers a module's own parameters (the
+        newline) only around its forward/backward: read elsewhere it would rely on DeepSpeed's
+        fetch-on-access fallback."""
+        out = self.layers(x)
+        if pack is None:
+            return out
+        if self.image_newline is None:
+            raise ValueError("AnyRes packing needs a projector built with image_newline=True")
+        return pack(out, self.image_newline)
 
     def config_dict(self) -> dict:
         return {"model_type": "llava_ft_projector", "in_dim": self.in_dim, "out_dim": self.out_dim,

@@ -1,8 +1,7 @@
-"""Run InternLM2 checkpoints as Llama: detect, convert (cached), and convert back for exports.
+"""Convert InternLM2 checkpoints to Llama (cached, locked) and Llama weights back to InternLM2 names.
 
-    if is_internlm2(folder):                                   # config.json model_type / architectures
-        llama_dir = convert_to_llama(folder)                   # cached under the llava_ft cache, reused
-    save_internlm2_layout(llama_dir_or_export, base=folder)    # rewrite an export in InternLM2's own layout
+    llama_dir = convert_to_llama(folder)          # cached under the llava_ft cache, reused
+    to_internlm2_state(state, llama_cfg, pending) # the reverse, shard by shard (used by internlm2_export)
 
 InternLM2 *is* the Llama architecture with fused and renamed weights: `attention.wqkv` holds, for each kv
 head, that group's query heads, then its key head, then its value head (the layout its remote code splits
@@ -18,10 +17,8 @@ the converter version), so the second run starts at once and a changed checkpoin
 It is built in a temp folder and renamed into place (a killed run leaves no half folder), under a file
 lock so that the processes of one distributed job convert once.
 
-The reverse (`to_internlm2_state`, `save_internlm2_layout`) fuses q/k/v back bit for bit and writes the
-base folder's own config.json (sizes updated) and its auto_map/tokenizer files beside the weights, so an
-export drops into InternLM's and XTuner's tools. Hand-written because neither transformers nor any
-library we use converts this layout (transformers has no InternLM2 model).
+The reverse (`to_internlm2_state`) fuses q/k/v back bit for bit. Hand-written because neither
+transformers nor any library we use converts this layout (transformers has no InternLM2 model).
 """
 from __future__ import annotations
 
@@ -31,21 +28,19 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
 from llava_ft import fileio
 from llava_ft.errors import UserError
+from llava_ft.model.internlm2_detect import read_config
 
 # Bump when the converted folder's content changes, so old caches are not reused.
 CONVERTER_VERSION = 1
-LAYOUTS = ("llama", "internlm2")
-ARCHITECTURE = "InternLM2ForCausalLM"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_MARKER = "llava_ft_internlm2.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+MARKER = "llava_ft_internlm2.json"
 # Errors that mean "the cache cannot be written here" (not a broken checkpoint).
 _UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR}
 
@@ -59,30 +54,6 @@ _LAYER_RENAMES = {
     "ffn_norm": "post_attention_layernorm",
 }
 _TOP_RENAMES = {"model.tok_embeddings": "model.embed_tokens", "model.norm": "model.norm", "output": "lm_head"}
-# Module names LoRA adapters use in each layout (to tell which layout an adapter targets).
-INTERNLM2_MODULES = {"wqkv", "wo", "w1", "w2", "w3", "output"}
-LLAMA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
-
-
-# ---- detection ---------------------------------------------------------------------------------------
-
-def read_config(folder) -> dict:
-    path = Path(folder) / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except ValueError as err:
-        raise UserError(f"{path}: not valid JSON ({err})") from None
-
-
-def is_internlm2_config(cfg: dict) -> bool:
-    return cfg.get("model_type") == "internlm2" or ARCHITECTURE in (cfg.get("architectures") or [])
-
-
-def is_internlm2(folder) -> bool:
-    """True when `folder` holds an InternLM2 checkpoint (by its config.json, never by its name)."""
-    return os.path.isdir(str(folder)) and is_internlm2_config(read_config(folder))
 
 
 # ---- config ------------------------------------------------------------------------------------------
@@ -138,21 +109,6 @@ def llama_config_from_internlm2(cfg: dict, where: str = "config.json") -> dict:
     dtype = cfg.get("torch_dtype") or cfg.get("dtype")
     if dtype:
         out["dtype"] = dtype
-    return out
-
-
-def internlm2_config_from_llama(llama: dict, base: dict) -> dict:
-    """The base InternLM2 config.json with what a Llama-layout export may have changed written back."""
-    out = dict(base)
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
-                "bos_token_id", "eos_token_id", "pad_token_id"):
-        if key in llama:
-            out[key] = llama[key]
-    dtype = llama.get("dtype") or llama.get("torch_dtype")
-    if dtype:
-        out["torch_dtype"] = dtype
-    out.pop("dtype", None)
     return out
 
 
@@ -245,7 +201,7 @@ def to_internlm2_state(state: dict, cfg: dict, pending: Optional[dict] = None) -
     return out
 
 
-def _weight_files(folder: Path) -> tuple[list, Optional[str]]:
+def weight_files(folder: Path) -> tuple[list, Optional[str]]:
     """(shard files in order, index file name or None) of a transformers checkpoint folder."""
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
@@ -266,7 +222,7 @@ def _read_shard(path: Path) -> dict:
     return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
 
 
-def _convert_shards(src: Path, dst: Path, files: list, convert: Callable[[dict], dict]) -> None:
+def convert_shards(src: Path, dst: Path, files: list, convert: Callable[[dict], dict]) -> None:
     """Convert each shard of `src` into a safetensors shard of `dst` (one shard in memory at a time)."""
     from safetensors.torch import save_file
 
@@ -298,7 +254,7 @@ def source_key(folder) -> str:
     folder = Path(folder)
     entries = []
     for p in sorted(folder.iterdir()):
-        if p.is_file() and (p.name == "config.json" or p.name.endswith(_WEIGHT_SUFFIXES + (".index.json",))):
+        if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES + (".index.json",))):
             st = p.stat()
             entries.append([p.name, st.st_size, st.st_mtime_ns])
     blob = json.dumps({"version": CONVERTER_VERSION, "files": entries}, sort_keys=True)
@@ -314,14 +270,14 @@ def convert_to_llama(folder, out_dir=None) -> str:
     """The Llama folder of InternLM2 checkpoint `folder` (converted once, then reused from the cache)."""
     src = Path(folder).resolve()
     dst = Path(out_dir) if out_dir is not None else converted_path(src)
-    if (dst / _MARKER).is_file():
+    if (dst / MARKER).is_file():
         return str(dst)
     try:
         return _convert_locked(src, dst)
     except OSError as err:
         if err.errno not in _UNWRITABLE:
             raise
-        need = sum(p.stat().st_size for p in src.iterdir() if p.name.endswith(_WEIGHT_SUFFIXES)) / 1e9
+        need = sum(p.stat().st_size for p in src.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)) / 1e9
         raise UserError(f"cannot write the converted InternLM2 weights under {dst.parent} ({err.strerror or err}); "
                         f"they need about {need:.1f} GB: set LLAVA_FT_CACHE to a writable folder with room") from None
 
@@ -331,11 +287,11 @@ def _convert_locked(src: Path, dst: Path) -> str:
     from filelock import FileLock
 
     with FileLock(str(dst) + ".lock"):
-        if (dst / _MARKER).is_file():  # another process converted it while we waited
+        if (dst / MARKER).is_file():  # another process converted it while we waited
             return str(dst)
         cfg = read_config(src)
         llama_kwargs = llama_config_from_internlm2(cfg, where=str(src / "config.json"))
-        files, _ = _weight_files(src)
+        files, _ = weight_files(src)
         tmp = fileio.staging_dir(dst)
         try:
             from transformers import LlamaConfig
@@ -343,8 +299,8 @@ def _convert_locked(src: Path, dst: Path) -> str:
             LlamaConfig(**llama_kwargs).save_pretrained(str(tmp))
             if (src / "generation_config.json").is_file():
                 shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
-            _convert_shards(src, tmp, files, lambda state: to_llama_state(state, cfg))
-            fileio.write_json(tmp / _MARKER, {"source": str(src), "key": source_key(src),
+            convert_shards(src, tmp, files, lambda state: to_llama_state(state, cfg))
+            fileio.write_json(tmp / MARKER, {"source": str(src), "key": source_key(src),
                                         "converter_version": CONVERTER_VERSION})
             fileio.publish_dir(tmp, dst)  # content and folder follow the umask (safetensors writes 0600)
         except BaseException:
@@ -368,89 +324,7 @@ def quiet_config_type_warning() -> None:
 
 def source_of_converted(folder) -> Optional[str]:
     """The InternLM2 folder a converted cache folder came from (None for any other folder)."""
-    marker = Path(folder) / _MARKER
+    marker = Path(folder) / MARKER
     if not marker.is_file():
         return None
     return json.loads(marker.read_text(encoding="utf-8")).get("source")
-
-
-# ---- exports in InternLM2's layout -------------------------------------------------------------------
-
-def _iter_base_extras(base: Path) -> Iterator[Path]:
-    """Files of the base folder an InternLM2-layout export carries over: its code (auto_map *.py),
-    tokenizer files and generation config -- everything but weights, index and config.json."""
-    for p in sorted(base.iterdir()):
-        if not p.is_file() or p.name == "config.json" or p.name.startswith("."):
-            continue
-        if p.name.endswith(_WEIGHT_SUFFIXES + (".index.json",)) or p.name in (_MARKER, "llava_ft.json"):
-            continue
-        yield p
-
-
-def save_internlm2_layout(folder, base) -> None:
-    """Rewrite a Llama-layout model folder (written by save_pretrained) in place into InternLM2's layout:
-    fused/renamed safetensors shards, the base's config.json with sizes updated, and the base's code and
-    tokenizer files (its auto_map) copied in. `base` is the original InternLM2 folder."""
-    folder, base = Path(folder), Path(base)
-    if not is_internlm2(base):
-        raise UserError(f"--layout internlm2 needs an InternLM2 base (config.json model_type internlm2); "
-                        f"{base} is not one. Use the default --layout llama")
-    llama_cfg = read_config(folder)
-    base_cfg = read_config(base)
-    files, index_name = _weight_files(folder)
-    pending: dict = {}
-    staged = Path(tempfile.mkdtemp(dir=folder, prefix=".internlm2."))
-    try:
-        _convert_shards(folder, staged, files,
-                        lambda state: to_internlm2_state(state, llama_cfg, pending))
-        if pending:
-            raise UserError(f"{folder}: q/k/v projections of {len(pending)} layer(s) are incomplete; "
-                            "the export is not a whole Llama model")
-        for name in files + ([index_name] if index_name else []):
-            (folder / name).unlink()
-        fileio.follow_umask(staged)  # safetensors writes its shards 0600
-        for p in staged.iterdir():
-            os.replace(p, folder / p.name)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-    for extra in _iter_base_extras(base):
-        shutil.copyfile(extra, folder / extra.name)
-    # tokenizer.json / tokenizer_config.json of the converted fast tokenizer would shadow the base's own
-    # (sentencepiece) tokenizer in InternLM's tools: the base's files replace them above; drop the rest.
-    if not (base / "tokenizer.json").is_file() and (folder / "tokenizer.json").is_file():
-        (folder / "tokenizer.json").unlink()
-    fileio.write_json(folder / "config.json", internlm2_config_from_llama(llama_cfg, base_cfg))
-
-
-def adapter_layout(adapter_dir) -> Optional[str]:
-    """'llama' | 'internlm2' for a PEFT adapter folder: what llava_ft recorded, else read from the
-    adapter's target module names; None when neither tells."""
-    adapter_dir = Path(adapter_dir)
-    meta = adapter_dir / "llava_ft.json"
-    if meta.is_file():
-        try:
-            recorded = json.loads(meta.read_text(encoding="utf-8")).get("llm_layout")
-        except ValueError:
-            recorded = None
-        if recorded in LAYOUTS:
-            return recorded
-    try:
-        targets = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("target_modules")
-    except (OSError, ValueError):
-        return None
-    if isinstance(targets, str):
-        targets = [targets]
-    names = {str(t).rsplit(".", 1)[-1] for t in targets or []}
-    if names & INTERNLM2_MODULES and not names & LLAMA_MODULES:
-        return "internlm2"
-    if names & LLAMA_MODULES:
-        return "llama"
-    return None
-
-
-def check_adapter_layout(adapter_dir, base: str) -> None:
-    """UserError when a PEFT adapter targets InternLM2's own layout: llava_ft runs every base as Llama."""
-    if adapter_layout(adapter_dir) == "internlm2":
-        raise UserError(f"adapter {adapter_dir} targets InternLM2's own layout (wqkv/wo/w1/w2/w3), but llava_ft "
-                        f"runs {base} in the Llama layout (q/k/v_proj, o_proj, gate/up/down_proj). Merge it with "
-                        "InternLM's or XTuner's tools, or train the adapter with llava_ft")
