@@ -50,7 +50,7 @@ def measure(workspace: str, aspect: str, steps: int, batch: int, warmup: int = 3
     from torch.utils.data import DataLoader
 
     from llava_ft.config import load_config
-    from llava_ft.testing.assets import build_demo_workspace
+    from llava_ft.demo.assets import build_demo_workspace
     from llava_ft.engine.run import build_train_data
     from llava_ft.model.builder import build_model
 

@@ -38,7 +38,7 @@ def main() -> None:
 
     from llava_ft.config import DataConfig, DataSource
     from llava_ft.data.dataset import prepare_dataset
-    from llava_ft.testing.assets import build_tokenizer
+    from llava_ft.demo.assets import build_tokenizer
 
     work = tempfile.mkdtemp(prefix="bench_data_")
     tok = AutoTokenizer.from_pretrained(build_tokenizer(os.path.join(work, "tok")))

@@ -25,7 +25,7 @@ def measure(workspace: str, workers: int, steps: int, batch: int, warmup: int = 
     from torch.utils.data import DataLoader
 
     from llava_ft.config import load_config
-    from llava_ft.testing.assets import build_demo_workspace
+    from llava_ft.demo.assets import build_demo_workspace
     from llava_ft.engine.run import build_train_data
     from llava_ft.model.builder import build_model
 

@@ -63,7 +63,7 @@ def _words(tok, rng: random.Random, n_tokens: int) -> str:
 
 def write_pairs(tok, s: dict, images: str, path: str, seed: int = 0) -> int:
     """RLAIF-V-shaped pairs in TRL's format (one image each; chosen and rejected differ in their words)."""
-    from llava_ft.testing import assets as demo
+    from llava_ft.demo import assets as demo
 
     rng = random.Random(seed)
     os.makedirs(images, exist_ok=True)
@@ -112,7 +112,7 @@ def make_assets(work: str, quick: bool) -> dict:
     from llava_ft.config import config_to_dict
     from llava_ft.convert.pth_to_hf import export_llava_hf
     from llava_ft.model.builder import build_model
-    from llava_ft.testing import assets as demo
+    from llava_ft.demo import assets as demo
     from transformers import AutoTokenizer
 
     s = settings(quick)

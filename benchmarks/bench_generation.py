@@ -71,7 +71,7 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from llava_ft.testing.assets import build_demo_workspace
+    from llava_ft.demo.assets import build_demo_workspace
 
     ws = build_demo_workspace(Path(args.cache) / "demo")
     models = [("tiny demo (qwen2, hidden 64)", ws["llm"])]

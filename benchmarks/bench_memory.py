@@ -35,7 +35,7 @@ def build_model_dir(out: str, quick: bool) -> str:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from llava_ft.testing.assets import build_tokenizer
+    from llava_ft.demo.assets import build_tokenizer
 
     tok_dir = build_tokenizer(os.path.join(os.path.dirname(out), "tok"))
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -202,7 +202,7 @@ def _build_gpu_assets(work: str, shape: dict, device: str, n_records: int) -> di
 
     from bench_data_prep import synth_rows
     from bench_train import make_records
-    from llava_ft.testing import assets as demo
+    from llava_ft.demo import assets as demo
 
     tok_dir = demo.build_tokenizer(os.path.join(work, "tok"))
     tok = AutoTokenizer.from_pretrained(tok_dir)

@@ -62,7 +62,7 @@ SHAPE_QUICK = {
 
 
 def build(out: str, shape: dict) -> str:
-    from llava_ft.testing.assets import build_tokenizer
+    from llava_ft.demo.assets import build_tokenizer
     from llava_ft.testing.llava_next import build_tiny_llava_onevision
 
     tok = build_tokenizer(os.path.join(os.path.dirname(out), "tok"))

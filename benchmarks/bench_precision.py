@@ -34,7 +34,7 @@ def _snapshot_callback():
 
 
 def _tiny_assets(work: str) -> dict:
-    from llava_ft.testing import assets as demo
+    from llava_ft.demo import assets as demo
 
     tok = demo.build_tokenizer(os.path.join(work, "tok"))
     data = demo.make_demo_data(os.path.join(work, "data"), n_pretrain=4, n_finetune=32, n_eval=2, n_text=4)

@@ -139,7 +139,7 @@ def section_data_prep(quick: bool = False) -> dict:
 
     from bench_data_prep import synth_rows
     from llava_ft.config import DataConfig, DataSource
-    from llava_ft.testing.assets import build_tokenizer
+    from llava_ft.demo.assets import build_tokenizer
 
     n = 5_000 if quick else 100_000
     work = tempfile.mkdtemp(prefix="bench_prep_")
@@ -271,7 +271,7 @@ def _server_figures(model_dir: str, quick: bool) -> list:
 
 
 def section_generation(quick: bool = False) -> dict:
-    from llava_ft.testing import assets
+    from llava_ft.demo import assets
 
     work = tempfile.mkdtemp(prefix="bench_gen_")
     figs, notes = [], []

@@ -72,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from llava_ft.testing import assets
+            from llava_ft.demo import assets
 
             model = assets.build_tiny_llm(os.path.join(tmp, "llm"), assets.build_tokenizer(os.path.join(tmp, "tok")))
         port = free_port()

@@ -161,7 +161,7 @@ def make_assets(work: str, quick: bool) -> dict:
     from llava_ft import __version__
     from llava_ft.checkpoint import save_iter_checkpoint
     from llava_ft.config import config_to_dict
-    from llava_ft.testing import assets as demo
+    from llava_ft.demo import assets as demo
     from llava_ft.model.builder import build_model
 
     s = settings(quick)

@@ -58,7 +58,7 @@ def build(work: str, hidden: int, layers: int) -> str:
     import yaml
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from llava_ft.testing.assets import build_tokenizer
+    from llava_ft.demo.assets import build_tokenizer
 
     tok = AutoTokenizer.from_pretrained(build_tokenizer(os.path.join(work, "tok")))
     cfg = Qwen2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,

@@ -7,7 +7,7 @@
 XTuner users know this file: `llava_ft convert pth_to_hf`, `chat`, `eval`, `model.pretrained_pth` and
 `--resume` all take it. Training (engine), model building (`pretrained_pth`), inference and convert use the
 functions below, so the layout is defined once; Trainer's `checkpoint-<step>/` folders, rotation and resume
-lookup are training concerns and live in `llava_ft.engine.checkpoint`.
+lookup are training concerns and live in `llava_ft.engine.resume`.
 
     save_iter_checkpoint(work_dir, step, model.trainable_state_dict(), meta)   # atomic, umask modes
     raw = load_iter_checkpoint("work_dirs/x/iter_500.pth")                     # {"state_dict", "meta"}

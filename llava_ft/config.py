@@ -3,7 +3,7 @@
 A recipe is a YAML file with four sections (model, data, train, evaluation) plus optional `name` and
 `phase`. Load one with:
 
-    cfg = load_config("configs/demo/tiny_text_qlora.yaml", overrides=["train.learning_rate=1e-4"])
+    cfg = load_config("configs/demo/tiny_text_sft_qlora.yaml", overrides=["train.learning_rate=1e-4"])
 
 Every key is checked against the dataclasses below before any model loads: an unknown key, or a value
 outside its allowed set, raises `UserError` naming the key, the allowed values and the closest match.
@@ -135,6 +135,7 @@ class TrainConfig:
     num_epochs: float = 1.0
     max_steps: int = -1  # >0 overrides num_epochs
     warmup_ratio: float = 0.03
+    warmup_steps: Optional[int] = None  # an absolute warmup length in optimizer steps, instead of warmup_ratio
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -383,6 +384,14 @@ def _validate(cfg: Config, where: str) -> None:
         raise UserError(f"{where}: 'train.learning_rate' must be > 0, got {cfg.train.learning_rate}")
     if not 0 <= cfg.train.warmup_ratio < 1:
         raise UserError(f"{where}: 'train.warmup_ratio' must be in [0, 1), got {cfg.train.warmup_ratio}")
+    steps = cfg.train.warmup_steps
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise UserError(f"{where}: 'train.warmup_steps' must be an integer >= 0 (optimizer steps), got {steps!r}")
+        if cfg.train.warmup_ratio not in (0, TrainConfig.warmup_ratio):
+            raise UserError(f"{where}: 'train.warmup_steps' ({steps}) and 'train.warmup_ratio' "
+                            f"({cfg.train.warmup_ratio}) both set the warmup; set one of them "
+                            "(train.warmup_ratio=0 with train.warmup_steps, or remove train.warmup_steps)")
     if cfg.model.image_aspect == "anyres" and cfg.data.pad_image_to_square:
         raise UserError(f"{where}: 'data.pad_image_to_square' does not apply with model.image_aspect=anyres "
                         "(AnyRes keeps the aspect ratio by tiling); set one of them")
@@ -537,6 +546,39 @@ def load_config(path_or_name: str, overrides: Optional[list] = None) -> Config:
         cfg.name = path.stem
     cfg.source_path = str(path)
     return cfg
+
+
+def looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id (`name` or `org/name`): absolute, ./ or ~, or nested deeper."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or os.sep != "/" and os.sep in name)
+
+
+def check_model_paths(cfg: Config, where: str = "config") -> None:
+    """Every local path of the model section exists: run before the data pass (training reads all the data
+    first), so a mistyped folder fails in seconds, naming its key. Only what is unmistakably a path is
+    checked: hub ids (org/name) and open_clip names (ViT-L-14-336) are resolved when the model loads."""
+    m = cfg.model
+    keys = [("model.llm", m.llm), ("model.tokenizer", m.tokenizer), ("model.llava", m.llava),
+            ("model.visual_encoder", m.visual_encoder), ("model.open_clip_pretrained", m.open_clip_pretrained)]
+    for key, value in keys:
+        if not value:
+            continue
+        value = str(value)
+        if key == "model.visual_encoder" and value.startswith(("hf-hub:", "local-dir:")):
+            if not value.startswith("local-dir:"):
+                continue
+            value = value[len("local-dir:"):]  # open_clip's reference to a local folder
+        elif key == "model.open_clip_pretrained" and not (looks_like_path(value) or Path(value).suffix):
+            continue  # a pretrained tag (openai, laion2b_s32b_b82k), not a file
+        elif not looks_like_path(value):
+            continue
+        if not os.path.exists(os.path.expanduser(value)):
+            raise UserError(f"{where}: '{key}' path {value} does not exist; check the path (a Hugging Face hub "
+                            "id is written org/name)")
+    if m.pretrained_pth and not os.path.exists(os.path.expanduser(str(m.pretrained_pth))):
+        raise UserError(f"{where}: 'model.pretrained_pth' path {m.pretrained_pth} does not exist; give the "
+                        "pretrain run's work dir or one of its iter_N.pth files")
 
 
 def config_to_dict(cfg: Config) -> dict:

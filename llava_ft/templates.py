@@ -146,24 +146,28 @@ def get_template(name: str) -> Template:
 def conversation_turns(messages: list, system: Optional[str] = None) -> list[dict]:
     """Group messages into XTuner turns: {system, input, output (None = still to answer), loss, round}.
 
-    Same grouping as XTuner's openai map fn: leading assistant messages are skipped, consecutive user
-    messages are joined, a system message applies to the next turn; `system` (the config's) applies to
-    the first turn when the record brings none. A trailing user message becomes a turn with output None.
+    Same grouping as XTuner's openai map fn: assistant messages at the very start of the list are
+    skipped, consecutive user messages are joined, a system message applies to the next turn; `system`
+    (the config's) applies to the first turn when the record brings none. An assistant message after the
+    system prompt but before any user message (a greeting) is a turn of its own with an empty input, as in
+    XTuner. A trailing user message becomes a turn with output None.
     """
     turns: list[dict] = []
     pending_system = system or ""
     pending_input: list[str] = []
     has_input = False
+    at_start = True  # only assistant messages seen so far
     for msg in messages:
         role, content = msg["role"], msg["content"]
+        if role == "assistant" and at_start:
+            continue  # XTuner drops assistant messages only at the very start of the list
+        at_start = False
         if role == "system":
             pending_system = content
         elif role == "user":
             pending_input.append(content)
             has_input = True
         elif role == "assistant":
-            if not turns and not has_input and not pending_input:
-                continue  # XTuner drops assistant messages before the first user message
             turns.append({"system": pending_system, "input": "".join(pending_input), "output": content,
                           "loss": bool(msg.get("loss", True)), "round": len(turns) + 1})
             pending_system, pending_input, has_input = "", [], False

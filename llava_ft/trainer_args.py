@@ -31,7 +31,7 @@ OWNED = {
     "learning_rate": "train.learning_rate (and train.projector_lr / train.visual_encoder_lr)",
     "num_train_epochs": "train.num_epochs",
     "max_steps": "train.max_steps",
-    "warmup_steps": "train.warmup_ratio",
+    "warmup_steps": "train.warmup_steps (a step count) or train.warmup_ratio (a share of the steps)",
     "lr_scheduler_type": "train.lr_scheduler",
     "weight_decay": "train.weight_decay",
     "adam_beta1": "train.adam_beta1",

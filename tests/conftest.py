@@ -1,6 +1,6 @@
 """Shared pytest fixtures: tiny random-init models, a local tokenizer and demo data, built once per session.
 
-Every fixture returns a path (str) to an HF-format folder or data file, built with `llava_ft.testing.assets`
+Every fixture returns a path (str) to an HF-format folder or data file, built with `llava_ft.demo.assets`
 under pytest's session temp dir. Nothing is downloaded. Tests must not modify these folders (copy first):
 they are shared by the whole session.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_ft.testing import assets
+from llava_ft.demo import assets
 
 
 @pytest.fixture(scope="session")

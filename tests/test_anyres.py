@@ -244,3 +244,30 @@ def test_anyres_chat_on_every_artifact_kind(tmp_path, tiny_llama, tiny_clip):
         for ours, theirs in zip(answers["pth"], answers[kind]):
             assert ours.text == theirs.text and ours.prompt_tokens == theirs.prompt_tokens, kind
     assert answers["pth"][2].completion_tokens > 0  # the text-only turn is answered
+
+
+def test_logged_tokens_count_each_anyres_image_at_its_size(tiny_llama, tiny_clip, tmp_path):
+    """tokens_per_s counts the feature vectors each AnyRes image really becomes (overview, tiles, newlines),
+    not one view's count per image: the tokens counted for a batch equal its samples' expanded lengths."""
+    from llava_ft.data.dataset import prepare_dataset
+    from llava_ft.data.llava_dataset import LlavaDataset
+    from llava_ft.data.mm_collate import MultimodalCollator
+    from llava_ft.engine.run import training_arguments
+    from llava_ft.engine.trainer import LlavaFtTrainer
+    from llava_ft.model.anyres import image_token_counter
+    from llava_ft.model.builder import build_model
+
+    data, folder = _anyres_data(tmp_path, [(40, 120), (120, 40), (48, 48)])
+    cfg = _anyres_cfg(tiny_llama, tiny_clip, data, folder, tmp_path)
+    model, tok = build_model(cfg)
+    prepared = prepare_dataset(cfg.data, tok, num_image_tokens=image_token_counter(model.visual_encoder))
+    ds = LlavaDataset(prepared.dataset, model.visual_encoder, cfg.data)
+    collate = MultimodalCollator(tok, image_shape=model.visual_encoder.image_shape)
+    trainer = LlavaFtTrainer(model=model, args=training_arguments(cfg, str(tmp_path), None), llava_cfg=cfg,
+                             train_dataset=ds, data_collator=collate)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which this test does not run
+    samples = [ds[i] for i in range(len(ds))]
+    trainer.training_step(trainer.model, collate(samples))
+    assert trainer._tokens_since_log == sum(s["length"] for s in samples)
+    assert sum(s["length"] for s in samples) > sum(len(s["input_ids"]) - 1 + model.visual_encoder.num_image_tokens
+                                                 for s in samples)  # more than one view per image

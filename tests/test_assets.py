@@ -1,4 +1,4 @@
-"""Tests for llava_ft.testing.assets: determinism, tokenizer round-trip, models load and run a forward."""
+"""Tests for llava_ft.demo.assets: determinism, tokenizer round-trip, models load and run a forward."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_ft.testing import assets
+from llava_ft.demo import assets
 
 
 def _digest(folder) -> dict:

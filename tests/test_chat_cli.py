@@ -8,7 +8,7 @@ import sys
 import pexpect
 import pytest
 
-from llava_ft.testing.assets import draw_shape
+from llava_ft.demo.assets import draw_shape
 from llava_ft.inference import GenerationSettings, load_chat_model
 from llava_ft.testing.checkpoints import write_random_checkpoint
 
@@ -69,11 +69,38 @@ def test_ctrl_d_leaves_cleanly(tiny_llama):
     assert child.exitstatus == 0
 
 
+ENDLESS = 1_000_000  # context positions and max_new_tokens of the model whose answer cannot end
+
+
+@pytest.fixture(scope="module")
+def endless_llm(tmp_path_factory, tiny_llama):
+    """tiny_llama whose answer can only be stopped from outside: its generation_config suppresses EOS and
+    every token that could start chatml's stop word, and its context (so max_new_tokens) is a million."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from llava_ft.templates import get_template
+    from llava_ft.testing.variants import with_context
+
+    folder = Path(with_context(tiny_llama, tmp_path_factory.mktemp("endless") / "llm", ENDLESS))
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    starts = {word[0] for word in get_template("chatml").stop_words}
+    suppressed = sorted({tok.eos_token_id} | {i for i in range(len(tok))
+                                              if any(c in tok.decode([i]) for c in starts)})
+    cfg_file = folder / "generation_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    cfg_file.write_text(json.dumps({**cfg, "suppress_tokens": suppressed}))
+    return str(folder)
+
+
 @pytest.mark.slow
-def test_ctrl_c_stops_the_answer_not_the_session(tiny_llama):
-    # A random model asked for up to 1500 tokens writes for many seconds: Ctrl-C lands mid-answer.
-    child = pexpect.spawn(sys.executable, ["-m", "llava_ft", "chat", tiny_llama, "--prompt-template", "chatml",
-                                           "--temperature", "0", "--max-new-tokens", "1500"],
+def test_ctrl_c_stops_the_answer_not_the_session(endless_llm):
+    # The answer cannot end by itself (no EOS, no stop word, a million tokens allowed): whatever the machine's
+    # speed, Ctrl-C lands mid-answer, and only the CLI's handling of it brings the prompt back.
+    child = pexpect.spawn(sys.executable, ["-m", "llava_ft", "chat", endless_llm, "--prompt-template", "chatml",
+                                           "--temperature", "0", "--max-new-tokens", str(ENDLESS)],
                           encoding="utf-8", timeout=120, dimensions=(40, 200))
     try:
         child.expect_exact(">>> ")

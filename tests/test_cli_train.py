@@ -97,7 +97,9 @@ def llava_rows(demo_data, n: int) -> list:
 
 
 def test_data_errors_come_before_the_model_loads(tiny_llama, tiny_clip, demo_data, tmp_path, capsys):
-    """model.llm points nowhere: had the model loaded first, every error below would be about the model."""
+    """model.llm is a hub id that exists nowhere (offline; only loading it can tell): had the model loaded
+    first, every error below would be about the model. (A missing local path fails before the data: see
+    test_missing_model_paths_fail_before_the_data_pass.)"""
     rows = llava_rows(demo_data, 8)
     data = tmp_path / "d.json"
     data.write_text(json.dumps(rows))
@@ -105,9 +107,9 @@ def test_data_errors_come_before_the_model_loads(tiny_llama, tiny_clip, demo_dat
     wd = tmp_path / "wd"
 
     def error(cfg: str, *extra: str) -> str:
-        assert main(["train", cfg, "model.llm=/nowhere/model", "--work-dir", str(wd), *extra]) == 2
+        assert main(["train", cfg, "model.llm=nowhere/model", "--work-dir", str(wd), *extra]) == 2
         err = capsys.readouterr().err
-        assert "Traceback" not in err and "/nowhere/model" not in err
+        assert "Traceback" not in err and "nowhere/model" not in err
         return err
 
     cfg = write_llava_cfg(tmp_path, tiny_llama, tiny_clip, str(tmp_path / "missing.json"), folder)
@@ -171,3 +173,32 @@ def test_pretrained_pth_accepts_a_pretrain_work_dir(tiny_llama, tiny_clip, demo_
     empty.mkdir()
     assert main(["finetune", cfg, f"model.pretrained_pth={empty}", "--work-dir", str(tmp_path / "x")]) == 2
     assert "without last_checkpoint or iter_N.pth" in capsys.readouterr().err
+
+
+def test_missing_model_paths_fail_before_the_data_pass(tiny_llama, tiny_clip, demo_data, tmp_path, capsys):
+    """A local path in the model section that does not exist fails when the config loads, naming the key,
+    before any data message (the data below is bad too: read first, it would be the error). Hub ids
+    (org/name) and open_clip names (ViT-L-14-336) are not paths: they pass this check."""
+    rows = llava_rows(demo_data, 4)
+    rows[1]["conversations"][0]["from"] = "robot"  # a bad record: the data pass would stop on it
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows))
+    cfg = write_llava_cfg(tmp_path, tiny_llama, tiny_clip, str(data), demo_data["image_folder"])
+    wd = tmp_path / "wd"
+
+    def run(*overrides: str) -> tuple:
+        assert main(["train", cfg, *overrides, "--work-dir", str(wd)]) == 2
+        captured = capsys.readouterr()
+        return captured.out, captured.err.strip()
+
+    for key, value in [("model.llm", "/nope"), ("model.tokenizer", "./no/such/tokenizer"),
+                       ("model.visual_encoder", str(tmp_path / "no_tower")),
+                       ("model.pretrained_pth", str(tmp_path / "pre" / "iter_9.pth"))]:
+        out, err = run(f"{key}={value}")
+        assert len(err.splitlines()) == 1 and key in err and value in err, err
+        assert "[llava_ft] data" not in out and "robot" not in err
+    # not paths: the run gets as far as the data, which stops it
+    for override in ("model.llm=nowhere/model", "model.visual_encoder=ViT-L-14-336"):
+        out, err = run(override)
+        assert "robot" in err, err
+    assert not wd.exists()

@@ -93,3 +93,23 @@ def test_required_recipes_are_shipped():
     qlora = load_config("qwen2_5_7b_instruct_qlora_alpaca_e3")
     assert (qlora.model.quantization, qlora.model.llm_lora.r, qlora.model.llm_lora.alpha) == ("4bit", 64, 16)
     assert qlora.train.learning_rate == pytest.approx(2e-4) and qlora.train.gradient_accumulation_steps == 16
+
+
+def test_absolute_warmup_steps_reach_training_arguments(tmp_path):
+    """train.warmup_steps is an absolute count (transformers reads a float < 1 as a ratio, an int >= 1 as
+    steps); train.warmup_ratio stays the default; setting both to different effects is refused."""
+    from llava_ft.engine.run import training_arguments
+
+    ratio = load_config(_write(tmp_path, BASE), ["train.warmup_ratio=0.1"])
+    assert training_arguments(ratio, str(tmp_path / "a"), None).get_warmup_steps(1000) == 100
+    steps = load_config(_write(tmp_path, BASE), ["train.warmup_steps=7"])
+    assert steps.train.warmup_steps == 7
+    assert training_arguments(steps, str(tmp_path / "b"), None).get_warmup_steps(1000) == 7
+    off = load_config(_write(tmp_path, BASE), ["train.warmup_steps=0", "train.warmup_ratio=0"])
+    assert training_arguments(off, str(tmp_path / "c"), None).get_warmup_steps(1000) == 0
+    with pytest.raises(UserError, match=r"'train.warmup_steps' .* 'train.warmup_ratio' .*one of them"):
+        load_config(_write(tmp_path, BASE), ["train.warmup_steps=7", "train.warmup_ratio=0.1"])
+    with pytest.raises(UserError, match=r"'train.warmup_steps' must be an integer >= 0"):
+        load_config(_write(tmp_path, BASE), ["train.warmup_steps=-3"])
+    with pytest.raises(UserError, match=r"trainer_args.warmup_steps' is set by llava_ft; use train.warmup_steps"):
+        load_config(_write(tmp_path, BASE), ["train.trainer_args={warmup_steps: 7}"])

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from llava_ft import IMAGE_TOKEN_INDEX
 from llava_ft.config import config_from_dict
 from llava_ft.convert import pth_to_hf
-from llava_ft.testing.assets import draw_shape
+from llava_ft.demo.assets import draw_shape
 from llava_ft.errors import UserError
 from llava_ft.testing.checkpoints import write_random_checkpoint
 from llava_ft.model.builder import build_model

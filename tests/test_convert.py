@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llava_ft.convert import merge_adapter, pth_to_hf
-from llava_ft.testing.assets import draw_shape
+from llava_ft.demo.assets import draw_shape
 from llava_ft.errors import UserError
 from llava_ft.inference import GenerationSettings, build_from_checkpoint, load_chat_model
 from llava_ft.testing.checkpoints import write_random_checkpoint

@@ -360,3 +360,15 @@ def test_image_check_kinds_for_jpeg(tmp_path, demo_data):
     assert check_image_file(str(tmp_path / "ok.jpg")) is None
     assert check_image_file(str(tmp_path / "cut.jpg"))[0] == "truncated_image"
     assert check_image_file(str(tmp_path / "none.jpg"))[0] == "missing_image"
+
+
+def test_check_accepts_a_greeting_after_the_system_prompt(tmp_path, tiny_tokenizer):
+    """Training keeps an assistant greeting after the system prompt as a turn (as XTuner does), so data check
+    does not call it out of order; an assistant first in the list (dropped by both) still is."""
+    greeting = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hi!"},
+                             {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}
+    first = {"messages": greeting["messages"][1:]}
+    path = tmp_path / "greet.jsonl"
+    path.write_text(json.dumps(greeting) + "\n" + json.dumps(first) + "\n")
+    report = check_data(Plan([Source(str(path), "openai", None)], tokenizer=tiny_tokenizer, max_length=64))
+    assert [(p.kind, p.line) for p in report.problems] == [("roles_out_of_order", 2)]

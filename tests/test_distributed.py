@@ -38,7 +38,7 @@ STEPS, SAVE = 12, 4
 
 def write_configs(root: Path) -> dict:
     """Tiny LLaVA QLoRA finetune and QLoRA text configs over the demo workspace."""
-    from llava_ft.testing.assets import build_demo_workspace
+    from llava_ft.demo.assets import build_demo_workspace
 
     p = build_demo_workspace(root / "ws")
     train = {"per_device_batch_size": 3, "gradient_accumulation_steps": 1, "max_steps": STEPS,
@@ -205,7 +205,7 @@ def test_zero3_llava_matches_single_process_and_writes_the_same_iter_file(config
     assert losses(work) == pytest.approx(losses(single_llava), rel=1e-5)
     assert_same_weights(iter_state(work, STEPS), iter_state(single_llava, STEPS))
     # convert accepts the DeepSpeed folder: the iter file beside it, or the weights gathered from its shards.
-    from llava_ft.engine.checkpoint import iter_from_trainer_checkpoint
+    from llava_ft.engine.resume import iter_from_trainer_checkpoint
 
     folder = Path(work) / f"checkpoint-{STEPS}"
     assert iter_from_trainer_checkpoint(folder) == str(Path(work) / f"iter_{STEPS}.pth")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from llava_ft.config import config_from_dict
-from llava_ft.engine import checkpoint as ckpt
+from llava_ft.checkpoint import load_iter_checkpoint, save_iter_checkpoint
+from llava_ft.engine import resume
 from llava_ft.engine import run_training
 from llava_ft.engine.callbacks import read_train_log
 from llava_ft.errors import UserError
@@ -108,20 +109,20 @@ def test_resume_auto_reproduces_uninterrupted_curve(tiny_llama, demo_data, tmp_p
 def test_rotation_keeps_limit_and_resume_path_errors(tmp_path):
     wd = tmp_path / "wd"
     for step in (2, 4, 6):
-        ckpt.save_iter_checkpoint(wd, step, {"w": torch.ones(2)}, {"phase": "sft"})
+        save_iter_checkpoint(wd, step, {"w": torch.ones(2)}, {"phase": "sft"})
         (wd / f"checkpoint-{step}").mkdir()
         (wd / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    removed = ckpt.rotate_checkpoints(wd, limit=2, keep=6)
+    removed = resume.rotate_checkpoints(wd, limit=2, keep=6)
     assert sorted(p.name for p in wd.iterdir() if p.name != "last_checkpoint") == \
         ["checkpoint-4", "checkpoint-6", "iter_4.pth", "iter_6.pth"]
     assert len(removed) == 2
-    assert ckpt.resolve_resume(str(wd / "iter_4.pth"), wd) == str(wd / "checkpoint-4")
+    assert resume.resolve_resume(str(wd / "iter_4.pth"), wd) == str(wd / "checkpoint-4")
     with pytest.raises(UserError, match="no such checkpoint folder"):
-        ckpt.resolve_resume(str(wd / "checkpoint-9"), wd)
-    assert ckpt.resolve_resume("auto", tmp_path / "empty") is None
+        resume.resolve_resume(str(wd / "checkpoint-9"), wd)
+    assert resume.resolve_resume("auto", tmp_path / "empty") is None
     (wd / "iter_6.pth").write_bytes(b"truncated")
     with pytest.raises(UserError, match="cannot be read"):
-        ckpt.load_iter_checkpoint(wd / "iter_6.pth")
+        load_iter_checkpoint(wd / "iter_6.pth")
 
 
 def test_training_refuses_when_no_sample_is_left(tiny_llama, tmp_path):

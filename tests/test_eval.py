@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from llava_ft.testing.assets import draw_shape
+from llava_ft.demo.assets import draw_shape
 from llava_ft.errors import UserError
 from llava_ft.inference import GenerationSettings, load_chat_model
 from llava_ft.inference.evaluate import evaluate, extract_choice, load_qa, normalize

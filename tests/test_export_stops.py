@@ -18,7 +18,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
                           LogitsProcessorList)
 
 from llava_ft.convert import merge_adapter, pth_to_hf
-from llava_ft.testing.assets import draw_shape
+from llava_ft.demo.assets import draw_shape
 from llava_ft.inference import load_chat_model
 from llava_ft.testing.checkpoints import write_random_checkpoint
 from llava_ft.testing.variants import with_special_tokens

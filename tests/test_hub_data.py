@@ -147,7 +147,7 @@ def test_data_check_and_stats_read_dataset_sources(demo_data, tiny_qwen2, tmp_pa
     plan = plan_from_args(args)
     report = check_data(plan)
     assert report.records == 6
-    bad = [p for p in report.problems if p.kind == "unreadable_image"]
+    bad = [p for p in report.problems if p.kind == "truncated_image"]  # the same kinds as image files get
     assert [(p.line, p.id) for p in bad] == [(3, rows[2]["id"])]
     assert "images[0]" in bad[0].message
     stats = compute_stats(plan)
@@ -204,3 +204,51 @@ def test_text_config_on_a_dataset_with_images_says_what_is_missing(demo_data, ti
                             "train": {"max_steps": 1}})
     with pytest.raises(UserError, match="60 sample\\(s\\) carry images but model.visual_encoder is not set"):
         run_training(cfg, work_dir=str(tmp_path / "wd"))
+
+
+def _parquet_with_a_cut_jpeg(demo_data, tmp_path) -> tuple:
+    """A parquet file whose second record's image is a JPEG cut to 2/3 of its bytes (no end marker)."""
+    import io
+
+    from PIL import Image
+
+    ds = llava_json_as_dataset(demo_data["finetune"], demo_data["image_folder"], "trl").select(range(4))
+    rows = ds.cast_column("images", datasets.List(datasets.Image(decode=False))).to_list()
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(rows[1]["images"][0]["bytes"])).convert("RGB").save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    rows[1]["images"][0] = {"bytes": data[: len(data) * 2 // 3], "path": None}
+    path = tmp_path / "cut.parquet"
+    datasets.Dataset.from_list(rows).cast_column("images", datasets.List(datasets.Image())).to_parquet(str(path))
+    return str(path), rows[1]["id"]
+
+
+def test_a_cut_jpeg_inside_a_parquet_fails_data_check(demo_data, tiny_qwen2, tmp_path, capsys):
+    """Images stored in a dataset get the same check as image files: PIL's verify does not read a JPEG's
+    entropy data, so a cut one passed; the end-marker check (then a full decode) finds it."""
+    from llava_ft.cli import main as cli_main
+
+    path, bad_id = _parquet_with_a_cut_jpeg(demo_data, tmp_path)
+    report = tmp_path / "report.json"
+    rc = cli_main(["data", "check", "--data", path, "--tokenizer", tiny_qwen2, "--template", "qwen_chat",
+                   "--num-image-tokens", str(NUM_IMAGE_TOKENS), "--report", str(report)])
+    assert rc == 1
+    problems = json.loads(report.read_text())["problems"]
+    assert [(p["kind"], p["id"]) for p in problems] == [("truncated_image", bad_id)]
+    assert "JPEG has no end-of-image marker" in problems[0]["message"] and "images[0]" in problems[0]["message"]
+
+
+def test_a_cut_jpeg_inside_a_parquet_stops_training_before_step_1(demo_data, tiny_qwen2, tiny_clip, tmp_path):
+    from llava_ft.engine import run_training
+
+    path, bad_id = _parquet_with_a_cut_jpeg(demo_data, tmp_path)
+    cfg = config_from_dict({
+        "name": "cut_jpeg",
+        "model": {"llm": tiny_qwen2, "visual_encoder": tiny_clip, "freeze_llm": True},
+        "data": {"sources": [{"path": path}], "template": "qwen_chat", "max_length": 256,
+                 "cache_dir": str(tmp_path / "cache")},
+        "train": {"learning_rate": 1e-3, "per_device_batch_size": 2, "max_steps": 2, "warmup_ratio": 0.0},
+    })
+    with pytest.raises(UserError, match=rf"1 unreadable image\(s\): sample {bad_id}: .*JPEG has no end-of-image"):
+        run_training(cfg, work_dir=str(tmp_path / "wd"))
+    assert not (tmp_path / "wd" / "train_log.jsonl").exists()

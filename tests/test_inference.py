@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from llava_ft.testing.assets import draw_shape
+from llava_ft.demo.assets import draw_shape
 from llava_ft.errors import UserError
 from llava_ft.inference import GenerationSettings, detect_artifact, load_chat_model
 from llava_ft.inference.chat_model import ContextLengthError

@@ -198,13 +198,15 @@ def test_missing_tokenizer_model_is_a_user_error(internlm2_tok, tmp_path):
 
 
 def xtuner_encode(ref: Reference, turns: list[dict], template, system: str) -> tuple[list, list]:
-    """XTuner 0.2: template_map_fn, then encode_fn (each segment on its own, BOS at start and after EOS)."""
+    """XTuner 0.2: template_map_fn, then encode_fn (each segment on its own, BOS at start and after EOS).
+    A turn's own "system" (openai_map_fn's) wins over `system`, which applies to the first turn."""
     bos, eos = [ref.sp.bos_id()], [ref.sp.eos_id()]
     conversation = []
     for i, turn in enumerate(turns):
-        text = template.instruction.format(input=turn["input"], round=i + 1)
-        if i == 0 and system:
-            text = template.system.format(system=system) + text
+        text = template.instruction.format(input=turn["input"], round=i + 1)  # an empty input too
+        turn_system = turn.get("system", system if i == 0 else "")
+        if turn_system:
+            text = template.system.format(system=turn_system) + text
         conversation.append({"input": text, "output": turn["output"] + template.suffix,
                              "need_eos_token": not template.suffix_as_eos, "sep": template.sep})
     input_ids, labels, next_needs_bos = [], [], True
@@ -251,6 +253,48 @@ def test_internlm2_chat_template_ids_equal_xtuner(internlm2_tok):
     # The chat markers are single special ids, and only the first turn starts with BOS (SUFFIX_AS_EOS).
     im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert want_ids.count(1) == 1 and want_ids.count(im_start) == 7 and want_ids.count(im_end) == 7
+
+
+def xtuner_openai_turns(messages: list) -> list[dict]:
+    """XTuner 0.2's openai_map_fn, from its rules: assistant messages at the very start of the list are
+    dropped; user contents are joined; each assistant message closes a turn with the system message seen
+    since the previous turn (or '') and the joined input (or '')."""
+    start = 0
+    while start < len(messages) and messages[start]["role"] == "assistant":
+        start += 1
+    turns, system, text = [], "", ""
+    for message in messages[start:]:
+        if message["role"] == "system":
+            system = message["content"]
+        elif message["role"] == "user":
+            text += message["content"]
+        else:
+            turns.append({"system": system, "input": text, "output": message["content"]})
+            system, text = "", ""
+    return turns
+
+
+@pytest.mark.parametrize("leading", [[], [{"role": "assistant", "content": "dropped: first in the list"}]])
+def test_assistant_greeting_after_the_system_prompt_is_a_turn_as_in_xtuner(internlm2_tok, leading):
+    """system, assistant (a greeting), user, assistant: XTuner keeps the greeting as a turn with an empty
+    input (the system prompt stays on it); only assistant messages first in the list are dropped."""
+    tok = load_internlm2_tokenizer(internlm2_tok)
+    ref = Reference(internlm2_tok)
+    template = get_template("internlm2_chat")
+    greeting = "Hi! How can I help?"
+    messages = leading + [{"role": "system", "content": "You are InternLM2."},
+                          {"role": "assistant", "content": greeting},
+                          {"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "2"}]
+    turns = xtuner_openai_turns(messages)
+    assert [t["input"] for t in turns] == ["", "What is 1+1?"] and turns[1]["system"] == ""
+    sample = encode_record({"id": "g", "messages": messages}, tok, "internlm2_chat", 4096).sample
+    want_ids, want_labels = xtuner_encode(ref, turns, template, "")
+    assert sample["input_ids"] == want_ids
+    assert sample["labels"] == want_labels
+    greeting_ids = ref.encode(greeting + template.suffix, add_special_tokens=False)
+    supervised = [t for t in want_labels if t != IGNORE_INDEX]
+    assert supervised[: len(greeting_ids)] == greeting_ids  # the greeting is learned
+    assert sample["input_ids"].count(ref.sp.bos_id()) == 1  # SUFFIX_AS_EOS: one BOS, no EOS between turns
 
 
 def test_missing_sentencepiece_and_protobuf_is_one_line(internlm2_tok, tmp_path):

@@ -5,8 +5,8 @@ is read with `ast`, without importing anything. The layers, lowest first:
 
     0  llava_ft (constants), errors, versions, fileio, utf8, config, trainer_args, templates, checkpoint
     1  model, data                                                                      built from a config
-    2  engine, inference, convert, datatools, testing                                   use models and data
-    3  serve, demo                                                                      put those together
+    2  engine, inference, convert, datatools                                            use models and data
+    3  serve, demo, testing                                  put those together (testing builds on the demo)
     4  commands, cli, __main__                                                          what users type
 
 A module may import from its own layer or a lower one; the packages of one layer may use each other as
@@ -25,8 +25,8 @@ PACKAGE = REPO / "llava_ft"
 LAYERS = [
     {"", "errors", "versions", "fileio", "utf8", "config", "trainer_args", "templates", "checkpoint"},
     {"model", "data"},
-    {"engine", "inference", "convert", "datatools", "testing"},
-    {"serve", "demo"},
+    {"engine", "inference", "convert", "datatools"},
+    {"serve", "demo", "testing"},
     {"commands", "cli", "__main__"},
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}

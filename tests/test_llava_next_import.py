@@ -15,7 +15,7 @@ from llava_ft.config import config_from_dict
 from llava_ft.errors import UserError
 from llava_ft.model.builder import build_model
 from llava_ft.model.llava_hf_import import CLASSES
-from llava_ft.testing.assets import draw_shape
+from llava_ft.demo.assets import draw_shape
 from llava_ft.testing.llava_next import build_tiny_llava_next, build_tiny_llava_onevision
 
 LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}

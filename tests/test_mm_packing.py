@@ -246,7 +246,7 @@ def test_two_phase_run_with_packing_learns(tmp_path, capsys):
     import yaml
 
     from llava_ft.config import load_config
-    from llava_ft.testing.assets import build_demo_workspace
+    from llava_ft.demo.assets import build_demo_workspace
     from llava_ft.engine.run import run_training
 
     p = build_demo_workspace(tmp_path / "ws")

@@ -306,7 +306,7 @@ def test_data_check_and_stats_understand_pair_files(pair_files, tiny_tokenizer, 
 
 def test_demo_pairs_are_right_against_wrong_answers(demo_data, tmp_path, tok):
     from llava_ft.demo.preference import write_demo_pairs
-    from llava_ft.testing.assets import COLOURS, SHAPES
+    from llava_ft.demo.assets import COLOURS, SHAPES
 
     files = write_demo_pairs(demo_data, tmp_path)
     rows = [json.loads(line) for line in open(files["train"])]

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from llava_ft.convert import pth_to_hf
-from llava_ft.testing.assets import draw_shape
+from llava_ft.demo.assets import draw_shape
 from llava_ft.inference import GenerationSettings, load_chat_model
 from llava_ft.testing.checkpoints import write_random_checkpoint
 

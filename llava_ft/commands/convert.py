@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         from llava_ft.convert import pth_to_hf
         from llava_ft.inference.artifacts import detect_artifact
 
-        from llava_ft.engine.checkpoint import is_trainer_checkpoint_dir, iter_from_trainer_checkpoint
+        from llava_ft.engine.resume import is_trainer_checkpoint_dir, iter_from_trainer_checkpoint
 
         if is_trainer_checkpoint_dir(args.pth):  # checkpoint-<step>/ (DeepSpeed or not): its iter file
             args.pth = iter_from_trainer_checkpoint(args.pth)

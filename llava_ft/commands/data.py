@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {n} records ({args.to}) to {args.output}")
         return 0
     if tool == "demo":
-        from llava_ft.testing.assets import build_demo_workspace
+        from llava_ft.demo.assets import build_demo_workspace
 
         paths = build_demo_workspace(args.out, seed=args.seed, arch=args.arch, vision=args.vision, force=args.force)
         for key, value in paths.items():

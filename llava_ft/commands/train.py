@@ -38,9 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llava_ft.config import load_config
+    from llava_ft.config import check_model_paths, load_config
 
     cfg = load_config(args.config, overrides=args.overrides)  # all config errors surface before torch loads
+    check_model_paths(cfg, cfg.source_path)  # a missing model folder fails now, not after the data pass
     if getattr(args, "dry_run", False):
         return _dry_run(cfg, args)
 

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import datasets
 import pyarrow as pa
@@ -36,6 +36,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from llava_ft.config import DataConfig, DataSource, as_data_source
 from llava_ft.data import hub
 from llava_ft.data.encode import encode_records
+from llava_ft.data.image_tokens import ImageTokenCount, as_image_token_count
 from llava_ft.data.formats import source_files
 from llava_ft.data.packing import arrow_column, pack_samples
 from llava_ft.data.read import SourceData, read_sources
@@ -84,7 +85,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def cache_key(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int) -> str:
+def cache_key(data_cfg: DataConfig, tokenizer, num_image_tokens: ImageTokenCount, seed: int) -> str:
     files = []
     for src in map(as_data_source, data_cfg.sources):
         if hub.is_dataset_source(src):  # folders, parquet, Hub ids: files or the Hub fingerprint + settings
@@ -97,27 +98,27 @@ def cache_key(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int)
     key = {
         "v": CACHE_VERSION, "files": files, "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": data_cfg.template, "system": data_cfg.system, "max_length": data_cfg.max_length,
-        # An int, or an AnyRes counter whose cache_key names its settings (token counts depend on them).
-        "num_image_tokens": getattr(num_image_tokens, "cache_key", num_image_tokens), "truncation": data_cfg.truncation,
+        # The fixed count, or AnyRes' settings (token counts depend on them).
+        "num_image_tokens": num_image_tokens.cache_key, "truncation": data_cfg.truncation,
         "skip_bad_samples": data_cfg.skip_bad_samples, "pack": data_cfg.pack_to_max_length,
         "shuffle_before_pack": data_cfg.shuffle_before_pack, "seed": seed if data_cfg.pack_to_max_length else None,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _encode_batch(batch: dict, tokenizer, template, data_cfg: DataConfig, num_image_tokens: int) -> dict:
+def _encode_batch(batch: dict, tokenizer, template, data_cfg: DataConfig, num_image_tokens: ImageTokenCount) -> dict:
     records = [json.loads(r) for r in batch["record"]]
     return _encode_to_columns(records, tokenizer, template, data_cfg, num_image_tokens)
 
 
 def _encode_rows(batch: dict, indices: list, src: DataSource, fmt: str, tokenizer, template, data_cfg: DataConfig,
-                 num_image_tokens: int) -> dict:
+                 num_image_tokens: ImageTokenCount) -> dict:
     """A batch of a `datasets` source (llava_ft.data.hub): rows -> canonical records -> sample columns."""
     records = hub.batch_records(batch, indices, src, fmt)
     return _encode_to_columns(records, tokenizer, template, data_cfg, num_image_tokens)
 
 
-def _encode_to_columns(records: list, tokenizer, template, data_cfg: DataConfig, num_image_tokens: int) -> dict:
+def _encode_to_columns(records: list, tokenizer, template, data_cfg: DataConfig, num_image_tokens: ImageTokenCount) -> dict:
     results = encode_records(records, tokenizer, template, data_cfg.max_length, data_cfg.system,
                              num_image_tokens, data_cfg.truncation, data_cfg.skip_bad_samples)
     out = {k: [] for k in _FEATURES}
@@ -131,7 +132,7 @@ def _encode_to_columns(records: list, tokenizer, template, data_cfg: DataConfig,
     return out
 
 
-def _encode_dataset_source(src: DataSource, tokenizer, template, data_cfg: DataConfig, num_image_tokens: int,
+def _encode_dataset_source(src: DataSource, tokenizer, template, data_cfg: DataConfig, num_image_tokens: ImageTokenCount,
                            scratch: Optional[str]):
     """Encode a `datasets` source row by row with Dataset.map (no JSON round trip; images stay bytes)."""
     ds, fmt = hub.open_source(src)
@@ -163,7 +164,7 @@ def _drop_marked(encoded, src: DataSource, n_records: int, cache_file_name: Opti
 
 
 def _encode_source(src: DataSource, raw: Optional[list], tokenizer, template, data_cfg: DataConfig,
-                   num_image_tokens: int, scratch: Optional[str] = None):
+                   num_image_tokens: ImageTokenCount, scratch: Optional[str] = None):
     """Encode one source: a `datasets` source row by row (`raw` None), else the records read_sources read."""
     if hub.is_dataset_source(src):
         return _encode_dataset_source(src, tokenizer, template, data_cfg, num_image_tokens, scratch)
@@ -183,7 +184,7 @@ def _encode_source(src: DataSource, raw: Optional[list], tokenizer, template, da
     return _drop_marked(encoded, src, len(raw))
 
 
-def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: int, seed: int,
+def _build(data_cfg: DataConfig, tokenizer, num_image_tokens: ImageTokenCount, seed: int,
            source_data: Optional[SourceData] = None, scratch: Optional[str] = None) -> PreparedData:
     template = HF_TEMPLATE if data_cfg.template == HF_TEMPLATE else get_template(data_cfg.template)
     source_data = source_data or read_sources(data_cfg)
@@ -233,7 +234,7 @@ def pack_dataset(dataset: datasets.Dataset, data_cfg: DataConfig, seed: int, cac
     return prepared.dataset, prepared.stats
 
 
-def prepare_dataset(data_cfg: DataConfig, tokenizer, num_image_tokens: int = 0, seed: int = 42,
+def prepare_dataset(data_cfg: DataConfig, tokenizer, num_image_tokens: Union[int, ImageTokenCount] = 0, seed: int = 42,
                     use_cache: bool = True, source_data: Optional[SourceData] = None) -> PreparedData:
     """Encode (or load from cache) every source of `data_cfg`; see the module docstring.
 
@@ -242,6 +243,7 @@ def prepare_dataset(data_cfg: DataConfig, tokenizer, num_image_tokens: int = 0, 
         raise UserError("data.sources is empty; add at least one {path: ...} entry")
     if data_cfg.template != HF_TEMPLATE:
         get_template(data_cfg.template)  # unknown name -> UserError listing the valid ones, before any work
+    num_image_tokens = as_image_token_count(num_image_tokens)
     key = cache_key(data_cfg, tokenizer, num_image_tokens, seed)
     folder = os.path.join(data_cfg.cache_dir or default_cache_dir(), key)
     stats_file = os.path.join(folder, "llava_ft_stats.json")

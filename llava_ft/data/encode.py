@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 from llava_ft import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava_ft.data.image_tokens import ImageTokenCount, as_image_token_count
 from llava_ft.errors import UserError
 from llava_ft.templates import HF_TEMPLATE, Template, conversation_turns, get_template
 
@@ -218,22 +219,10 @@ def _tokenize_unique(tokenizer, texts: set) -> dict:
     return table
 
 
-def image_feature_tokens(num_image_tokens, images: Sequence) -> int:
-    """Feature vectors the images of one sample become: `num_image_tokens` each (an int), or per image
-    from a counter (AnyRes, where it depends on the image's size: llava_ft.model.anyres), or per sample
-    (a released LLaVA-OneVision sees the images of a multi-image sample as single views: released_anyres)."""
-    count_sample = getattr(num_image_tokens, "count_sample", None)
-    if count_sample is not None:
-        return int(count_sample(images))
-    if callable(num_image_tokens):
-        return sum(int(num_image_tokens(image)) for image in images)
-    return len(images) * int(num_image_tokens or 0)
-
-
-def _truncate(sample_ids: list, labels: list, images: Sequence, max_length: int, num_image_tokens,
-              truncation: str) -> Union[tuple, str]:
+def _truncate(sample_ids: list, labels: list, images: Sequence, max_length: int,
+              num_image_tokens: ImageTokenCount, truncation: str) -> Union[tuple, str]:
     n_images = len(images)
-    extra = max(image_feature_tokens(num_image_tokens, images) - n_images, 0)
+    extra = max(num_image_tokens.total(images) - n_images, 0)
     if len(sample_ids) + extra <= max_length:
         return sample_ids, labels
     if n_images:
@@ -253,10 +242,11 @@ def _resolve_template(template: Union[Template, str]) -> Union[Template, str]:
 
 
 def encode_records(records: Sequence[dict], tokenizer, template: Union[Template, str], max_length: int,
-                   system: Optional[str] = None, num_image_tokens: int = 0, truncation: str = "drop",
-                   skip_bad_samples: bool = False) -> list[EncodeResult]:
+                   system: Optional[str] = None, num_image_tokens: Union[int, ImageTokenCount] = 0,
+                   truncation: str = "drop", skip_bad_samples: bool = False) -> list[EncodeResult]:
     """Encode many records with one batched tokenizer call; one EncodeResult per record, in order."""
     template = _resolve_template(template)
+    num_image_tokens = as_image_token_count(num_image_tokens)
     bos, eos = _special_ids(tokenizer)
     all_pieces = [_record_pieces(r, tokenizer, template, system, bos, eos, skip_bad_samples) for r in records]
     texts = {p for pieces in all_pieces if not isinstance(pieces, str) for p, _ in pieces if isinstance(p, str)}
@@ -285,7 +275,7 @@ def encode_records(records: Sequence[dict], tokenizer, template: Union[Template,
         if all(label == IGNORE_INDEX for label in labels):
             results.append(EncodeResult(None, DROP_TRUNCATED))
             continue
-        length = (len(input_ids) - len(images) + image_feature_tokens(num_image_tokens, refs)
+        length = (len(input_ids) - len(images) + num_image_tokens.total(refs)
                   if num_image_tokens else len(input_ids))
         results.append(EncodeResult({
             "id": str(record["id"]), "input_ids": input_ids, "labels": labels, "length": length,
@@ -295,7 +285,8 @@ def encode_records(records: Sequence[dict], tokenizer, template: Union[Template,
 
 
 def encode_record(record: dict, tokenizer, template: Union[Template, str], max_length: int,
-                  system: Optional[str] = None, num_image_tokens: int = 0, truncation: str = "drop",
+                  system: Optional[str] = None, num_image_tokens: Union[int, ImageTokenCount] = 0,
+                  truncation: str = "drop",
                   skip_bad_samples: bool = False) -> EncodeResult:
     """Encode one canonical record (see module docstring); `sample` is None when it is dropped."""
     return encode_records([record], tokenizer, template, max_length, system, num_image_tokens, truncation,

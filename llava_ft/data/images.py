@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -121,33 +121,70 @@ class ImageProblem:
         return f"sample {self.sample_id}: image {self.path}: {self.reason}{more}"
 
 
-def check_image_file(path: str) -> Optional[str]:
-    """Reason the file is unusable, or None. Header + structure check (PIL verify), no full decode.
-    A video clip (llava_ft.data.videos) is opened with PyAV instead and must have frames.
+_PNG_END = b"IEND\xaeB`\x82"
+_JPEG_EOI = b"\xff\xd9"
+MISSING, TRUNCATED, UNREADABLE = "missing_image", "truncated_image", "unreadable_image"
 
-    `verify()` walks a PNG's chunks (catching truncation) but not a JPEG's entropy data, so a JPEG
-    that does not end in its EOI marker (FFD9) is decoded fully to confirm.
+
+def image_problem(source: Union[str, bytes]) -> Optional[tuple[str, str]]:
+    """(kind, reason) when an image is unusable, else None; `source` is a file path or the encoded bytes
+    of an image stored inside a dataset: both get the same check (training's and `data check`'s).
+
+    Kinds: missing_image, truncated_image, unreadable_image. Header + structure check (PIL verify), no
+    full decode, except where the end marker is missing: `verify()` walks a PNG's chunks but not a JPEG's
+    entropy data, so a JPEG (or PNG) that does not end in its end marker (FFD9 / IEND) is decoded fully,
+    as training will, to tell a cut file from one with harmless trailing bytes.
     """
+    import io
+
     from llava_ft.data.videos import check_video_file, is_video
 
-    if is_video(path):
-        return check_video_file(path)
+    if not isinstance(source, (bytes, bytearray)) and is_video(source):  # a clip (OneVision): PyAV opens it
+        if not os.path.isfile(source):
+            return MISSING, "file not found (check data.sources.*.image_folder)"
+        reason = check_video_file(source)
+        return (UNREADABLE, reason) if reason else None
+
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+        head, tail = data[:16], data[-64:]
+
+        def opened():
+            return Image.open(io.BytesIO(data))
+    else:
+        if not os.path.isfile(source):
+            return MISSING, "file not found (check data.sources.*.image_folder)"
+        try:
+            with open(source, "rb") as fh:
+                head = fh.read(16)
+                fh.seek(max(os.path.getsize(source) - 64, 0))
+                tail = fh.read()
+        except OSError as err:
+            return UNREADABLE, f"cannot read ({err})"
+
+        def opened():
+            return Image.open(source)
+    cut = None
+    if head.startswith(b"\x89PNG") and not tail.endswith(_PNG_END):
+        cut = "PNG ends before its IEND chunk (file cut short?)"
+    elif head.startswith(b"\xff\xd8") and not tail.rstrip(b"\x00").endswith(_JPEG_EOI):
+        cut = "JPEG has no end-of-image marker (file cut short?)"
     try:
-        if not os.path.isfile(path):
-            return "file not found (check data.sources.*.image_folder)"
-        with Image.open(path) as img:
-            fmt = img.format
+        with opened() as img:
             img.verify()
-        if fmt == "JPEG":
-            with open(path, "rb") as fh:
-                fh.seek(max(os.path.getsize(path) - 64, 0))
-                tail = fh.read().rstrip(b"\x00")
-            if not tail.endswith(b"\xff\xd9"):
-                with Image.open(path) as img:
-                    img.load()
+        if cut:
+            with opened() as img:
+                img.load()
     except Exception as err:  # PIL raises many types for broken files
-        return f"cannot decode ({type(err).__name__}: {err})"
+        return (TRUNCATED, f"{cut}: {type(err).__name__}: {err}") if cut else \
+            (UNREADABLE, f"cannot decode ({type(err).__name__}: {err})")
     return None
+
+
+def check_image(source: Union[str, bytes]) -> Optional[str]:
+    """Reason a file or in-dataset image (bytes) is unusable, or None: `image_problem` without the kind."""
+    problem = image_problem(source)
+    return None if problem is None else problem[1]
 
 
 def _rows(rows) -> Iterable[dict]:
@@ -155,18 +192,6 @@ def _rows(rows) -> Iterable[dict]:
     if hasattr(rows, "select_columns") and hasattr(rows, "column_names"):
         return rows.select_columns([c for c in ("id", "images", "image_bytes") if c in rows.column_names])
     return rows
-
-
-def check_image_bytes(data: bytes) -> Optional[str]:
-    """`check_image_file` for an image held in memory: reason it is unusable, or None (PIL verify, no decode)."""
-    import io
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()
-    except Exception as err:  # PIL raises many types for broken data
-        return f"cannot decode ({type(err).__name__}: {err})"
-    return None
 
 
 def verify_images(rows, num_threads: int = 16, progress: bool = False) -> list[ImageProblem]:
@@ -181,14 +206,14 @@ def verify_images(rows, num_threads: int = 16, progress: bool = False) -> list[I
         paths = row.get("images") or []
         for path, blob in zip(paths, row.get("image_bytes") or [b""] * len(paths)):
             if blob:
-                reason = check_image_bytes(blob)
+                reason = check_image(blob)
                 if reason is not None:
                     embedded.append(ImageProblem(str(row.get("id", "?")), path, reason))
                 continue
             users.setdefault(path, []).append(row.get("id", "?"))
     paths: Sequence[str] = list(users)
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        results = pool.map(check_image_file, paths)
+        results = pool.map(check_image, paths)
         if progress:
             from tqdm import tqdm
 

@@ -54,7 +54,8 @@ from typing import Any, Optional, Sequence, Union
 
 from llava_ft import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from llava_ft.config import PAIR_FORMATS
-from llava_ft.data.encode import DROP_EMPTY, DROP_TRUNCATED, _resolve_template, encode_records, image_feature_tokens
+from llava_ft.data.encode import DROP_EMPTY, DROP_TRUNCATED, _resolve_template, encode_records
+from llava_ft.data.image_tokens import as_image_token_count
 from llava_ft.data.formats import RecordError, _move_image_tokens, _openai, _sharegpt
 from llava_ft.errors import UserError
 
@@ -322,7 +323,7 @@ def encode_pairs(pairs: Sequence[dict], tokenizer, template, system: Optional[st
         images = pair["images"]
         blobs = pair.get("image_data")
         refs = [{"bytes": b, "path": i} if b else i for i, b in zip(images, blobs)] if blobs else images
-        extra = image_feature_tokens(num_image_tokens, refs) - len(images) if num_image_tokens else 0
+        extra = as_image_token_count(num_image_tokens).total(refs) - len(images) if num_image_tokens else 0
         prompt = _cut_prompt(prompt, extra, max_prompt_length, bos)
         if isinstance(prompt, str):
             results.append(PairResult(None, prompt))

@@ -5,7 +5,8 @@ Problem kinds (severity error unless noted):
   not_utf8            a line or record with a byte that is not UTF-8 (the message gives the byte offset)
   malformed           a record the parser rejects (wrong keys/types, unknown role)
   empty_conversation  no messages, no assistant turn, or an empty answer
-  roles_out_of_order  turns not (system?) user, assistant, user, assistant, ...
+  roles_out_of_order  turns not (system?) user, assistant, user, assistant, ... (system, assistant greeting,
+                      user, ... is fine: XTuner and training keep the greeting as a turn of its own)
   image_count_mismatch  `<image>` markers in the text != images of the record
                       (images with no marker at all: warning, they are put at the start of the first turn)
   duplicate_id        (warning) an id seen before (the message names the first line)
@@ -17,8 +18,9 @@ Problem kinds (severity error unless noted):
   dropped             (warning) a sample the encoder would drop for another reason
 Preference pair files (any llava_ft.data.preference format, detected like training does) are checked by
 llava_ft.datatools.pairs: identical_answers, empty_answer, image_count_mismatch, prompt_not_user_last, ...
-Images are checked in a thread pool: a tail check for truncation (PNG must end with IEND, JPEG with EOI)
-then PIL `verify()`, which reads the file without decoding pixels.
+Images (files, in a thread pool, and images stored inside a dataset) get the check training runs,
+`llava_ft.data.images.image_problem`: PIL `verify()`, which reads without decoding pixels, and a full
+decode where the end marker is missing (PNG must end with IEND, JPEG with EOI).
 """
 from __future__ import annotations
 
@@ -31,13 +33,12 @@ from typing import Optional
 
 from llava_ft import IMAGE_TOKEN
 from llava_ft.data import hub
-from llava_ft.data.images import check_image_bytes
+from llava_ft.data.images import image_problem
 from llava_ft.data.read import outside_folder
 from llava_ft.fileio import write_json
 from llava_ft.datatools.sources import Plan, Problem, as_dict, encode_lengths, iter_canonical, load_tokenizer
 from llava_ft.errors import UserError
 
-_PNG_END = b"IEND\xaeB`\x82"
 _ENCODE_BATCH = 512
 
 
@@ -66,29 +67,12 @@ class CheckReport:
 
 
 def check_image_file(path: str) -> Optional[tuple[str, str]]:
-    """(kind, message) for a missing, truncated or unreadable image; None when it is fine.
+    """(kind, message) for a missing, truncated or unreadable image file; None when it is fine.
 
-    A cheap look at the file's last bytes tells truncation apart from other damage; readability is
-    llava_ft.data.images.check_image_file (PIL verify, the check training runs).
+    The check training runs (llava_ft.data.images.image_problem), with the path in the message.
     """
-    from llava_ft.data.images import check_image_file as unreadable_reason
-
-    if not os.path.isfile(path):
-        return "missing_image", f"image not found: {path}"
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(16)
-            f.seek(max(0, size - 64))
-            tail = f.read()
-    except OSError as err:
-        return "unreadable_image", f"cannot read {path}: {err}"
-    if head.startswith(b"\x89PNG") and not tail.endswith(_PNG_END):
-        return "truncated_image", f"PNG ends before its IEND chunk (file cut short?): {path}"
-    if head.startswith(b"\xff\xd8") and not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return "truncated_image", f"JPEG has no end-of-image marker (file cut short?): {path}"
-    reason = unreadable_reason(path)
-    return None if reason is None else ("unreadable_image", f"{path}: {reason}")
+    found = image_problem(path)
+    return None if found is None else (found[0], f"{path}: {found[1]}")
 
 
 def _conversation_problems(record: dict) -> list[tuple[str, str, str]]:
@@ -99,6 +83,8 @@ def _conversation_problems(record: dict) -> list[tuple[str, str, str]]:
         return [("empty_conversation", "error", "no messages")]
     roles = [m["role"] for m in messages]
     body = roles[1:] if roles[0] == "system" else roles
+    if roles[0] == "system" and body[:2] == ["assistant", "user"]:
+        body = body[1:]  # a greeting after the system prompt: trained as a turn with an empty input (XTuner)
     expected = ["user", "assistant"] * (len(body) // 2 + 1)
     if "system" in body or body != expected[: len(body)] or not body or body[-1] != "assistant":
         out.append(("roles_out_of_order", "error",
@@ -193,9 +179,9 @@ def check_data(plan: Plan, workers: int = 8, progress: bool = False) -> CheckRep
             images = it.record.get("images") or []
             for image, blob in zip(images, it.record.get("image_data") or [b""] * len(images)):
                 if blob:  # stored inside the dataset (llava_ft.data.hub): check the bytes themselves
-                    reason = check_image_bytes(blob)
-                    if reason is not None:
-                        report.problems.append(Problem("unreadable_image", "error", f"{image}: {reason}",
+                    bad = image_problem(blob)
+                    if bad is not None:
+                        report.problems.append(Problem(bad[0], "error", f"{image}: {bad[1]}",
                                                        src.path, it.raw.line, rid))
                     continue
                 image_refs.setdefault(image, []).append((it.raw.line, rid))

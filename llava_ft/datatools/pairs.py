@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Iterator, Optional
 
-from llava_ft.data.images import check_image_bytes
+from llava_ft.data.images import image_problem
 from llava_ft.data.preference import encode_pairs, to_pair
 from llava_ft.datatools.sources import Problem
 from llava_ft.errors import UserError
@@ -144,10 +144,10 @@ def check_pair_source(src, fmt: str, plan, tokenizer, report) -> dict:
         blobs = pair.get("image_data") or [b""] * len(pair["images"])
         for image, blob in zip(pair["images"], blobs):
             if blob:
-                reason = check_image_bytes(blob)
-                if reason is not None:
-                    report.problems.append(Problem("unreadable_image", "error", f"{image}: {reason}",
-                                                   src.path, line, rid))
+                found = image_problem(blob)  # the check training runs (end marker included)
+                if found is not None:
+                    kind, reason = found
+                    report.problems.append(Problem(kind, "error", f"{image}: {reason}", src.path, line, rid))
             else:
                 image_refs.setdefault(image, []).append((line, rid))
         if tokenizer is not None:

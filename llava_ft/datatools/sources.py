@@ -37,7 +37,7 @@ class Plan:
     template: str = "default"
     system: Optional[str] = None
     max_length: Optional[int] = None
-    num_image_tokens: int = 0
+    num_image_tokens: object = 0  # an int, or an ImageTokenCount (AnyRes: llava_ft.model.anyres)
     max_prompt_length: Optional[int] = None  # preference pairs (None: max_length // 2)
 
 

@@ -112,9 +112,9 @@ def compute_stats(plan: Plan, batch: int = 512) -> Stats:
 
 
 def _per_image(num_image_tokens) -> str:
-    if callable(num_image_tokens):  # AnyRes: the count depends on each image's size
-        return "AnyRes: tokens per image from its size"
-    return f"{num_image_tokens} tokens each"
+    from llava_ft.data.image_tokens import as_image_token_count
+
+    return as_image_token_count(num_image_tokens).describe()
 
 
 def format_stats(stats: Stats, plan: Plan) -> str:

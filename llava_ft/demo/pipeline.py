@@ -54,7 +54,7 @@ SHAPE_QUESTION = "What shape is it?"
 class DemoSettings:
     """Model sizes, data amounts and step counts. FULL reaches >= 90 % colour accuracy; FAST only runs."""
 
-    # workspace (llava_ft.testing.assets.build_demo_workspace / make_demo_data)
+    # workspace (llava_ft.demo.assets.build_demo_workspace / make_demo_data)
     seed: int = 0
     llm_hidden_size: int = 64
     llm_layers: int = 2
@@ -307,7 +307,7 @@ def _eval_stage(model_path: str, paths: dict, settings: DemoSettings, ws: Path, 
 def run_demo(workspace="demo_workspace", fast: bool = False, force: bool = False,
              settings: Optional[DemoSettings] = None, log: Callable[[str], None] = print) -> DemoReport:
     """Run (or resume) every demo stage in `workspace`; writes summary.md and summary.json there."""
-    from llava_ft.testing.assets import build_demo_workspace
+    from llava_ft.demo.assets import build_demo_workspace
 
     settings = settings or (FAST if fast else FULL)
     ws = Path(workspace).resolve()
@@ -450,7 +450,7 @@ def _preference_stages(stages: "_Stages", ws: Path, paths: dict, s: DemoSettings
 
 def _corner_stages(stages: "_Stages", ws: Path, paths: dict, s: DemoSettings, llm: str, pre_pth: str):
     """AnyRes vs one view on a question only high resolution answers; returns the eval_corner result."""
-    from llava_ft.testing.assets import make_corner_data
+    from llava_ft.demo.assets import make_corner_data
 
     corner = make_corner_data(ws / "data" / "corner", seed=s.seed, n_train=s.n_corner, n_eval=s.n_corner_eval,
                               tile=s.image_size, square=max(4, s.image_size * 3 // 8))

@@ -28,7 +28,7 @@ SHAPE_QUESTION = "What shape is it?"
 
 def _facts(record: dict) -> tuple:
     """(colour, shape) of a demo finetune record, read from its answers."""
-    from llava_ft.testing.assets import COLOURS, SHAPES
+    from llava_ft.demo.assets import COLOURS, SHAPES
 
     colour = shape = None
     for turn in record["conversations"]:
@@ -49,7 +49,7 @@ def write_demo_pairs(paths: dict, out_dir, seed: int = 0) -> dict:
     """Write train and held-out pairs (TRL format, image paths relative to the image folder) -> their paths."""
     import json
 
-    from llava_ft.testing.assets import COLOURS, SHAPES
+    from llava_ft.demo.assets import COLOURS, SHAPES
 
     rng = random.Random(seed)
     out = Path(out_dir)

@@ -2,7 +2,7 @@
 
     from llava_ft.config import load_config
     from llava_ft.engine.run import run_training
-    result = run_training(load_config("configs/demo/tiny_text_qlora.yaml"), work_dir="work_dirs/x")
+    result = run_training(load_config("configs/demo/tiny_text_sft_qlora.yaml"), work_dir="work_dirs/x")
     result.last_checkpoint   # work_dirs/x/iter_<step>.pth
 
 Order matters for the user: the config is checked, the resume point and DeepSpeed config are resolved,
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from llava_ft.config import CONFIG_ROOT, Config, save_config
-from llava_ft.engine import checkpoint as ckpt
+from llava_ft.config import CONFIG_ROOT, Config, check_model_paths, save_config
+from llava_ft.engine.resume import resolve_resume
 from llava_ft.errors import UserError
 
 
@@ -91,7 +91,8 @@ def training_arguments(cfg: Config, work_dir: str, deepspeed: Optional[str]):
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_epochs,
         max_steps=t.max_steps,
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps (transformers 5)
+        # transformers 5 reads a float in [0, 1) as a ratio of the total steps, an int >= 1 as steps
+        warmup_steps=t.warmup_ratio if t.warmup_steps is None else int(t.warmup_steps),
         lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1,
@@ -165,7 +166,7 @@ def build_train_data(cfg: Config, model, tokenizer, source_data=None, with_eval:
 
     from llava_ft.model.anyres import image_token_counter
 
-    num_image_tokens = image_token_counter(model.visual_encoder) if cfg.is_llava else 0
+    num_image_tokens = image_token_counter(model.visual_encoder if cfg.is_llava else None)
     # unpacked when data.val_split holds out samples: eval_split packs after the hold-out
     prepared = prepare_dataset(encoding_config(cfg), tokenizer, num_image_tokens=num_image_tokens,
                                seed=cfg.train.seed, source_data=source_data)
@@ -225,11 +226,12 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
         from llava_ft.versions import check_versions
 
         check_versions(("deepspeed",))
-    resume_from = ckpt.resolve_resume(resume, work_dir)
+    resume_from = resolve_resume(resume, work_dir)
     # Data before model (and before transformers is even imported, which alone takes seconds): a missing file
     # or image folder, undecodable data and bad records (all of them, or skipped and counted) are reported at
     # once. Rank 0 of each node reads (it encodes and caches below); the other ranks load that cache, so they
     # only check that the files exist.
+    check_model_paths(cfg, cfg.source_path or "config")  # missing model folders fail before the data pass
     if cfg.model.pretrained_pth:
         resolve_pretrained_pth(cfg.model.pretrained_pth)  # a wrong path fails now, not after the LLM loads
     preference = cfg.resolved_phase == "preference"

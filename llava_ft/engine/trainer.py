@@ -28,9 +28,9 @@ from pathlib import Path
 from transformers import Trainer
 
 from llava_ft import __version__
-from llava_ft.checkpoint import iter_path, load_iter_checkpoint
+from llava_ft.checkpoint import iter_path, load_iter_checkpoint, save_iter_checkpoint
 from llava_ft.config import config_to_dict
-from llava_ft.engine import checkpoint as ckpt
+from llava_ft.engine.resume import rotate_checkpoints
 from llava_ft.model.llava import LlavaFtModel
 
 
@@ -97,10 +97,15 @@ class LlavaFtTrainer(Trainer):
         ids = inputs["input_ids"]
         self._tokens_since_log += int(mask.sum()) if mask is not None else int(ids.numel())
         ve = getattr(self.accelerator.unwrap_model(model), "visual_encoder", None)
-        if ve is not None:  # each <image> placeholder stands for num_image_tokens positions
+        if ve is not None:  # each <image> placeholder stands for its image's feature vectors
             from llava_ft import IMAGE_TOKEN_INDEX
+            from llava_ft.model.anyres import image_token_counter
 
-            self._tokens_since_log += int((ids == IMAGE_TOKEN_INDEX).sum()) * (ve.num_image_tokens - 1)
+            n_images = int((ids == IMAGE_TOKEN_INDEX).sum())
+            sizes = inputs.get("image_sizes")  # AnyRes: one (height, width) per image, counts differ
+            sizes = sizes.tolist() if sizes is not None else [None] * n_images
+            count = image_token_counter(ve)
+            self._tokens_since_log += sum(count.for_size(hw) for hw in sizes[:n_images]) - n_images
         return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs, start_time=None):
@@ -165,12 +170,12 @@ class LlavaFtTrainer(Trainer):
         step = self.state.global_step
         sd = self.trainable_state_dict()
         if self.args.should_save:
-            ckpt.save_iter_checkpoint(self.work_dir, step, sd, self.checkpoint_meta())
+            save_iter_checkpoint(self.work_dir, step, sd, self.checkpoint_meta())
         super()._save_checkpoint(model, trial)
         if self.best_keeper is not None:
             self.best_keeper.after_save(self, step)  # before rotation: it links the iter file just written
         if self.args.should_save:
-            ckpt.rotate_checkpoints(self.work_dir, self.llava_cfg.train.save_total_limit, keep=step)
+            rotate_checkpoints(self.work_dir, self.llava_cfg.train.save_total_limit, keep=step)
 
     def evaluate(self, *args, **kwargs):
         from llava_ft.engine.callbacks import keep_4bit_training_layout

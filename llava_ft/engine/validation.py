@@ -77,8 +77,9 @@ def hold_out(dataset, fraction: float, seed: int):
     return dataset.select(kept, keep_in_memory=True), dataset.select(held, keep_in_memory=True)
 
 
-def eval_split(cfg, tokenizer, num_image_tokens: int, train_dataset, cache_path=None):
+def eval_split(cfg, tokenizer, num_image_tokens, train_dataset, cache_path=None):
     """-> (train dataset, eval dataset or None, info dict or None) from data.val_sources / data.val_split.
+    `num_image_tokens`: an ImageTokenCount (llava_ft.data.image_tokens) or an int, as prepare_dataset takes.
 
     `cache_path`: the cache folder of `train_dataset` (prepare_dataset's stats["cache_path"]); with packing
     after data.val_split the packed parts are cached beside it."""
@@ -217,10 +218,10 @@ class BestKeeper(TrainerCallback):
                 self.best = (int(data["step"]), float(data[METRIC]))
 
     def _record(self, step: int, value: float) -> None:
-        from llava_ft.engine.checkpoint import atomic_write_text
+        from llava_ft.fileio import write_text
 
-        atomic_write_text(self.work_dir / BEST_RECORD,
-                          json.dumps({"step": step, METRIC: value, "file": BEST_NAME}) + "\n")
+        write_text(self.work_dir / BEST_RECORD,
+                   json.dumps({"step": step, METRIC: value, "file": BEST_NAME}) + "\n")
 
     def after_eval(self, trainer, metrics: dict) -> None:
         value = (metrics or {}).get(METRIC)
@@ -233,10 +234,10 @@ class BestKeeper(TrainerCallback):
             return
         state_dict = trainer.trainable_state_dict()  # every rank: gathers ZeRO-3 shards
         if trainer.args.should_save:
-            from llava_ft.engine import checkpoint as ckpt
+            from llava_ft.fileio import torch_save
 
             meta = dict(trainer.checkpoint_meta(), **{METRIC: float(value)})
-            ckpt.atomic_torch_save({"state_dict": state_dict, "meta": meta}, self.work_dir / BEST_NAME)
+            torch_save({"state_dict": state_dict, "meta": meta}, self.work_dir / BEST_NAME)
             self._record(step, float(value))
 
     def after_save(self, trainer, step: int) -> None:
@@ -244,7 +245,7 @@ class BestKeeper(TrainerCallback):
             return
         self.pending = None
         if trainer.args.should_save:
-            from llava_ft.engine.checkpoint import iter_path
+            from llava_ft.checkpoint import iter_path
 
             _link_or_copy(iter_path(self.work_dir, step), self.work_dir / BEST_NAME)
             self._record(step, self.best[1])

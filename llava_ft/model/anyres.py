@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from llava_ft.data.image_tokens import FixedImageTokens, ImageTokenCount
+
 # LLaVA-NeXT's pinpoints for a 336 px tower are these multiples of the tile size:
 # [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]].
 _LLAVA_NEXT_MULTIPLES = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
@@ -127,7 +129,7 @@ def pack_anyres_features(views: torch.Tensor, image_hw: Sequence[int], pinpoints
     return torch.cat([base, with_newline.flatten(1, 2).transpose(0, 1)], dim=0)
 
 
-class AnyResTokenCounter:
+class AnyResTokenCounter(ImageTokenCount):
     """Picklable `image -> feature count` for data preparation (datasets.map may run it in workers).
 
     An image is given as a path, a PIL image, or a datasets Image value ({"bytes", "path"}); only its
@@ -143,12 +145,18 @@ class AnyResTokenCounter:
     def cache_key(self) -> str:
         return f"anyres:{self.pinpoints}:{self.tile_size}:{self.patches_per_side}:{self.base_tokens}"
 
-    def __call__(self, image) -> int:
-        size = image_hw(image)
-        if size is None:
+    def for_size(self, image_hw_: Optional[Sequence[int]]) -> int:
+        if image_hw_ is None:
             # Unreadable: image verification reports it (or skips the sample); count the overview only.
             return self.base_tokens
-        return anyres_num_tokens(size, self.pinpoints, self.tile_size, self.patches_per_side, self.base_tokens)
+        return anyres_num_tokens([int(v) for v in image_hw_], self.pinpoints, self.tile_size,
+                                 self.patches_per_side, self.base_tokens)
+
+    def __call__(self, image) -> int:
+        return self.for_size(image_hw(image))
+
+    def describe(self) -> str:
+        return "AnyRes: tokens per image from its size"
 
 
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees
@@ -235,12 +243,12 @@ def enable_anyres(visual_encoder, pinpoints=None, max_tiles: Optional[int] = Non
     return visual_encoder
 
 
-def image_token_counter(visual_encoder):
-    """What data preparation needs to count image tokens: an int (fixed per image) or an AnyRes counter."""
+def image_token_counter(visual_encoder) -> ImageTokenCount:
+    """Feature vectors per image of this tower: a fixed count, or AnyRes' count from each image's size."""
     if visual_encoder is None:
-        return 0
+        return FixedImageTokens(0)
     spec = getattr(visual_encoder, "anyres", None)
-    return spec.token_counter() if spec is not None else visual_encoder.num_image_tokens
+    return spec.token_counter() if spec is not None else FixedImageTokens(visual_encoder.num_image_tokens)
 
 
 def counter_from_model_config(model_cfg, base_tokens: int) -> AnyResTokenCounter:

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import torch
 
+from llava_ft.config import looks_like_path
 from llava_ft.errors import UserError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -73,12 +74,6 @@ def resolve_attn_implementation(name: str) -> tuple[str, str]:
     return "flash_attention_2", "flash-attn is installed and a CUDA GPU is present"
 
 
-def _looks_like_path(name: str) -> bool:
-    # A hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper nesting) is meant as a folder.
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-            or os.sep != "/" and os.sep in name)
-
-
 def check_model_source(name: str, what: str = "model.llm") -> str:
     """Return `name` if it is an existing folder or plausibly a hub id; UserError for a missing path."""
     if not name:
@@ -89,7 +84,7 @@ def check_model_source(name: str, what: str = "model.llm") -> str:
         if what != "model.tokenizer" and not os.path.isfile(os.path.join(expanded, "config.json")):
             raise UserError(f"'{what}' folder {expanded} has no config.json; point it at a Hugging Face model folder")
         return expanded
-    if os.path.exists(expanded) or _looks_like_path(name):
+    if os.path.exists(expanded) or looks_like_path(name):
         raise UserError(f"'{what}' path {name} does not exist; check the path or use a hub id like Qwen/Qwen2.5-0.5B-Instruct")
     return name
 

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from llava_ft.data.image_tokens import ImageTokenCount
 from llava_ft.model.anyres import AnyResSpec, grid_shape, image_hw
 
 SINGLE_VIEW = (0, 0)  # image size recorded for an image seen as one view (OneVision's multi-image rule)
@@ -41,7 +42,7 @@ def _is_clip(item) -> bool:
     return getattr(item, "ndim", 0) == 4
 
 
-class ReleasedAnyResSpec(AnyResSpec):
+class ReleasedAnyResSpec(AnyResSpec, ImageTokenCount):
     """AnyRes settings of a released LlavaNext / LlavaOnevision checkpoint (see module docstring)."""
 
     def __init__(self, image_processor, pinpoints, base_tokens: int, max_tiles_before_shrink: Optional[int] = None,
@@ -151,6 +152,17 @@ class ReleasedAnyResSpec(AnyResSpec):
 
     def __call__(self, image) -> int:
         return self.count_sample([image])
+
+    # ImageTokenCount: data preparation asks per sample (OneVision's multi-image rule depends on the count
+    # of images), the trainer's tokens_per_s per recorded size (single views are recorded as (0, 0)).
+    def total(self, images: Sequence) -> int:
+        return self.count_sample(images)
+
+    def for_size(self, image_hw_: Optional[Sequence[int]]) -> int:
+        return self.base_tokens if image_hw_ is None else self.num_tokens(image_hw_)
+
+    def describe(self) -> str:
+        return "released LLaVA-NeXT/OneVision: tokens per sample from its images' sizes"
 
     @property
     def cache_key(self) -> str:

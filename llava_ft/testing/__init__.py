@@ -1,6 +1,6 @@
-"""Tiny, offline building blocks for tests, benchmarks and the demo.
+"""Tiny, offline building blocks for tests and benchmarks.
 
-Random-init models in real Hugging Face folder layouts, local tokenizers and synthetic data, built on
-the CPU with no downloads. Tests (`tests/conftest.py`), benchmarks and `llava_ft demo` all build on the
-modules of this package, so there is one place that knows how a tiny model or dataset is made.
+Random checkpoints, servers on a loopback port, model-family tokenizers and InternLM2 builds, made on the
+CPU with no downloads. The tiny models, tokenizer and shape data themselves belong to the demo
+(`llava_ft.demo.assets`, which `llava_ft demo` and `data demo` build); these modules build on them.
 """

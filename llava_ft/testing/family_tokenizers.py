@@ -12,7 +12,7 @@ and its chat markers as special tokens.
 from __future__ import annotations
 
 from llava_ft import fileio
-from llava_ft.testing.assets import demo_texts
+from llava_ft.demo.assets import demo_texts
 
 # The pre-tokenizer split patterns of the Llama-3 and Qwen2 tokenizer.json files (public configuration).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from llava_ft.fileio import publish_dir, staging_dir
-from llava_ft.testing.assets import demo_texts
+from llava_ft.demo.assets import demo_texts
 
 PathLike = Union[str, os.PathLike]
 

@@ -7,7 +7,7 @@ Each folder is what `save_pretrained` writes for a LlavaNextForConditionalGenera
 LlavaOnevisionForConditionalGeneration (random weights, fp32) plus its processor (tokenizer with `<image>`
 (and `<video>`), image processor, OneVision's video processor, chat template): the layout of the Hub's
 llava-hf checkpoints, at a size the CPU runs in milliseconds. Nothing is downloaded; the tokenizer is the
-local BPE of `llava_ft.testing.assets.build_tokenizer`.
+local BPE of `llava_ft.demo.assets.build_tokenizer`.
 """
 from __future__ import annotations
 

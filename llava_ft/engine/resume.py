@@ -1,4 +1,4 @@
-"""Training's side of checkpoints: Trainer folders, rotation, resume lookup, ZeRO shards -> iter file.
+"""Resuming a run: Trainer's `checkpoint-<step>/` folders, rotation, resume lookup, ZeRO shards -> iter file.
 
 Layout of a work dir (see docs/architecture.md "Checkpoints"):
 
@@ -6,14 +6,11 @@ Layout of a work dir (see docs/architecture.md "Checkpoints"):
     checkpoint-500/     transformers.Trainer state (optimizer, scheduler, RNG, trainer_state.json)
     last_checkpoint     text file naming the newest complete iter_<step>.pth
 
-The `iter_<step>.pth` format itself (save, load, `last_checkpoint`) is `llava_ft.checkpoint`; its names are
-re-exported here for older imports. Every file is written to a temporary name and `os.replace`d
+The `iter_<step>.pth` format itself (save, load, `last_checkpoint`) is `llava_ft.checkpoint`. Every file is written to a temporary name and `os.replace`d
 (llava_ft.fileio), so Ctrl-C or a crash never leaves a half-written `iter_*.pth` under its final name. A `checkpoint-<step>/` folder counts as complete only
 when its `trainer_state.json` exists (Trainer writes it last) and its `iter_<step>.pth` sits beside it;
 `find_resume_checkpoint` skips incomplete ones with a warning.
 
-    save_iter_checkpoint(work_dir, step, model.trainable_state_dict(), meta)
-    sd = load_iter_checkpoint("work_dirs/x/iter_500.pth")["state_dict"]
     ckpt = find_resume_checkpoint(work_dir)     # -> "work_dirs/x/checkpoint-500" or None
 """
 from __future__ import annotations
@@ -29,11 +26,9 @@ from typing import Optional, Union
 import torch
 
 from llava_ft.checkpoint import ITER_RE as _ITER_RE
-from llava_ft.checkpoint import iter_path, load_iter_checkpoint, save_iter_checkpoint  # noqa: F401  (re-exported)
+from llava_ft.checkpoint import iter_path, save_iter_checkpoint
 from llava_ft.errors import UserError
-from llava_ft.fileio import torch_save as atomic_torch_save  # noqa: F401  (old name, re-exported)
 from llava_ft.fileio import unlink_quiet as _unlink_quiet
-from llava_ft.fileio import write_text as atomic_write_text  # noqa: F401  (old name, re-exported)
 
 PathLike = Union[str, os.PathLike]
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
