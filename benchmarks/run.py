@@ -16,6 +16,8 @@ another and a crash or hang in one is a row of the table, not the end of the run
   data_wait   share of a LLaVA step spent waiting for the DataLoader, 0 vs 2 workers
   generation  chat time to first token and tokens/s; server requests/s and latency percentiles
   gpu         7B-shaped LLaVA QLoRA tokens/s and MFU (GPU only; "skipped: no GPU" elsewhere)
+  memory      QLoRA peak RSS and tokens/s before / after the chunked loss and the shard-by-shard 4-bit load
+              (0.5B- and 3B-shaped, 2,048 and 4,096 positions), the computed floor, the loss-chunk sweep
 
 Output: benchmarks/results/<YYYY-MM-DD>[-quick].md and .json (the JSON holds every figure with its
 method, target and whether it was met, plus the machine's CPU count and load average before and after).
@@ -49,6 +51,8 @@ SECTIONS = {
     "generation": ("bench_sections", "section_generation", "Generation: chat and server", 1200, 600),
     "anyres": ("bench_anyres", "section_anyres", "AnyRes cost: image tokens and step time vs pad", 900, 300),
     "gpu": ("bench_memory", "section_gpu", "GPU: 7B-shaped LLaVA QLoRA throughput and MFU", 3000, 600),
+    "memory": ("bench_lm_memory", "section_memory", "Memory near the limit: chunked loss and 4-bit loading",
+               5400, 600),
 }
 
 
