@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 
-from common import current_rss_mb, figure, has_gpu, peak_rss_mb, run_json_child, section
+from common import current_rss_mb, figure, has_gpu, measured_matmul_peak, peak_rss_mb, run_json_child, section
 
 
 def model_shape(quick: bool) -> dict:
@@ -268,6 +268,7 @@ def gpu_qlora_throughput(quick: bool = False, device: str = "cuda", shape: dict 
         assets = _build_gpu_assets(work, shape, device, n_records=steps * 8)
         n_params = assets["n_params"]
         peak = _peak_tflops() if gpu else None
+        measured, measured_how = measured_matmul_peak() if gpu else (None, None)  # the same run's peak
         if gpu and importlib.util.find_spec("flash_attn") is not None:
             attns = ("sdpa", "flash_attention_2")
         else:
@@ -305,6 +306,11 @@ def gpu_qlora_throughput(quick: bool = False, device: str = "cuda", shape: dict 
                     figs.append(figure(f"7B-shaped QLoRA {label} ({attn}): MFU", 100 * 6 * n_params * tps / (peak * 1e12),
                                        "%", f"6 x {n_params / 1e9:.2f} B LLM params x tokens/s / {peak:.0f} TFLOPs bf16 "
                                        "dense peak (PaLM convention; a frozen 4-bit base does ~2/3 of that work)"))
+                if measured:
+                    figs.append(figure(f"7B-shaped QLoRA {label} ({attn}): MFU vs measured peak",
+                                       100 * 6 * n_params * tps / measured, "%",
+                                       f"6 x {n_params / 1e9:.2f} B x tokens/s / measured matmul peak "
+                                       f"{measured / 1e12:.0f} TFLOP/s ({measured_how}, taken in this run)"))
                 if gpu:
                     figs.append(figure(f"7B-shaped QLoRA {label} ({attn}): peak GPU memory",
                                        torch.cuda.max_memory_allocated() / 2**30, "GiB",

@@ -41,7 +41,7 @@ import random
 import tempfile
 import time
 
-from common import alternating_runs, comparison_main, figure, has_gpu, median, peak_rss_mb, section
+from common import alternating_runs, comparison_main, figure, has_gpu, measured_matmul_peak, median, peak_rss_mb, section
 
 IMAGE_SIZE_FULL, PATCH = 168, 14  # 12 x 12 = 144 image tokens (576 / 4)
 
@@ -169,6 +169,7 @@ def make_assets(work: str, quick: bool) -> dict:
     out["tokenizer"] = demo.build_tokenizer(os.path.join(work, "tok"))
     tok = AutoTokenizer.from_pretrained(out["tokenizer"])
     out["llm"] = _build_llm(os.path.join(work, "llm"), out["tokenizer"], s)
+    s["model_vocab"] = max(s["vocab"] or 0, len(tok) + 1)  # as _build_llm sizes it (for the model FLOPs)
     out["clip"] = demo.build_tiny_clip(os.path.join(work, "clip"), image_size=s["image_size"], patch_size=s["patch"],
                                        hidden_size=s["vis_hidden"], num_layers=s["vis_layers"])
     num_image_tokens = (s["image_size"] // s["patch"]) ** 2
@@ -231,14 +232,24 @@ class CountingCollator:
             # packed blocks are flattened into one row without padding.
             real_rows = torch.tensor([len(f["input_ids"]) + (self.num_image_tokens - 1) * sum(
                 1 for t in f["input_ids"] if t == IMAGE_TOKEN_INDEX) for f in features])
-            padded = int(real_rows.sum()) if "position_ids" in batch else int(real_rows.max()) * ids.shape[0]
+            if "position_ids" in batch:  # packed blocks, flattened into one row: attention stays in each block
+                padded = int(real_rows.sum())
+                attn_sq = int((real_rows ** 2).sum())
+            else:
+                padded = int(real_rows.max()) * ids.shape[0]
+                attn_sq = int(real_rows.max()) ** 2 * ids.shape[0]
         else:
             real_rows = batch["attention_mask"].sum(dim=1)
             padded = ids.numel()
+            attn_sq = ids.shape[1] ** 2 * ids.shape[0]
+        pixels = batch.get("pixel_values")
         # A packed row holds several samples; its id lists them ("a,b,c").
         samples = sum(1 + str(f.get("id", "")).count(",") for f in features) if self.expands_images else ids.shape[0]
         self.batches.append({"real": int(real_rows.sum()), "supervised": int((labels != -100).sum()),
-                             "padded": int(padded), "samples": int(samples), "t": time.perf_counter()})
+                             "padded": int(padded), "samples": int(samples), "t": time.perf_counter(),
+                             # for model FLOPs: attention runs over row_len^2 per row; every image (dummy too) is encoded
+                             "attn_sq": int(attn_sq),
+                             "images": int(pixels.shape[0]) if pixels is not None else 0})
         return batch
 
 
@@ -268,7 +279,8 @@ def summarize(timer, counter: CountingCollator, framework: str) -> dict:
     to step k (for the per-step seconds and padding)."""
     ends = [timer.begin] + timer.ends
     secs = ends[-1] - ends[0]
-    epoch = {key: sum(b[key] for b in counter.batches) for key in ("real", "supervised", "padded", "samples")}
+    epoch = {key: sum(b[key] for b in counter.batches)
+             for key in ("real", "supervised", "padded", "samples", "attn_sq", "images")}
     steps = [round(ends[k] - ends[k - 1], 3) for k in range(1, len(ends))]
     out = {"framework": framework, "steps": len(steps), "epoch_seconds": secs,
            "tokens_per_s": epoch["real"] / secs, "samples_per_s": epoch["samples"] / secs,
@@ -425,11 +437,49 @@ def _ratio_figures(med: dict) -> list:
     return figs
 
 
+def epoch_model_flops(s: dict, totals: dict, side: str) -> float:
+    """Model FLOPs of one side's epoch: forward + backward of what that side computes (fp32, no checkpointing).
+
+    LLM Linear layers (frozen base): forward 2 x P x positions, backward the input gradient only 2 x P x
+    positions; LoRA adapters 6 x P_lora x positions; attention 4 x L x hidden x row_len^2 forward (QK^T and
+    AV over every padded row), twice that backward; LM head (frozen): 4 x hidden x vocab x its rows -- every
+    position for TRL, only supervised positions for llava_ft (llava_ft.model.lm_loss); vision tower (frozen,
+    no backward) 2 x P_vis x (patches + 1) per encoded image (the dummy image of text-only batches counted);
+    projector (trained) 6 x P_proj x image tokens. Positions are those the model ran over (padding counted)."""
+    h, inter, layers, vocab = s["hidden"], s["inter"], s["layers"], s.get("model_vocab") or s["vocab"]
+    head_dim = h // s["heads"]
+    kv = s["kv_heads"] * head_dim
+    linears = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]
+    p_lin = layers * sum(i * o for i, o in linears)
+    p_lora = layers * sum(s["lora_r"] * (i + o) for i, o in linears)
+    vh = s["vis_hidden"]
+    p_vis = s["vis_layers"] * (4 * vh * vh + 2 * vh * 2 * vh)  # attention + MLP (intermediate 2 x hidden)
+    p_proj = vh * h + h * h
+    patches = (s["image_size"] // s["patch"]) ** 2
+    positions = totals["padded"]
+    head_rows = totals["supervised"] if side.startswith("llava_ft") else positions
+    return (4 * p_lin * positions + 6 * p_lora * positions + 12 * layers * h * totals["attn_sq"]
+            + 4 * h * vocab * head_rows + totals["images"] * (2 * p_vis * (patches + 1) + 6 * p_proj * patches))
+
+
+def _mfu_figures(s: dict, runs: dict, peak: float, how: str) -> list:
+    figs = []
+    for w, rs in runs.items():
+        mfus = [epoch_model_flops(s, r["epoch_totals"], w) / r["epoch_seconds"] / peak for r in rs]
+        figs.append(figure(f"{SIDES[w]}: MFU", 100 * median(mfus), "%",
+                           f"model FLOPs of the epoch (epoch_model_flops: forward + backward of what this side "
+                           f"computes) / epoch seconds / measured matmul peak {peak / 1e9:.1f} GFLOP/s ({how}, "
+                           "taken in this run); median over runs"))
+    return figs
+
+
 def section_train(quick: bool = False, repeats: int | None = None, sides: tuple = tuple(SIDES)) -> dict:
     s = settings(quick)
     repeats = repeats or s["repeats"]
+    peaks = [measured_matmul_peak()]  # before and after the runs: the machine's best of the two
     assets, runs = alternating_runs("bench_train.py", make_assets, quick, [w for w in SIDES if w in sides], repeats,
                                     240 if quick else 900, "bench_train_")
+    peaks.append(measured_matmul_peak())
     med = {w: {k: median([r[k] for r in rs]) for k in ("tokens_per_s", "samples_per_s", "supervised_tokens_per_s",
                                                        "padding_waste", "peak_rss_mb", "epoch_seconds")}
            for w, rs in runs.items()}
@@ -455,6 +505,7 @@ def section_train(quick: bool = False, repeats: int | None = None, sides: tuple 
                    else "torch.cuda.max_memory_allocated of the run's process"),
         ]
     figs += _ratio_figures(med)
+    figs += _mfu_figures(assets["settings"], runs, *max(peaks))
     epoch = {w: {k: [r["epoch_totals"][k] for r in rs] for k in ("supervised", "real", "padded", "samples")}
              for w, rs in runs.items()}
     notes = [

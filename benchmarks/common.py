@@ -105,6 +105,30 @@ def machine_info() -> dict:
     return info
 
 
+def measured_matmul_peak(n: int = 2048, repeats: int = 5) -> tuple[float, str]:
+    """(FLOP/s, how) of the best torch.mm of two n x n matrices on this machine now: fp32 on CPU (the
+    training dtype there), bf16 on a GPU. The MFU denominators of the train and gpu sections."""
+    import torch
+
+    gpu = has_gpu()
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if gpu:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(4 if gpu else 1):
+            a @ b
+        if gpu:
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t) / (4 if gpu else 1))
+    how = (f"best of {repeats} torch.mm {n}x{n} {str(dtype).replace('torch.', '')} on {device}"
+           f"{'' if gpu else f' ({torch.get_num_threads()} threads)'}")
+    return 2 * n ** 3 / best, how
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

@@ -18,6 +18,8 @@ another and a crash or hang in one is a row of the table, not the end of the run
   gpu         7B-shaped LLaVA QLoRA tokens/s and MFU (GPU only; "skipped: no GPU" elsewhere)
   dpo         preference (DPO) training on RLAIF-V-shaped pairs: llava_ft shared prefix vs llava_ft with the
               prompt duplicated vs TRL DPOTrainer (same weights): pairs/s, peak memory, positions per pair
+  memory      QLoRA peak RSS and tokens/s before / after the chunked loss and the shard-by-shard 4-bit load
+              (0.5B- and 3B-shaped, 2,048 and 4,096 positions), the computed floor, the loss-chunk sweep
 
 Output: benchmarks/results/<YYYY-MM-DD>[-quick].md and .json (the JSON holds every figure with its
 method, target and whether it was met, plus the machine's CPU count and load average before and after).
@@ -53,6 +55,8 @@ SECTIONS = {
     "gpu": ("bench_memory", "section_gpu", "GPU: 7B-shaped LLaVA QLoRA throughput and MFU", 3000, 600),
     "dpo": ("bench_dpo", "section_dpo", "Preference training: shared prefix vs duplicated vs TRL DPOTrainer",
             2400, 900),
+    "memory": ("bench_lm_memory", "section_memory", "Memory near the limit: chunked loss and 4-bit loading",
+               5400, 600),
 }
 
 

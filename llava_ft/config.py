@@ -158,6 +158,10 @@ class TrainConfig:
     # checked against TrainingArguments when the config loads (llava_ft.trainer_args)
     trainer_args: dict = field(default_factory=dict)
     keep_best: Optional[str] = None  # eval_loss: keep the best iter_N.pth as best_iter.pth (needs validation data)
+    # The LM head + loss run only at supervised positions, this many rows at a time (llava_ft.model.lm_loss):
+    # one [chunk, vocab] block of logits at a time instead of [batch, length, vocab]; 0: transformers' own
+    # forward (logits at every position). Default from benchmarks/bench_memory.py (see the README).
+    loss_chunk_tokens: int = 256
 
 
 @dataclass
@@ -377,6 +381,9 @@ def _validate(cfg: Config, where: str) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"{where}: '{key}' must be > 0, got {value}")
+    if cfg.train.loss_chunk_tokens < 0:
+        raise UserError(f"{where}: 'train.loss_chunk_tokens' must be >= 0 (0: logits at every position, "
+                        f"transformers' own loss), got {cfg.train.loss_chunk_tokens}")
     if cfg.train.max_nonfinite_steps < 0:
         raise UserError(f"{where}: 'train.max_nonfinite_steps' must be >= 0 (0 turns the NaN guard off), "
                         f"got {cfg.train.max_nonfinite_steps}")

@@ -148,3 +148,24 @@ def test_dpo_section_runs_every_side_with_tiny_shapes():
     assert shared < positions["llava_ft (duplicated prompt): positions per pair (real)"]
     assert shared < positions["TRL DPOTrainer: positions per pair (real)"]
     assert any(f["target"] == ">= 1.5 x" for f in result["figures"])
+
+
+def test_memory_section_helpers():
+    """The memory section's inputs and formulas: LLaVA-style labels supervise ~33 % of the positions, the
+    floor adds up its parts, and the train section's model FLOPs count the head only at supervised rows for
+    llava_ft (every position for TRL)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_lm_memory  # noqa: PLC0415
+    import bench_train  # noqa: PLC0415
+
+    for seq in (2048, 4096):
+        ids, labels = bench_lm_memory.llava_labels(seq, 151936)
+        share = float((labels[:, 1:] != -100).float().mean())
+        assert ids.shape == labels.shape == (1, seq) and abs(share - 6016 / 18228) < 0.01
+    shape = bench_lm_memory.SHAPES["0.5B"]
+    floor = bench_lm_memory.floor_mb(shape, 24, 4096, 256, 10**6)
+    assert floor["one loss chunk"] == 2 * 256 * 151936 * 4 / 2**20 and all(v > 0 for v in floor.values())
+    s = bench_train.settings(False)
+    totals = {"padded": 1000, "supervised": 300, "attn_sq": 1000 * 250, "images": 4}
+    trl, ours = (bench_train.epoch_model_flops(s, totals, w) for w in ("trl", "llava_ft"))
+    assert trl - ours == 4 * s["hidden"] * s["vocab"] * (1000 - 300)

@@ -60,6 +60,13 @@ def test_bad_type_and_bad_template(tmp_path):
         load_config(_write(tmp_path, BASE), ["data.template=qwen_chatt"])
 
 
+def test_loss_chunk_tokens(tmp_path):
+    assert load_config(_write(tmp_path, BASE)).train.loss_chunk_tokens > 0  # chunked by default
+    assert load_config(_write(tmp_path, BASE), ["train.loss_chunk_tokens=0"]).train.loss_chunk_tokens == 0
+    with pytest.raises(UserError, match="'train.loss_chunk_tokens' must be >= 0"):
+        load_config(_write(tmp_path, BASE), ["train.loss_chunk_tokens=-1"])
+
+
 def test_full_training_of_quantized_model_is_refused(tmp_path):
     with pytest.raises(UserError, match="llm_lora.enabled=true"):
         load_config(_write(tmp_path, BASE), ["model.quantization=4bit"])

@@ -29,7 +29,8 @@ def test_text_only_forward_matches_llm(llm):
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     ref = llm(input_ids=ids, attention_mask=mask, labels=labels)
     assert torch.allclose(out.loss, ref.loss)
-    assert out.logits.shape == (2, 7, llm.config.vocab_size)
+    assert out.logits is None  # with labels the head runs only at supervised positions (model.lm_loss)
+    assert model(input_ids=ids, attention_mask=mask).logits.shape == (2, 7, llm.config.vocab_size)
     assert model.config is llm.config
     with pytest.raises(UserError, match="text-only"):
         model(input_ids=ids, pixel_values=torch.zeros(1, 3, 32, 32))
@@ -204,9 +205,47 @@ def test_llava_recipes_load_and_match_xtuner_numbers():
         elif cfg.resolved_phase == "preference":  # DPO from a finetune run: same model section, its work dir
             assert cfg.preference.loss == "sigmoid" and cfg.preference.beta == 0.1 and cfg.model.pretrained_pth
             assert "finetune" in cfg.model.pretrained_pth and (cfg.model.llm_lora.r, cfg.model.llm_lora.alpha) == (512, 256)
+        elif cfg.model.llava:  # continues a released LLaVA-NeXT / OneVision: its own prompt format, no pretrain
+            assert cfg.resolved_phase == "finetune" and cfg.train.learning_rate == 2e-4
+            assert cfg.data.template == "hf" and not cfg.model.pretrained_pth and cfg.model.llm_lora.enabled
         else:
             assert cfg.resolved_phase == "finetune" and cfg.train.learning_rate == 2e-4
             assert (cfg.model.llm_lora.r, cfg.model.llm_lora.alpha) == (512, 256)
             assert (cfg.model.visual_encoder_lora.r, cfg.model.visual_encoder_lora.alpha) == (64, 16)
             # LLaVA-1.5 pads to square; AnyRes (LLaVA-NeXT) tiles instead.
             assert cfg.data.pad_image_to_square == (cfg.model.image_aspect == "pad") and cfg.model.pretrained_pth
+
+
+@pytest.mark.parametrize("lora_targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_llava_chunked_loss_and_grads_equal_full_logits(llava, lora_targets):
+    """The loss at supervised positions in chunks (default) equals transformers' full-logits loss
+    (loss_chunk_tokens 0): LLaVA splice, padding, num_items_in_batch, LoRA on the head or not."""
+    from llava_ft.config import LoraSettings
+    from llava_ft.model.llm import apply_lora
+
+    llava.llm = apply_lora(llava.llm, LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0,
+                                                           target_modules=lora_targets))
+    torch.manual_seed(2)
+    for name, p in llava.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # B is 0 at init: make LoRA change the output
+    ids = torch.tensor([[7, 8, IMG, 9, 10, IMG, 11, 12], [12, 13, 14, 15, 16, 0, 0, 0]])
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    labels = torch.tensor([[-100, -100, -100, 9, 10, -100, 11, 12], [-100, 13, 14, 15, 16, -100, -100, -100]])
+    pixel = torch.randn(2, 3, 32, 32)
+    results = []
+    for chunk in (0, 3):
+        llava.loss_chunk_tokens = chunk
+        llava.zero_grad()
+        loss = llava(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixel,
+                     num_items_in_batch=torch.tensor(9)).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in llava.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (ref, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    assert any("lm_head" in n for n in grads) == ("lm_head" in lora_targets)
+    assert any(n.startswith("projector") for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-5, atol=1e-5, msg=n)

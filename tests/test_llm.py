@@ -40,6 +40,42 @@ def test_qlora_4bit_nf4_and_lora_targets(tiny_qwen2):
     assert torch.isfinite(out.loss)
 
 
+def test_4bit_load_reads_shards_one_tensor_at_a_time(tiny_qwen2, tmp_path, monkeypatch):
+    """A sharded checkpoint loads in 4 bits with no shard left memory-mapped while tensors are quantized,
+    and the quantized weights are exactly those of transformers' own (mmap) load."""
+    import os
+
+    import bitsandbytes.functional as bf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_qwen2).save_pretrained(sharded, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(tiny_qwen2).save_pretrained(sharded)
+    n_shards = len([f for f in os.listdir(sharded) if f.endswith(".safetensors")])
+    assert n_shards >= 3
+    mapped_during_quantization = []
+    quantize = bf.quantize_4bit
+
+    def watching(*args, **kwargs):  # counts the shard files mapped into this process right now
+        with open("/proc/self/maps") as fh:
+            mapped_during_quantization.append(len({line.split()[-1] for line in fh if line.rstrip().endswith(".safetensors")}))
+        return quantize(*args, **kwargs)
+
+    monkeypatch.setattr(bf, "quantize_4bit", watching)
+    cfg = ModelConfig(llm=str(sharded), quantization="4bit")
+    ours, _ = load_llm(cfg, for_training=False, verbose=False)
+    ours_mapped = list(mapped_during_quantization)
+    mapped_during_quantization.clear()
+    monkeypatch.setenv("LLAVA_FT_TRANSFORMERS_LOAD", "1")
+    theirs, _ = load_llm(cfg, for_training=False, verbose=False)
+    assert ours_mapped and max(ours_mapped) == 0
+    assert max(mapped_during_quantization) == n_shards  # the watch can see mapped shards
+    a, b = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_8bit_loads(tiny_llama):
     model, _ = load_llm(ModelConfig(llm=tiny_llama, quantization="8bit", freeze_llm=True), for_training=False)
     assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)

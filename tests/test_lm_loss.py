@@ -202,6 +202,24 @@ def test_unknown_architecture_is_not_split():
     assert "cohere" in lm_loss.why_not_splittable(model)
 
 
+def test_llava_ft_model_falls_back_with_one_line(capsys):
+    import transformers as tf
+
+    from llava_ft.model.llava import LlavaFtModel
+
+    cfg = tf.CohereConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, logit_scale=0.5)
+    llm = tf.CohereForCausalLM(cfg)
+    model = LlavaFtModel(llm)
+    ids, mask, labels = _batch()
+    for _ in range(2):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out.loss, llm(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    assert out.logits is not None  # transformers' forward ran
+    lines = [line for line in capsys.readouterr().out.splitlines() if "every position" in line]
+    assert len(lines) == 1 and "cohere" in lines[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["liger", "cce"])
 def test_fused_kernels_equal_the_chunked_loop(kernel):

@@ -128,6 +128,22 @@ def test_packed_loss_equals_unpacked(tiny_llama, tiny_clip, mixed_data, phase):
             loss_n = model(**batch, num_items_in_batch=torch.tensor(n_items)).loss
         torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(loss_n, ref, atol=1e-5, rtol=1e-5)
+    # The chunked head (default) against transformers' full logits: loss and gradients of a packed batch.
+    model.train()
+    batch = collate(blocks[:3])
+    n_items = torch.tensor(supervised(batch))
+    results = []
+    for chunk in (0, 5):
+        model.loss_chunk_tokens = chunk
+        model.zero_grad()
+        loss = model(**batch, num_items_in_batch=n_items).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-5, msg=n)
 
 
 def test_packed_batch_shape_errors(tiny_llama, tiny_clip, mixed_data):
@@ -173,6 +189,8 @@ def test_block_never_leaks_attention_across_samples(tiny_llama, tiny_clip, mixed
     text = ids != IMAGE_TOKEN_INDEX
     ids[text] = (ids[text] + 7) % 200 + 5
     changed["pixel_values"][:n_first] = torch.randn_like(changed["pixel_values"][:n_first])
+    for b in (batch, changed):
+        b.pop("labels")  # logits at every position (with labels the head runs only where a label is)
     with torch.no_grad():
         logits = model(**batch).logits[0]
         logits_changed = model(**changed).logits[0]

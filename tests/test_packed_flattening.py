@@ -53,11 +53,13 @@ AttentionMaskInterface.register("varlen_cpu", flash_attention_mask)
 
 
 class Capture:
-    """Forward pre-hook on the LLM: keeps the kwargs of its last call (what the attention layers see)."""
+    """Forward pre-hook on the LLM's decoder: keeps the kwargs of its last call (what the attention layers
+    see). The decoder, not the causal-LM wrapper: with labels LlavaFtModel runs the decoder itself and the
+    head only where a label is (llava_ft.model.lm_loss)."""
 
     def __init__(self, llm):
         self.kwargs = None
-        llm.register_forward_pre_hook(self, with_kwargs=True)
+        llm.get_decoder().register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
         self.kwargs = dict(kwargs)
@@ -75,11 +77,17 @@ def per_sample_logits(logits: torch.Tensor, position_ids: torch.Tensor) -> list:
     return [logits[0, a:b] for a, b in zip(starts, starts[1:])]
 
 
+def logits_of(model, batch: dict) -> torch.Tensor:
+    """Logits of a collated batch: without labels, since a forward with labels computes the loss only where a
+    label is and returns no logits (llava_ft.model.lm_loss)."""
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
 def check_flattened(model, collate, seen: Capture, blocks: list, samples: list, lengths: list) -> None:
     """The batch of `blocks` reaches the LLM as one packed row of the samples' `lengths` (no padding), and each
     sample's logits there equal its logits run alone."""
     with torch.no_grad():
-        logits = model(**collate(blocks)).logits
+        logits = logits_of(model, collate(blocks))
     pos = seen.kwargs["position_ids"]
     assert seen.kwargs.get("attention_mask") is None and seen.rows == 1
     assert _is_packed_sequence(pos, seen.rows)  # what flash-attention's varlen dispatch asks
@@ -88,7 +96,7 @@ def check_flattened(model, collate, seen: Capture, blocks: list, samples: list, 
     assert [p.shape[0] for p in pieces] == lengths
     for sample, piece in zip(samples, pieces):
         with torch.no_grad():
-            alone = model(**collate([sample])).logits[0]
+            alone = logits_of(model, collate([sample]))[0]
         torch.testing.assert_close(piece, alone, atol=1e-5, rtol=1e-5)
 
 
@@ -189,8 +197,8 @@ def test_flash_attention_2_packed_logits_equal_unpacked(text_data, tiny_llama, b
     collate = TextCollator(tok)
     batch = {k: v.cuda() for k, v in collate(blocks).items()}
     with torch.no_grad():
-        pieces = per_sample_logits(model(**batch).logits.float(), batch["position_ids"])
+        pieces = per_sample_logits(logits_of(model, batch).float(), batch["position_ids"])
         samples = [by_id[s] for b in blocks for s in b["id"].split(",")]
         for sample, piece in zip(samples, pieces):
-            alone = model(**{k: v.cuda() for k, v in collate([sample]).items()}).logits[0].float()
+            alone = logits_of(model, {k: v.cuda() for k, v in collate([sample]).items()})[0].float()
             torch.testing.assert_close(piece, alone, atol=2e-2, rtol=2e-2)  # bf16

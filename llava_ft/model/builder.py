@@ -70,6 +70,7 @@ def build_model(cfg, for_training: bool = True):
             projector.to(dtype)
             _freeze(projector)
     model = LlavaFtModel(llm, visual_encoder, projector)
+    model.loss_chunk_tokens = cfg.train.loss_chunk_tokens
     if m.pretrained_pth:
         _load_pretrained(model, m.pretrained_pth)
     if for_training and not any(p.requires_grad for p in model.parameters()):

@@ -2,7 +2,7 @@
 
     model = LlavaFtModel(llm)                                   # text SFT / QLoRA
     model = LlavaFtModel(llm, visual_encoder, projector)        # LLaVA
-    out = model(input_ids, attention_mask, labels, pixel_values=pixel_values)   # out.loss, out.logits
+    out = model(input_ids, attention_mask, labels, pixel_values=pixel_values)   # out.loss (logits: no labels)
     new_tokens = model.generate(input_ids, attention_mask, pixel_values, max_new_tokens=32)
 
 `input_ids` carry one `IMAGE_TOKEN_INDEX` (-200) per image; `forward` replaces each by that image's N
@@ -32,9 +32,11 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llava_ft import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava_ft.errors import UserError
+from llava_ft.model import lm_loss
 
 # Top-level submodule names; the engine uses them to build optimizer param groups.
 MODULE_NAMES = ("llm", "visual_encoder", "projector")
@@ -45,6 +47,8 @@ class LlavaFtModel(nn.Module):
 
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
+    # Rows of the LM head per chunk when labels are given (train.loss_chunk_tokens; 0: transformers' loss).
+    loss_chunk_tokens = lm_loss.DEFAULT_CHUNK_TOKENS
 
     def __init__(self, llm: nn.Module, visual_encoder: Optional[nn.Module] = None,
                  projector: Optional[nn.Module] = None):
@@ -338,17 +342,36 @@ class LlavaFtModel(nn.Module):
         if self.visual_encoder is None:
             if pixel_values is not None:
                 raise UserError("pixel_values given to a text-only model (no visual_encoder configured)")
-            return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                            position_ids=position_ids, **kwargs)
+            return self._llm_forward(labels, input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids, **kwargs)
         if pixel_values is None and not bool((input_ids == IMAGE_TOKEN_INDEX).any()):
             # Plain text through a LLaVA model (e.g. chat without an image): no splice needed.
-            return self.llm(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                            position_ids=position_ids, **kwargs)
+            return self._llm_forward(labels, input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids, **kwargs)
         embeds, mask, new_labels, new_pos = self.prepare_inputs_embeds(
             input_ids, attention_mask, labels, pixel_values, padding_side="right", image_sizes=image_sizes,
             position_ids=position_ids if packed else None)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=new_labels, position_ids=new_pos,
-                        **kwargs)
+        return self._llm_forward(new_labels, inputs_embeds=embeds, attention_mask=mask, position_ids=new_pos,
+                                 **kwargs)
+
+    def _llm_forward(self, labels, **kwargs):
+        """The LLM's forward. With labels, the loss is `llava_ft.model.lm_loss`'s: the decoder runs, then
+        the head only at supervised positions, `loss_chunk_tokens` rows at a time, so no [B, T, vocab]
+        logits exist (the output then has no logits). An architecture whose forward cannot be split keeps
+        transformers' forward (said once), as does `loss_chunk_tokens` 0."""
+        parts = None
+        if labels is not None and self.loss_chunk_tokens:
+            parts = lm_loss.llm_head_parts(self.llm)
+            if parts is None and not self.__dict__.get("_said_unsplit"):
+                self.__dict__["_said_unsplit"] = True
+                print(f"llava_ft: loss from logits at every position (transformers' forward): "
+                      f"{lm_loss.why_not_splittable(self.llm)}", flush=True)
+        if parts is None:
+            return self.llm(labels=labels, **kwargs)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        hidden = parts.backbone(**kwargs)
+        loss = lm_loss.causal_lm_loss(parts, hidden, labels, num_items_in_batch, self.loss_chunk_tokens)
+        return CausalLMOutputWithPast(loss=loss)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,

@@ -235,6 +235,88 @@ def choose_attention(setting: str, cls) -> tuple[str, str]:
     return attn, why
 
 
+class _ShardReader:
+    """Stands in for the `safe_open` handle transformers keeps open on every shard during a load: each
+    tensor is read by opening its file, copying the tensor out and closing it again, so no shard stays
+    memory-mapped (resident pages of a mapped file count in RSS until it is closed)."""
+
+    def __init__(self, filename, framework, device="cpu", **kwargs):
+        from safetensors import safe_open
+
+        self._open = lambda: safe_open(filename, framework=framework, device=device, **kwargs)
+        with self._open() as f:
+            self._keys = list(f.keys())
+            self._metadata = f.metadata()
+
+    def keys(self):
+        return list(self._keys)
+
+    def metadata(self):
+        return self._metadata
+
+    def get_slice(self, key):
+        return _LazySlice(self, key)
+
+    def get_tensor(self, key):
+        with self._open() as f:
+            return f.get_tensor(key).clone()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _LazySlice:
+    def __init__(self, reader: _ShardReader, key: str):
+        self._reader, self._key = reader, key
+
+    def __getitem__(self, index):
+        # A tensor read from a mapped file can be a view of the mapping, which would keep the whole shard
+        # mapped for as long as the weight lives: copy it out.
+        with self._reader._open() as f:
+            return f.get_slice(self._key)[index].clone()
+
+    def __getattr__(self, name):  # get_shape, get_dtype, ...: answered by a briefly opened slice
+        def call(*args, **kwargs):
+            with self._reader._open() as f:
+                return getattr(f.get_slice(self._key), name)(*args, **kwargs)
+        return call
+
+
+@contextlib.contextmanager
+def _read_shards_one_tensor_at_a_time(active: bool):
+    """While a quantized model loads, transformers' shard handles read one tensor at a time (`_ShardReader`).
+
+    transformers 5 opens every shard memory-mapped at once and quantizes tensor by tensor; each tensor
+    read leaves its file pages resident (and counted in RSS) until the last shard is closed, so a 4-bit
+    load peaked at the 4-bit model + the whole 16-bit checkpoint. Read tensor by tensor, the peak is the
+    4-bit model + about one tensor in 16 and 32 bits. transformers chooses how to open the shards inside
+    `_load_pretrained_model`, so the `safe_open` it calls is wrapped for the duration of the load (only
+    plain CPU mmap opens; anything else passes through). `LLAVA_FT_TRANSFORMERS_LOAD=1` keeps
+    transformers' own reading (the benchmark's "before").
+    """
+    import transformers.modeling_utils as mu
+
+    original = getattr(mu, "safe_open", None)
+    if not active or original is None or os.environ.get("LLAVA_FT_TRANSFORMERS_LOAD") == "1":
+        yield
+        return
+
+    def safe_open_lazily(filename, framework, device="cpu", backend=None, **kwargs):
+        if backend not in (None, "mmap") or device != "cpu" or kwargs:
+            return original(filename, framework=framework, device=device,
+                            **({"backend": backend} if backend is not None else {}), **kwargs)
+        return _ShardReader(filename, framework, device)
+
+    mu.safe_open = safe_open_lazily
+    try:
+        yield
+    finally:
+        mu.safe_open = original
+
+
 def load_causal_lm(source: str, *, dtype, attn_implementation: str = "auto", quantization_config=None,
                    device_map=None, trust_remote_code: bool = False, what: str = "model.llm",
                    quantization: str = "none", verbose: bool = True, describe=None,
@@ -259,7 +341,8 @@ def load_causal_lm(source: str, *, dtype, attn_implementation: str = "auto", qua
         if device_map is not None:
             kwargs["device_map"] = device_map
         kwargs.update(load_kwargs or {})
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with _read_shards_one_tensor_at_a_time(quantization_config is not None):
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (ValueError, ImportError, OSError) as err:
         explained = explain_load_error(err, original, what, quantization)
         if explained is None:

@@ -255,8 +255,8 @@ def _fused_loss_sum(backend: str, hidden: torch.Tensor, weight: torch.Tensor, ta
     """Sum over rows of -log p(target) by a fused GPU kernel (float32 result)."""
     if backend == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-        return liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum",
-                                                softcap=softcap).float()
+        out = liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum", softcap=softcap)
+        return (out[0] if isinstance(out, tuple) else out).float()  # some versions return (loss, z_loss)
     from cut_cross_entropy import linear_cross_entropy
     return linear_cross_entropy(hidden, weight, targets, softcap=softcap, reduction="sum").float()
 
