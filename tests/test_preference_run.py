@@ -320,3 +320,37 @@ def test_nan_guard_stops_a_diverging_dpo_run(tiny_qwen2, pair_file, tmp_path, ca
     assert main(["train", str(path), "--work-dir", str(tmp_path / "wd")]) == 2
     assert "training stopped at step 2" in capsys.readouterr().err
     assert not list((tmp_path / "wd").glob("iter_*.pth"))
+
+
+@pytest.fixture(scope="module")
+def onevision_start(tmp_path_factory, tiny_tokenizer, demo_data):
+    from llava_ft.testing.llava_next import build_tiny_llava_onevision
+
+    root = tmp_path_factory.mktemp("llava_ov_dpo")
+    rows = [json.loads(line) for line in open(demo_data["eval"])][:6]
+    pairs = root / "rlaif_v.jsonl"
+    with open(pairs, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps({"image": r["image"], "question": r["question"], "chosen": r["answer"],
+                                 "rejected": "A green hexagon with stripes."}) + "\n")
+    return {"folder": build_tiny_llava_onevision(root / "ov", tiny_tokenizer, max_tiles=4), "pairs": str(pairs),
+            "image_folder": demo_data["image_folder"]}
+
+
+def test_llava_onevision_dpo_starts_at_log2_and_trains(onevision_start, tmp_path):
+    """DPO from a released LLaVA-OneVision (model.llava + preference): image pairs through the checkpoint's
+    own AnyRes rules; the step-0 loss is log 2 (policy == reference) and the step trains."""
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+    cfg = config_from_dict({
+        "name": "tiny_ov_dpo",
+        "model": {"llava": onevision_start["folder"], "freeze_llm": True, "llm_lora": lora, "dtype": "fp32"},
+        "preference": {"loss": "sigmoid", "beta": 0.2},
+        "data": {"template": "hf", "max_length": 512, "cache_dir": str(tmp_path / "cache"),
+                 "sources": [{"path": onevision_start["pairs"], "image_folder": onevision_start["image_folder"]}]},
+        "train": {"learning_rate": 5e-3, "per_device_batch_size": 3, "max_steps": 2, "save_steps": 2,
+                  "logging_steps": 1, "warmup_ratio": 0.0}})
+    result = run_training(cfg, work_dir=str(tmp_path / "wd"))
+    rows = [r for r in read_train_log(tmp_path / "wd") if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[1]["rewards/margins"] != 0.0
+    assert result.global_step == 2
