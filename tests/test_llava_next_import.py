@@ -297,6 +297,60 @@ def test_chat_on_the_run_and_its_export(families, tmp_path):
     assert answers["pth"][2].completion_tokens > 0
 
 
+def test_chat_takes_a_video_clip_like_transformers(families, tmp_path):
+    """A clip in a chat prompt (OneVision): the export's greedy answer equals transformers'
+    LlavaOnevisionForConditionalGeneration.generate on the processor's video inputs for the same frames, the
+    iter_N.pth run answers the same, and a clip next to an image, a `<video>` marker and the refusals work."""
+    from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
+
+    from llava_ft.convert import pth_to_hf
+    from llava_ft.data.videos import load_video_frames
+    from llava_ft.inference import GenerationSettings, load_chat_model
+    from llava_ft.testing.checkpoints import write_random_checkpoint
+    from llava_ft.testing.llava_next import write_test_video
+
+    pth = write_random_checkpoint(tmp_path / "run", {
+        "model": {"llava": families["llava_onevision"], "freeze_llm": True, "llm_lora": LORA, "dtype": "fp32"},
+        "data": {"template": "hf", "video_frames": 4, "sources": [{"path": "unused.json"}]}})
+    export = pth_to_hf(None, pth, tmp_path / "hf", fmt="llava-hf")
+    clip = write_test_video(tmp_path / "clip.mp4", frames=10)
+    greedy = GenerationSettings(max_new_tokens=6, temperature=0.0)
+    question = "What moves?"
+
+    hf = LlavaOnevisionForConditionalGeneration.from_pretrained(export, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(export)
+    frames = load_video_frames(clip, 4)  # the run's data.video_frames, carried into the export
+    content = [{"type": "video"}, {"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(videos=[frames], text=text, return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=6, do_sample=False)
+    want = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    answers = {}
+    for name, artifact in (("llava_hf", export), ("pth", pth)):
+        cm = load_chat_model(artifact, torch_dtype="fp32")
+        assert cm.supports_video, name
+        answers[name] = cm.chat([{"role": "user", "content": f"<video>\n{question}"}], [clip], greedy)
+        assert answers[name].prompt_tokens == inputs["input_ids"].shape[1], name
+        mixed = cm.chat([{"role": "user", "content": f"<image>\n<video>\n{question}"}],
+                        [_image(SIZES["wide"]), clip], greedy)
+        answers[name + " mixed"] = mixed
+    assert want and answers["llava_hf"].completion_tokens == 6
+    assert answers["llava_hf"].text == want and answers["pth"].text == want
+    assert answers["llava_hf mixed"].text == answers["pth mixed"].text
+    assert answers["llava_hf mixed"].prompt_tokens == answers["pth mixed"].prompt_tokens
+
+    short = write_test_video(tmp_path / "short.mp4", frames=2)
+    with pytest.raises(UserError, match="too short"):
+        cm.chat([{"role": "user", "content": "<video>\nHi"}], [short], greedy)
+    plain = write_random_checkpoint(tmp_path / "next_run", {
+        "model": {"llava": families["llava_next"], "freeze_llm": True, "llm_lora": LORA, "dtype": "fp32"},
+        "data": {"template": "hf", "sources": [{"path": "unused.json"}]}})
+    with pytest.raises(UserError, match="only runs and exports of a released LLaVA-OneVision"):
+        load_chat_model(plain, torch_dtype="fp32").chat([{"role": "user", "content": "<video>\nHi"}], [clip], greedy)
+
+
 @pytest.mark.parametrize("name", ["llava_next_mistral_7b_qlora_finetune", "llava_onevision_qwen2_0_5b_qlora_finetune",
                                   "llava_onevision_qwen2_7b_qlora_finetune",
                                   "llava_onevision_qwen2_0_5b_qlora_video_finetune"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -26,6 +27,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from llava_ft import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from llava_ft.data.formats import VIDEO_TOKEN
 from llava_ft.errors import UserError
 from llava_ft.inference.stops import cut_at_stop, holdback
 
@@ -89,6 +91,7 @@ class _Prompt:
     length: int  # positions the model sees (image placeholders expanded)
     image_sizes: Optional[torch.Tensor] = None  # AnyRes: [n_images, 2] (height, width)
     image_tokens: tuple = ()  # feature vectors per image, in placeholder order
+    clips: tuple = ()  # per placeholder: True where it is a video clip (OneVision), in placeholder order
 
 
 class _Cancel:
@@ -174,23 +177,49 @@ class ChatModel:
             img = pad_to_square(img, self.image_mean or (0, 0, 0))
         return img
 
+    @property
+    def supports_video(self) -> bool:
+        """A LLaVA-OneVision run or export: `images` may hold clip paths (.mp4, ...), marked `<video>`."""
+        return bool(getattr(self.anyres, "takes_video", False))
+
+    def load_clip(self, path):
+        """A clip's frames (uint8 [F, H, W, 3]), sampled as training sampled them (llava_ft.data.videos)."""
+        from llava_ft.data.videos import BadVideoError, load_video_frames
+
+        if not self.supports_video:
+            raise UserError(f"{path}: {self.source or 'this model'} cannot take a video; only runs and exports "
+                            "of a released LLaVA-OneVision (model.llava) do")
+        try:
+            return load_video_frames(str(path), self.anyres.video_frames)
+        except BadVideoError as err:
+            raise UserError(f"{path}: {err.reason}") from None
+
     def encode(self, messages: list, images: Sequence = ()) -> _Prompt:
-        """Token ids (+ pixel values) for a conversation, ending where the next answer starts."""
+        """Token ids (+ pixel values) for a conversation, ending where the next answer starts. `images` may
+        hold video clips (by suffix, .mp4 ...) for OneVision; a `<video>` marker places one like `<image>`."""
         from llava_ft.data.encode import encode_prompt
+        from llava_ft.data.videos import is_video
 
         images = list(images or ())
         if images and not self.supports_images:
             raise UserError(f"{self.source or 'this model'} is a text-only model; it cannot take images")
         _check_messages(messages)
+        # Training reads LLaVA-NeXT's `<video>` marker as an image placeholder (data.formats); so does chat.
+        messages = [dict(m, content=m["content"].replace(VIDEO_TOKEN, IMAGE_TOKEN)) for m in messages]
+        clips = tuple(is_video(str(im)) if isinstance(im, (str, os.PathLike)) else False for im in images)
+        if any(clips) and not self.supports_video:
+            raise UserError(f"{images[clips.index(True)]}: {self.source or 'this model'} cannot take a video; only "
+                            "runs and exports of a released LLaVA-OneVision (model.llava) do")
         ids = encode_prompt(messages, self.tokenizer, self.template, system=self.system, images=images)
         n_markers = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
         if n_markers != len(images):
-            raise UserError(f"the messages hold {n_markers} '{IMAGE_TOKEN}' marker(s) but {len(images)} image(s) "
-                            "were given; use one marker per image (or none: images then go first)")
+            raise UserError(f"the messages hold {n_markers} '{IMAGE_TOKEN}'/'{VIDEO_TOKEN}' marker(s) but "
+                            f"{len(images)} image(s)/video(s) were given; use one marker per image or video (or "
+                            "none: they then go first)")
         pixel_values = sizes = None
         counts = [self.num_image_tokens] * len(images)
         if images and self.anyres is not None:
-            pils = [self.load_image(im) for im in images]
+            pils = [self.load_clip(im) if clip else self.load_image(im) for im, clip in zip(images, clips)]
             if hasattr(self.anyres, "sample_views"):  # a released NeXT/OneVision: its processor sees them together
                 pixel_values, sizes = self.anyres.sample_views(pils)
             else:
@@ -200,7 +229,7 @@ class ChatModel:
         elif images:
             pixel_values = torch.stack([self.image_processor(self.load_image(im)) for im in images])
         length = len(ids) - len(images) + sum(counts)
-        return _Prompt(ids, pixel_values, length, sizes, tuple(counts))
+        return _Prompt(ids, pixel_values, length, sizes, tuple(counts), clips)
 
     def fit(self, messages: list, images: Sequence = (), max_new_tokens: int = 0) -> FittedConversation:
         """Drop the oldest user/assistant turns (and their images) until the prompt leaves room for the answer.
@@ -284,9 +313,18 @@ class ChatModel:
             if self.hf_llava:
                 # transformers' Llava wants N image tokens per image (what LlavaProcessor writes); LlavaNext
                 # as many as each image's AnyRes features.
+                # LlavaOnevision: a clip's placeholder becomes its video tokens (the processor's `<video>`).
                 image_id = self.model.config.image_token_id
-                counts = iter(p.image_tokens)
-                ids = [t for x in ids for t in ([image_id] * next(counts) if x == IMAGE_TOKEN_INDEX else [x])]
+                marks = iter([(getattr(self.model.config, "video_token_id", None) if clip else image_id, n)
+                              for clip, n in zip(p.clips or (False,) * len(p.image_tokens), p.image_tokens)])
+                expanded = []
+                for x in ids:
+                    if x == IMAGE_TOKEN_INDEX:
+                        token, n = next(marks)
+                        expanded += [token] * n
+                    else:
+                        expanded.append(x)
+                ids = expanded
             rows.append(ids)
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -302,7 +340,8 @@ class ChatModel:
         if sizes:
             out["image_sizes"] = torch.cat(sizes).to(self.device)
             if getattr(self.anyres, "single_view_for_multi_image", False):  # OneVision: images per prompt
-                out["batch_num_images"] = torch.tensor([len(s) for s in sizes], device=self.device)
+                # Clips (height < 0) are not images here: transformers takes them as pixel_values_videos.
+                out["batch_num_images"] = torch.tensor([int((s[:, 0] >= 0).sum()) for s in sizes], device=self.device)
         return out
 
     def _generate(self, inputs: dict, **kw) -> torch.Tensor:
@@ -313,11 +352,19 @@ class ChatModel:
             if pv is not None:
                 extra["pixel_values"] = pv.to(self.model.dtype)
             if "image_sizes" in inputs:
-                # LlavaNext takes the views of all images of the batch as [n_images, max views, 3, S, S].
-                extra["pixel_values"] = _per_image_views(extra["pixel_values"], inputs["image_sizes"], self.anyres)
-                extra["image_sizes"] = inputs["image_sizes"]
-            if "batch_num_images" in inputs:
-                extra["batch_num_images"] = inputs["batch_num_images"]
+                sizes = inputs["image_sizes"]
+                views = extra.pop("pixel_values").split([self.anyres.num_views(hw) for hw in sizes.tolist()])
+                clip = (sizes[:, 0] < 0).tolist()
+                if any(clip):  # OneVision clips: [n_clips, frames, 3, S, S], as its video processor batches them
+                    extra["pixel_values_videos"] = torch.stack([v for v, c in zip(views, clip) if c])
+                if not all(clip):
+                    # LlavaNext takes the views of all images of the batch as [n_images, max views, 3, S, S].
+                    keep = [not c for c in clip]
+                    extra["pixel_values"] = _per_image_views(torch.cat([v for v, k in zip(views, keep) if k]),
+                                                             sizes[keep], self.anyres)
+                    extra["image_sizes"] = sizes[keep]
+                    if "batch_num_images" in inputs:
+                        extra["batch_num_images"] = inputs["batch_num_images"]
             # No pixel_values key at all for a text-only prompt: transformers >= 5.24 runs the vision tower
             # on any `pixel_values` key passed to generate, None included, and crashes on it.
             out = self.model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
@@ -511,10 +558,12 @@ def _strip_after_eos(row: list, eos: list, pad: int) -> list:
 
 def _images_in(gone: list, msgs: list, images: list) -> int:
     """Images carried by the dropped messages: their markers, or all of them when markers are implicit."""
-    markers_total = sum(m["content"].count(IMAGE_TOKEN) for m in msgs if m["role"] == "user")
-    if markers_total == 0:
+    def markers(m):  # `<video>` places a clip like `<image>` places an image
+        return m["content"].count(IMAGE_TOKEN) + m["content"].count(VIDEO_TOKEN) if m["role"] == "user" else 0
+
+    if sum(markers(m) for m in msgs) == 0:
         return len(images)  # implicit: all images sit in the first user turn, which is being dropped
-    return sum(m["content"].count(IMAGE_TOKEN) for m in gone if m["role"] == "user")
+    return sum(markers(m) for m in gone)
 
 
 def _check_messages(messages) -> None:

@@ -329,8 +329,13 @@ def _load_llava_hf(folder, quant, dtype, device, prompt_template, system, settin
         from llava_ft.model.released_anyres import ReleasedAnyResSpec
 
         max_tiles = int(str(cfg.vision_aspect_ratio).rsplit("_", 1)[-1])
+        # Clips: the export's video processor, and the run's data.video_frames (8, OneVision's training
+        # default, for a released folder we did not write).
+        frames = ((meta.get("config") or {}).get("data") or {}).get("video_frames") or 8
         anyres = ReleasedAnyResSpec(ip, cfg.image_grid_pinpoints, n, max_tiles_before_shrink=max_tiles,
-                                    single_view_for_multi_image=True)
+                                    single_view_for_multi_image=True,
+                                    video_processor=getattr(processor, "video_processor", None),
+                                    video_frames=int(frames))
     elif next_:
         from llava_ft.model.anyres import AnyResSpec
 
