@@ -341,6 +341,30 @@ def test_chat_takes_a_video_clip_like_transformers(families, tmp_path):
     assert answers["llava_hf mixed"].text == answers["pth mixed"].text
     assert answers["llava_hf mixed"].prompt_tokens == answers["pth mixed"].prompt_tokens
 
+    # `llava_ft chat --video` and `llava_ft eval` with "video" records (batched with an image+clip row)
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "llava_ft", "chat", export, "--video", clip, "--prompt", question,
+                           "--temperature", "0", "--max-new-tokens", "6", "--no-streamer", "--torch-dtype", "fp32"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith(want + "\n"), (proc.stdout, want)
+    picture = tmp_path / "wide.png"
+    _image(SIZES["wide"]).save(picture)
+    rows = [{"id": "v", "video": "clip.mp4", "question": f"<video>\n{question}", "answer": want},
+            {"id": "iv", "image": "wide.png", "video": "clip.mp4", "question": f"<image>\n<video>\n{question}",
+             "answer": answers["llava_hf mixed"].text}]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run([sys.executable, "-m", "llava_ft", "eval", export, "--data", str(data), "--image-folder",
+                           str(tmp_path), "--batch-size", "2", "--max-new-tokens", "6", "--output",
+                           str(tmp_path / "preds.jsonl"), "--torch-dtype", "fp32"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["exact_match"] == 1.0
+
     short = write_test_video(tmp_path / "short.mp4", frames=2)
     with pytest.raises(UserError, match="too short"):
         cm.chat([{"role": "user", "content": "<video>\nHi"}], [short], greedy)

@@ -4,8 +4,10 @@
     llava_ft chat BASE --adapter ./hf
     llava_ft chat LLM --visual-encoder VE --llava ./xtuner_out --image cat.jpg
     llava_ft chat ./llava_hf --prompt "Describe the image." --image cat.jpg      # answer and exit
+    llava_ft chat ./ov_export --prompt "What happens?" --video clip.mp4          # OneVision: a video clip
 
 Interactive commands: `/image PATH|URL` attaches an image to the next message (several per conversation),
+`/video PATH` a video clip (runs and exports of a released LLaVA-OneVision; frames sampled as in training),
 `/reset` starts over, `/exit` (or Ctrl-D, or Ctrl-C at the prompt) leaves. Ctrl-C while an answer is being
 written stops that answer and returns to the prompt. Answers stream as they are generated; the
 template's stop words end a turn; when the conversation outgrows the context window the oldest turns are
@@ -20,7 +22,8 @@ import sys
 from llava_ft import IMAGE_TOKEN
 from llava_ft.errors import UserError
 
-HELP = "commands: /image PATH|URL (attach to next message), /reset, /exit (or Ctrl-D); Ctrl-C stops an answer"
+HELP = ("commands: /image PATH|URL (attach to next message), /video PATH (OneVision), /reset, /exit (or Ctrl-D); "
+        "Ctrl-C stops an answer")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llava", help="XTuner-layout folder from `convert pth_to_hf` (projector/, adapters)")
     parser.add_argument("--visual-encoder", help="vision tower for --llava (default: the one the run used)")
     parser.add_argument("--image", action="append", default=[], help="image for the first message (repeatable)")
+    parser.add_argument("--video", action="append", default=[],
+                        help="video clip for the first message (repeatable; LLaVA-OneVision runs and exports)")
     parser.add_argument("--prompt-template", help="template name (default: the one the run trained with)")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--bits", type=int, choices=(4, 8), help="load the LLM quantized")
@@ -82,13 +87,21 @@ class Session:
         self.pending: list = []
 
     def attach(self, source: str) -> None:
+        from llava_ft.data.videos import is_video
+
         if not self.cm.supports_images:
             raise UserError(f"{self.cm.source or 'this model'} is text-only; it cannot take images")
-        self.cm.load_image(source)  # fail now, with the path, rather than at the next answer
+        if is_video(source):
+            self.cm.load_clip(source)  # decodes the sampled frames: a bad clip fails now, with its path
+        else:
+            self.cm.load_image(source)  # fail now, with the path, rather than at the next answer
         self.pending.append(source)
 
     def ask(self, text: str) -> str:
-        content = "".join(IMAGE_TOKEN + "\n" for _ in self.pending) + text
+        from llava_ft.data.formats import VIDEO_TOKEN
+        from llava_ft.data.videos import is_video
+
+        content = "".join((VIDEO_TOKEN if is_video(src) else IMAGE_TOKEN) + "\n" for src in self.pending) + text
         messages = self.messages + [{"role": "user", "content": content}]
         images = self.images + self.pending
         fitted = self._fit(messages, images)
@@ -146,6 +159,12 @@ def run(args: argparse.Namespace) -> int:
     session = Session(cm, settings, None, stream=not args.no_streamer)
     for image in args.image:
         session.attach(image)  # a bad --image is fatal: nothing was asked yet
+    for clip in args.video:
+        from llava_ft.data.videos import is_video
+
+        if not is_video(clip):
+            raise UserError(f"--video {clip}: not a video file name (expected .mp4, .avi, .mov, .mkv, .webm, ...)")
+        session.attach(clip)
     if args.prompt:
         for prompt in args.prompt:
             session.ask(prompt)
@@ -167,13 +186,18 @@ def run(args: argparse.Namespace) -> int:
             if text == "/reset":
                 session.reset()
                 print("[conversation reset]", flush=True)
-            elif text.startswith("/image"):
+            elif text.startswith("/image") or text.startswith("/video"):
+                kind = text[1:6]
                 path = text[len("/image"):].strip()
                 if not path:
-                    print("usage: /image PATH|URL", flush=True)
+                    print(f"usage: /{kind} PATH" + ("|URL" if kind == "image" else ""), flush=True)
                     continue
+                from llava_ft.data.videos import is_video
+
+                if kind == "video" and not is_video(path):
+                    raise UserError(f"/video {path}: not a video file name (expected .mp4, .avi, .mov, .mkv, ...)")
                 session.attach(path)
-                print(f"[image attached to your next message: {path}]", flush=True)
+                print(f"[{'video' if is_video(path) else 'image'} attached to your next message: {path}]", flush=True)
             elif text.startswith("/") and " " not in text:
                 print(f"unknown command {text}; {HELP}", flush=True)
             else:

@@ -5,7 +5,8 @@
     report.metrics   # {"n": 15, "exact_match": 0.4, "contains": 0.6}  (+ "choice_accuracy" for MC)
     write_predictions(report.predictions, "preds.jsonl")
 
-QA rows (JSONL or a JSON list): `{"id", "question", "answer", "image"?: path relative to --image-folder, "images"?: [...]}`.
+QA rows (JSONL or a JSON list): `{"id", "question", "answer", "image"?: path relative to --image-folder, "images"?: [...]}`,
+and for LLaVA-OneVision runs/exports `"video"?: "clip.mp4"` (or `"videos"`), marked `<video>` in the question.
 MMBench TSV: columns `index, question, A, B, C, D, answer` (+ optional `hint`, base64 `image`); the
 prompt lists the options and asks for the letter; the score is the first option letter in the answer.
 Exact match compares after normalisation (lowercase, no punctuation/articles, single spaces); "contains"
@@ -76,6 +77,8 @@ def load_qa(path, image_folder=None) -> list:
         if missing:
             raise UserError(f"{p}:{lineno}: missing key(s) {', '.join(missing)}; each row needs question and answer")
         images = row.get("images") or ([row["image"]] if row.get("image") else [])
+        # OneVision: a clip under LLaVA-NeXT's "video" key (or "videos"), after the images; `<video>` places it.
+        images = list(images) + (row.get("videos") or ([row["video"]] if row.get("video") else []))
         images = [str(Path(image_folder) / im) if image_folder and not os.path.isabs(im) else im for im in images]
         items.append(QAItem(str(row.get("id", lineno)), str(row["question"]), str(row["answer"]), images))
     if not items:
