@@ -327,9 +327,9 @@ def test_chat_takes_a_video_clip_like_transformers(families, tmp_path):
         out = hf.generate(**inputs, max_new_tokens=6, do_sample=False)
     want = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    answers = {}
+    answers, models = {}, {}
     for name, artifact in (("llava_hf", export), ("pth", pth)):
-        cm = load_chat_model(artifact, torch_dtype="fp32")
+        cm = models[name] = load_chat_model(artifact, torch_dtype="fp32")
         assert cm.supports_video, name
         answers[name] = cm.chat([{"role": "user", "content": f"<video>\n{question}"}], [clip], greedy)
         assert answers[name].prompt_tokens == inputs["input_ids"].shape[1], name
@@ -371,8 +371,34 @@ def test_chat_takes_a_video_clip_like_transformers(families, tmp_path):
     plain = write_random_checkpoint(tmp_path / "next_run", {
         "model": {"llava": families["llava_next"], "freeze_llm": True, "llm_lora": LORA, "dtype": "fp32"},
         "data": {"template": "hf", "sources": [{"path": "unused.json"}]}})
+    next_model = load_chat_model(plain, torch_dtype="fp32")
     with pytest.raises(UserError, match="only runs and exports of a released LLaVA-OneVision"):
-        load_chat_model(plain, torch_dtype="fp32").chat([{"role": "user", "content": "<video>\nHi"}], [clip], greedy)
+        next_model.chat([{"role": "user", "content": "<video>\nHi"}], [clip], greedy)
+
+    # serve: vLLM's `video_url` content part, a path under --image-dir
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from llava_ft.serve.app import create_app
+    from llava_ft.testing.server import serve_in_thread
+
+    def ask(url, ref, model="ov"):
+        body = {"model": model, "max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": ref}}, {"type": "text", "text": question}]}]}
+        return httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+
+    with serve_in_thread(create_app(models["llava_hf"], "ov", image_dir=str(tmp_path))) as url:
+        resp = ask(url, "clip.mp4")
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["message"]["content"] == want
+        for ref, status, code in (("wide.png", 400, "invalid_video"), ("../outside.mp4", 403, "path_forbidden"),
+                                  ("data:video/mp4;base64,AAAA", 400, "invalid_video"),
+                                  ("short.mp4", 400, "invalid_request")):
+            resp = ask(url, ref)
+            assert resp.status_code == status and resp.json()["error"]["code"] == code, (ref, resp.text)
+    with serve_in_thread(create_app(next_model, "next", image_dir=str(tmp_path))) as url:
+        resp = ask(url, "clip.mp4", "next")
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "videos_not_supported", resp.text
 
 
 @pytest.mark.parametrize("name", ["llava_next_mistral_7b_qlora_finetune", "llava_onevision_qwen2_0_5b_qlora_finetune",
