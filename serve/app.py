@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_ft.serve.errors import ApiError, error_body
 from llava_ft.serve.images import ImageLoader
-from llava_ft.serve.schema import parse_request, settings_kwargs, to_chat_inputs
+from llava_ft.serve.schema import VideoRef, parse_request, settings_kwargs, to_chat_inputs
 from llava_ft.serve.worker import GenerationWorker, Job
 
 log = logging.getLogger("llava_ft.serve")
@@ -240,6 +240,12 @@ async def chat_completions(request: Request):
                        param="messages")
     images = []
     for url in urls:
+        if isinstance(url, VideoRef):  # a clip goes to the model as its path; the model decodes its frames
+            if not getattr(state.chat_model, "supports_video", False):
+                raise ApiError(400, f"model '{state.model_name}' does not accept videos (only LLaVA-OneVision "
+                                    "runs and exports do)", param="messages", code="videos_not_supported")
+            images.append(state.loader.video_path(url))
+            continue
         data = await state.loader.load_bytes(url)
         images.append(await run_in_threadpool(state.loader.decode, data))  # decoding is CPU work: off the loop
     try:

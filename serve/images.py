@@ -105,6 +105,26 @@ class ImageLoader:
         with open(real, "rb") as f:
             return f.read()
 
+    def video_path(self, url: str) -> str:
+        """A `video_url` part -> the clip's real path, for LLaVA-OneVision models. Only local paths under the
+        image dir (same 403 rules as images): the clip is decoded by PyAV from the file, a few sampled frames
+        at a time, so nothing large is held in the request; data: and remote videos are refused (400)."""
+        from llava_ft.data.videos import VIDEO_SUFFIXES, is_video
+
+        if not isinstance(url, str) or not url:
+            raise ApiError(400, "video_url.url must be a non-empty string", param="video_url")
+        scheme = url.split(":", 1)[0].lower() if ":" in url[:12] else ""
+        if scheme not in ("", "file"):
+            raise ApiError(400, f"video_url takes a path under the server's --image-dir; '{scheme}:' video URLs "
+                                "are not supported", param="video_url", code="invalid_video")
+        real = self.resolve_local(url)
+        if not is_video(real):
+            raise ApiError(400, f"not a video file name: {url} (expected one of {', '.join(VIDEO_SUFFIXES)})",
+                           param="video_url", code="invalid_video")
+        if not os.path.isfile(real):
+            raise ApiError(400, f"video not found: {url}", param="video_url", code="invalid_video")
+        return real
+
     # ---------------------------------------------------------------------------------------------
 
     def decode(self, data: bytes):

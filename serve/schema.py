@@ -3,7 +3,9 @@
 `parse_request(raw_bytes) -> ChatRequest` (ApiError 400 on malformed JSON or schema) and
 `to_chat_inputs(request) -> (messages, image_urls)`: messages in the `ChatModel` form
 `[{"role", "content": str}]` with one `<image>` marker per image (placed at the start of its turn, where
-LLaVA training puts it) and the image URLs in marker order. Unknown extra fields that OpenAI clients send
+LLaVA training puts it) and the image URLs in marker order. A `{"type": "video_url", "video_url": {"url":
+...}}` part (vLLM's convention for video in OpenAI-style requests) adds a `<video>` marker and its URL as a
+`VideoRef` (LLaVA-OneVision models). Unknown extra fields that OpenAI clients send
 (`frequency_penalty`, `user`, ...) are accepted and ignored; `n` must be 1.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from llava_ft.serve.errors import ApiError
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 
 
 class _Lenient(BaseModel):
@@ -41,7 +44,20 @@ class ImagePart(_Lenient):
         return self.image_url if isinstance(self.image_url, str) else self.image_url.url
 
 
-Part = Union[TextPart, ImagePart]
+class VideoPart(_Lenient):
+    type: Literal["video_url"]
+    video_url: Union[ImageURL, str]
+
+    @property
+    def url(self) -> str:
+        return self.video_url if isinstance(self.video_url, str) else self.video_url.url
+
+
+class VideoRef(str):
+    """A `video_url` part's URL in the list `to_chat_inputs` returns (images and videos in marker order)."""
+
+
+Part = Union[TextPart, ImagePart, VideoPart]
 
 
 class Message(_Lenient):
@@ -114,19 +130,20 @@ def to_chat_inputs(req: ChatRequest) -> tuple[list[dict], list[str]]:
         parts = [TextPart(type="text", text=msg.content)] if isinstance(msg.content, str) else (msg.content or [])
         # A literal "<image>" typed by a client would claim an image that was never sent (the model would
         # then fail on a marker/image count mismatch); only real image parts produce markers.
-        texts = [p.text.replace(IMAGE_TOKEN, "") for p in parts if isinstance(p, TextPart)]
+        texts = [p.text.replace(IMAGE_TOKEN, "").replace(VIDEO_TOKEN, "") for p in parts if isinstance(p, TextPart)]
         for text in texts:
             try:
                 text.encode("utf-8")  # JSON may carry lone surrogates ("\ud800"); tokenizers cannot take them
             except UnicodeEncodeError:
                 raise ApiError(400, f"messages[{i}]: text is not valid Unicode (lone surrogate)",
                                param=f"messages.{i}.content")
-        images = [p.url for p in parts if isinstance(p, ImagePart)]
-        if images and role != "user":
-            raise ApiError(400, f"messages[{i}]: images are only accepted in user messages",
+        media = [p for p in parts if isinstance(p, (ImagePart, VideoPart))]
+        if media and role != "user":
+            raise ApiError(400, f"messages[{i}]: images and videos are only accepted in user messages",
                            param=f"messages.{i}.content")
-        urls.extend(images)
-        content = "".join(f"{IMAGE_TOKEN}\n" for _ in images) + "\n".join(texts)
+        urls.extend(VideoRef(p.url) if isinstance(p, VideoPart) else p.url for p in media)
+        content = "".join(f"{VIDEO_TOKEN if isinstance(p, VideoPart) else IMAGE_TOKEN}\n" for p in media) \
+            + "\n".join(texts)
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] == "assistant":
         raise ApiError(400, "the last message must not be from the assistant", param="messages")
