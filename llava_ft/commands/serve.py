@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=8,
                         help="answer up to this many waiting requests with the same sampling settings in one "
                              "batched generate call (1: one request at a time)")
-    parser.add_argument("--image-dir", help="allow local image paths, but only inside this folder")
+    parser.add_argument("--image-dir", help="allow local image paths (and OneVision video_url clips), but only "
+                        "inside this folder")
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="let requests name http(s) image URLs that the server then fetches")
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (MiB)")
