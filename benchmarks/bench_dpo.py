@@ -283,6 +283,11 @@ def section_dpo(quick: bool = False, repeats: int | None = None, sides: tuple = 
     repeats = repeats or s["repeats"]
     assets, runs = alternating_runs("bench_dpo.py", make_assets, quick, [w for w in SIDES if w in sides], repeats,
                                     300 if quick else 900, "bench_dpo_")
+    return report(assets, runs, s, repeats)
+
+
+def report(assets: dict, runs: dict, s: dict, repeats: int) -> dict:
+    """The section from every side's run results ({side: [child result, ...]})."""
     keys = ("pairs_per_s", "peak_rss_mb", "rss_after_load_mb", "real_positions_per_pair", "run_positions_per_pair",
             "seconds")
     med = {w: {k: median([r[k] for r in rs]) for k in keys} for w, rs in runs.items()}
