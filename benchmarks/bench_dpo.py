@@ -283,11 +283,19 @@ def section_dpo(quick: bool = False, repeats: int | None = None, sides: tuple = 
     repeats = repeats or s["repeats"]
     assets, runs = alternating_runs("bench_dpo.py", make_assets, quick, [w for w in SIDES if w in sides], repeats,
                                     300 if quick else 900, "bench_dpo_")
+    return report(assets, runs, s, repeats)
+
+
+def report(assets: dict, runs: dict, s: dict, repeats: int) -> dict:
+    """The section from every side's run results ({side: [child result, ...]})."""
     keys = ("pairs_per_s", "peak_rss_mb", "rss_after_load_mb", "real_positions_per_pair", "run_positions_per_pair",
             "seconds")
     med = {w: {k: median([r[k] for r in rs]) for k in keys} for w, rs in runs.items()}
     for w in med:
         med[w]["train_rss_mb"] = median([r["peak_rss_mb"] - r["rss_after_load_mb"] for r in runs[w]])
+        # Steady state: pairs of a step / the run's median step time (a load spike of a shared machine in one
+        # or two steps moves the whole-run rate, not this).
+        med[w]["steady_pairs_per_s"] = median([r["pairs"] / r["steps"] / median(r["step_seconds"]) for r in runs[w]])
     dev = "GPU, bf16" if has_gpu() else "CPU, fp32"
     common = (f"{dev}; {s['steps']} steps of batch {s['batch']} x accum {s['accum']} pairs, the same "
               f"{assets['pairs']} RLAIF-V-shaped pairs, whole-run wall time incl. data loading and step 1; "
@@ -296,6 +304,8 @@ def section_dpo(quick: bool = False, repeats: int | None = None, sides: tuple = 
     for w in runs:
         label = SIDES[w]
         figs += [figure(f"{label}: pairs/s", med[w]["pairs_per_s"], "pairs/s", common),
+                 figure(f"{label}: pairs/s at the median step", med[w]["steady_pairs_per_s"], "pairs/s",
+                        "pairs per step / the run's median step seconds; median over runs"),
                  figure(f"{label}: peak RSS", med[w]["peak_rss_mb"], "MiB",
                         "ru_maxrss of the run's process, model load included"),
                  figure(f"{label}: peak RSS above the loaded model", med[w]["train_rss_mb"], "MiB",
@@ -311,7 +321,14 @@ def section_dpo(quick: bool = False, repeats: int | None = None, sides: tuple = 
                  figure("llava_ft / TRL peak RSS", mem, "x", "ratio of the medians above", "<= 0.6 x", mem <= 0.6),
                  figure("llava_ft / TRL peak RSS above the loaded model",
                         med["llava_ft"]["train_rss_mb"] / med["trl"]["train_rss_mb"], "x", "ratio of the medians above")]
+    if {"llava_ft", "trl"} <= set(med):
+        figs.append(figure("llava_ft / TRL pairs/s at the median step",
+                           med["llava_ft"]["steady_pairs_per_s"] / med["trl"]["steady_pairs_per_s"], "x",
+                           "ratio of the steady-state medians above"))
     if {"llava_ft", "llava_ft_dup"} <= set(med):
+        figs.append(figure("shared prefix / duplicated pairs/s at the median step",
+                           med["llava_ft"]["steady_pairs_per_s"] / med["llava_ft_dup"]["steady_pairs_per_s"], "x",
+                           "ratio of the steady-state medians above"))
         figs.append(figure("shared prefix / duplicated pairs/s (the shared prefix's part)",
                            med["llava_ft"]["pairs_per_s"] / med["llava_ft_dup"]["pairs_per_s"], "x",
                            "the same engine, each pair laid out once vs twice"))
