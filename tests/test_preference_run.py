@@ -27,6 +27,17 @@ PAIRS = [("Who are you?", "I am TinyBot.", "I am a cat."),
          ("Is fire hot?", "Yes, fire is hot.", "No, it is cold.")]
 
 
+def write_rlaif_v_pairs(path, demo_data, n: int = 6):
+    """RLAIF-V-shaped pairs (image, question, chosen, rejected) from the demo's held-out images: the right
+    answer is chosen, a shape that is not there is rejected."""
+    rows = [json.loads(line) for line in open(demo_data["eval"])][:n]
+    with open(path, "w") as fh:
+        for r in rows:
+            fh.write(json.dumps({"image": r["image"], "question": r["question"], "chosen": r["answer"],
+                                 "rejected": "A green hexagon with stripes."}) + "\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def pair_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
@@ -180,12 +191,7 @@ def llava_start(tmp_path_factory, tiny_llama, tiny_clip, demo_data):
                      "dtype": "fp32"},
            "data": {"template": "chatml", "sources": [{"path": "unused.json"}]}}
     pth = write_random_checkpoint(root / "finetune", raw)
-    rows = [json.loads(line) for line in open(demo_data["eval"])][:6]
-    pairs = root / "rlaif_v.jsonl"
-    with open(pairs, "w") as fh:
-        for r in rows:
-            fh.write(json.dumps({"image": r["image"], "question": r["question"], "chosen": r["answer"],
-                                 "rejected": "A green hexagon with stripes."}) + "\n")
+    pairs = write_rlaif_v_pairs(root / "rlaif_v.jsonl", demo_data)
     return {"raw": raw, "work_dir": str(root / "finetune"), "pairs": str(pairs),
             "image_folder": demo_data["image_folder"], "llava_hf": pth_to_hf(None, pth, root / "hf", fmt="llava-hf")}
 
@@ -327,12 +333,7 @@ def onevision_start(tmp_path_factory, tiny_tokenizer, demo_data):
     from llava_ft.testing.llava_next import build_tiny_llava_onevision
 
     root = tmp_path_factory.mktemp("llava_ov_dpo")
-    rows = [json.loads(line) for line in open(demo_data["eval"])][:6]
-    pairs = root / "rlaif_v.jsonl"
-    with open(pairs, "w") as fh:
-        for r in rows:
-            fh.write(json.dumps({"image": r["image"], "question": r["question"], "chosen": r["answer"],
-                                 "rejected": "A green hexagon with stripes."}) + "\n")
+    pairs = write_rlaif_v_pairs(root / "rlaif_v.jsonl", demo_data)
     return {"folder": build_tiny_llava_onevision(root / "ov", tiny_tokenizer, max_tiles=4), "pairs": str(pairs),
             "image_folder": demo_data["image_folder"]}
 

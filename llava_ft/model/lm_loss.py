@@ -79,6 +79,10 @@ def why_not_splittable(llm: nn.Module) -> Optional[str]:
         return "its forward is remote code"
     if not hasattr(base, "get_decoder") or base.get_output_embeddings() is None:
         return "it exposes no decoder / output embeddings"
+    if any(p.requires_grad and hasattr(p, "ds_id") for p in base.get_output_embeddings().parameters()):
+        # A trainable head (full fine-tune, LoRA on lm_head) is recomputed chunk by chunk in backward, when
+        # DeepSpeed ZeRO-3 has already released its gathered weight (a [0]-shaped shard is all that is left).
+        return "DeepSpeed ZeRO-3 partitions its trainable LM head, which the chunked loss needs again in backward"
     return None
 
 
