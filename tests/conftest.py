@@ -47,6 +47,25 @@ def tiny_clip(tmp_path_factory) -> str:
     return assets.build_tiny_clip(tmp_path_factory.mktemp("assets") / "clip")
 
 
+@pytest.fixture()
+def make_llava(tiny_clip):
+    """make_llava(llm) -> LlavaFtModel(llm, the tiny CLIP tower, a depth-2 projector seeded with 1), fp32."""
+
+    def make(llm):
+        import torch
+
+        from llava_ft.config import ModelConfig
+        from llava_ft.model.llava import LlavaFtModel
+        from llava_ft.model.projector import Projector
+        from llava_ft.model.vision import load_visual_encoder
+
+        ve = load_visual_encoder(ModelConfig(llm="unused", visual_encoder=tiny_clip))
+        torch.manual_seed(1)
+        return LlavaFtModel(llm, ve, Projector(ve.hidden_size, llm.config.hidden_size, depth=2))
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_siglip(tmp_path_factory) -> str:
     """SiglipVisionModel (32 px, patch 8 -> 16 patches, hidden 32, 2 layers) + SiglipImageProcessor."""

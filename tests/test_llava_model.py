@@ -82,15 +82,8 @@ def test_gradient_checkpointing_delegates(llm):
 # ---- LLaVA path ------------------------------------------------------------------------------------
 
 @pytest.fixture()
-def llava(llm, tiny_clip):
-    from llava_ft.config import ModelConfig
-    from llava_ft.model.projector import Projector
-    from llava_ft.model.vision import load_visual_encoder
-
-    ve = load_visual_encoder(ModelConfig(llm="unused", visual_encoder=tiny_clip))
-    torch.manual_seed(1)
-    proj = Projector(ve.hidden_size, llm.config.hidden_size, depth=2)
-    return LlavaFtModel(llm, ve, proj)
+def llava(llm, make_llava):
+    return make_llava(llm)
 
 
 IMG = IMAGE_TOKEN_INDEX

@@ -10,11 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from llava_ft import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from llava_ft.config import LoraSettings, ModelConfig
+from llava_ft.config import LoraSettings
 from llava_ft.data.preference_collate import PreferenceCollator
 from llava_ft.model.preference import sequence_logps
 from llava_ft.engine.preference_loss import preference_loss
@@ -29,14 +28,8 @@ def llm(tiny_llama):
 
 
 @pytest.fixture()
-def llava(llm, tiny_clip):
-    from llava_ft.model.projector import Projector
-    from llava_ft.model.vision import load_visual_encoder
-
-    ve = load_visual_encoder(ModelConfig(llm="unused", visual_encoder=tiny_clip))
-    torch.manual_seed(1)
-    proj = Projector(ve.hidden_size, llm.config.hidden_size, depth=2)
-    return LlavaFtModel(llm, ve, proj)
+def llava(llm, make_llava):
+    return make_llava(llm)
 
 
 def make_pair(gen, n_images=0, prompt_len=6, chosen_len=4, rejected_len=5, unsupervised=0):
