@@ -52,7 +52,7 @@ def write_sharded_checkpoint(out: str, shape: dict, shard_mb: int = 500, seed: i
     from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from llava_ft.testing.assets import build_tokenizer
+    from llava_ft.demo.assets import build_tokenizer
 
     os.makedirs(out, exist_ok=True)
     tok_dir = build_tokenizer(os.path.join(os.path.dirname(out), os.path.basename(out) + "_tok"))
