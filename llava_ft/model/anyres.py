@@ -195,13 +195,17 @@ class AnyResSpec:
     """
 
     def __init__(self, tower_processor, pinpoints, base_tokens: int):
-        self.tile_size = _tile_size_of(tower_processor)
+        self._set_geometry(tower_processor, pinpoints, base_tokens)
+        self.processor = anyres_image_processor(tower_processor, self.pinpoints)
+
+    def _set_geometry(self, processor, pinpoints, base_tokens: int) -> None:
+        """Tile size, base tokens, patches per side and pinpoints (shared with released_anyres' subclass)."""
+        self.tile_size = _tile_size_of(processor)
         self.base_tokens = int(base_tokens)
         self.patches_per_side = int(round(self.base_tokens ** 0.5))
         if self.patches_per_side ** 2 != self.base_tokens:
             raise ValueError(f"AnyRes needs a square patch grid; the tower gives {self.base_tokens} tokens")
         self.pinpoints = [list(map(int, p)) for p in pinpoints]
-        self.processor = anyres_image_processor(tower_processor, self.pinpoints)
 
     def views(self, image) -> torch.Tensor:
         """PIL RGB image -> [1 + tiles, 3, S, S]: the overview, then the tiles in reading order."""

@@ -47,15 +47,8 @@ class ReleasedAnyResSpec(AnyResSpec, ImageTokenCount):
 
     def __init__(self, image_processor, pinpoints, base_tokens: int, max_tiles_before_shrink: Optional[int] = None,
                  single_view_for_multi_image: bool = False, video_processor=None, video_frames: int = 8):
-        from llava_ft.model.anyres import _tile_size_of
-
-        self.tile_size = _tile_size_of(image_processor)
-        self.base_tokens = int(base_tokens)
-        self.patches_per_side = int(round(self.base_tokens ** 0.5))
-        if self.patches_per_side ** 2 != self.base_tokens:
-            raise ValueError(f"AnyRes needs a square patch grid; the tower gives {self.base_tokens} tokens")
-        self.pinpoints = [list(map(int, p)) for p in pinpoints]
-        self.processor = image_processor
+        self._set_geometry(image_processor, pinpoints, base_tokens)
+        self.processor = image_processor  # the checkpoint's own, not one rebuilt from the tower's settings
         self.max_tiles = max_tiles_before_shrink
         self.single_view_for_multi_image = bool(single_view_for_multi_image)
         self.video_processor = video_processor  # OneVision: clips become frames pooled 2x2 + one newline
