@@ -91,7 +91,21 @@ def _chunk(cid: str, created: int, model: str, delta: dict, finish_reason=None, 
            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
     if usage is not None:
         obj["usage"] = usage
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    return sse_data(obj)
+
+
+# JSON leaves these in strings as they are (with ensure_ascii=False), but str.splitlines() and clients built on
+# it (httpx's iter_lines) end a line at each: a sampled token decoding to one cut the event in two. Escaped,
+# the payload stays readable UTF-8 and one line for every client.
+_LINE_BREAKS_JSON_KEEPS = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def sse_data(obj) -> str:
+    """One server-sent event `data: <json>` on a single line, whatever characters the text holds."""
+    text = json.dumps(obj, ensure_ascii=False)
+    for char, escaped in _LINE_BREAKS_JSON_KEEPS.items():
+        text = text.replace(char, escaped)
+    return f"data: {text}\n\n"
 
 
 @dataclass
@@ -340,14 +354,14 @@ class _Answer:
                     continue
                 finished = True
                 if kind == "error":
-                    yield f"data: {json.dumps(payload.body())}\n\n"
+                    yield sse_data(payload.body())
                 else:
                     usage = payload.as_dict()
                     yield self.chunk({}, payload.finish_reason, usage=usage)
                     if include_usage:  # OpenAI's form: a last chunk with no choices and the usage
-                        yield ("data: " + json.dumps({"id": self.cid, "object": "chat.completion.chunk",
-                                                      "created": self.created, "model": self.state.model_name,
-                                                      "choices": [], "usage": usage}) + "\n\n")
+                        yield sse_data({"id": self.cid, "object": "chat.completion.chunk",
+                                        "created": self.created, "model": self.state.model_name,
+                                        "choices": [], "usage": usage})
                 yield "data: [DONE]\n\n"
                 return
         finally:

@@ -177,6 +177,20 @@ def test_raw_sse_ends_with_done(text_server):
     assert last["choices"][0]["finish_reason"] in ("stop", "length") and last["usage"]["total_tokens"] > 0
 
 
+def test_sse_event_stays_one_line_for_line_splitting_clients():
+    """A sampled token may decode to U+2028, U+2029 or U+0085: JSON keeps them raw, but httpx's iter_lines (like
+    str.splitlines) ends a line there, and the load test once read a cut event (JSONDecodeError). Each event must
+    reach such a client as one `data:` line that parses back to the same text."""
+    from llava_ft.serve.app import sse_data
+
+    text = "a\u2028b\u2029c\x85d\x1ce\u00e9\u4e2d"
+    received = httpx.Response(200, content=sse_data({"content": text}).encode())  # what a client reads
+    lines = [line for line in received.iter_lines() if line]
+    assert len(lines) == 1 and lines[0].startswith("data: ")
+    assert json.loads(lines[0][6:]) == {"content": text}
+    assert "\u4e2d" in lines[0]  # other text stays readable UTF-8
+
+
 def test_seed_makes_sampling_repeatable(text_server):
     c = client(text_server)
     kw = dict(model="tiny-text", messages=[{"role": "user", "content": "Say something."}], max_tokens=10,
