@@ -452,8 +452,6 @@ def _validate_preference(cfg: Config, where: str) -> None:
     if p.reference == "adapter" and not cfg.model.llm_lora.enabled:
         raise UserError(f"{where}: preference.reference=adapter needs LoRA (model.llm_lora.enabled=true); a full "
                         "fine-tune uses reference copy or precompute")
-    if cfg.data.pack_to_max_length:
-        raise UserError(f"{where}: data.pack_to_max_length does not apply to preference pairs; remove it")
 
 
 def _validate_source(src: DataSource, key: str, where: str) -> None:

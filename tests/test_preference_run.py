@@ -1,9 +1,11 @@
 """Preference runs end to end on tiny models (CPU, fp32): `run_training` on pair data logs the DPO metrics,
 the step-0 DPO loss is exactly log 2 from every starting point (base, SFT work dir, SFT iter_N.pth),
 the reference is the SFT policy (not the bare base), reference-free losses build no reference, the
-config refuses wrong combinations, and the output converts and chats like an SFT run's.
+config refuses wrong combinations, the output converts and chats like an SFT run's, pairs pack into rows,
+precomputed log-probs survive a resume, and 2 processes (DDP, ZeRO-3 with every reference kind) equal one.
 
-Run: python -m pytest tests/test_preference_run.py -x -q
+Run: python -m pytest tests/test_preference_run.py -x -q      (-m "not multiprocess": without the ~5 min of
+     2-process runs)
 """
 from __future__ import annotations
 
@@ -249,11 +251,23 @@ def test_merged_sft_model_start_and_precompute(tiny_qwen2, pair_file, sft_run, t
     assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
 
 
+def cut_after_step_2(full: Path, cut: Path) -> Path:
+    """A copy of a finished 4-step work dir as a run killed right after its step-2 save would leave it."""
+    import shutil
+
+    shutil.copytree(full, cut)
+    for name in ("iter_4.pth", "checkpoint-4"):
+        path = cut / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    (cut / "last_checkpoint").write_text(str((cut / "iter_2.pth").resolve()))
+    logged = read_train_log(cut)[:2]
+    (cut / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
+    return cut
+
+
 def test_resume_reproduces_uninterrupted_dpo_run(tiny_qwen2, pair_file, sft_run, tmp_path):
     """Kill after the step-2 save, resume: same losses and weights as the run that was never stopped (the
     reference stays the SFT start, not the resumed weights)."""
-    import shutil
-
     def cfg():
         return make_cfg(tiny_qwen2, pair_file, tmp_path, preference={"loss": "sigmoid", "sft_weight": 0.1},
                         model__pretrained_pth=sft_run.last_checkpoint, train__max_steps=4,
@@ -263,13 +277,7 @@ def test_resume_reproduces_uninterrupted_dpo_run(tiny_qwen2, pair_file, sft_run,
     full = tmp_path / "full"
     run_training(cfg(), work_dir=str(full))
     reference = read_train_log(full)
-    cut = tmp_path / "cut"
-    shutil.copytree(full, cut)
-    for name in ("iter_4.pth", "checkpoint-4"):
-        path = cut / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    (cut / "last_checkpoint").write_text(str((cut / "iter_2.pth").resolve()))
-    (cut / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reference[:2]))
+    cut = cut_after_step_2(full, tmp_path / "cut")
     result = run_training(cfg(), work_dir=str(cut), resume="auto")
     assert result.global_step == 4
     resumed = read_train_log(cut)
@@ -283,21 +291,69 @@ def test_resume_reproduces_uninterrupted_dpo_run(tiny_qwen2, pair_file, sft_run,
         torch.testing.assert_close(end_full[k], end_cut[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_two_process_dpo_equals_one_process(tiny_qwen2, tmp_path):
-    """torchrun 2 processes (gloo DDP) x 3 pairs vs 1 process x 3 pairs x accumulation 2: same losses and
-    DPO metrics at every step, same adapter at the end (global batch 6 both ways)."""
+def test_pack_to_max_length_packs_pairs_into_rows_and_trains_the_same(tiny_qwen2, pair_file, tmp_path):
+    """data.pack_to_max_length in a preference run: a micro-batch's pairs share rows of up to max_length
+    positions (never attending across pairs), the batch still holds the same pairs, and training equals the
+    unpacked run (losses, DPO metrics, weights)."""
+    from llava_ft.engine.preference import build_preference_data
+    from llava_ft.model.builder import build_model
+
+    def cfg(packed):
+        return make_cfg(tiny_qwen2, pair_file, tmp_path, preference={"loss": "sigmoid", "sft_weight": 0.1},
+                        data__pack_to_max_length=packed, train__max_steps=2)
+
+    model, tok = build_model(cfg(True))
+    dataset, collator, _, _ = build_preference_data(cfg(True), model, tok)
+    pairs = [dataset[i] for i in range(3)]
+    batch = collator(pairs)
+    sizes = [abs(p["modality_length"]) for p in pairs]
+    assert sizes[0] + sizes[1] <= 128  # the first two fit one row of max_length
+    assert batch["input_ids"].shape[0] < 3 and batch["pair_index"].max().item() == 2  # 3 pairs, fewer rows
+    assert batch["input_ids"].shape[1] <= 128
+    plain = run_training(cfg(False), work_dir=str(tmp_path / "plain"))
+    packed = run_training(cfg(True), work_dir=str(tmp_path / "packed"))
+    a, b = read_train_log(plain.work_dir), read_train_log(packed.work_dir)
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert [r["rewards/margins"] for r in b] == pytest.approx([r["rewards/margins"] for r in a], abs=1e-5)
+    end_a = torch.load(plain.last_checkpoint, weights_only=True)["state_dict"]
+    end_b = torch.load(packed.last_checkpoint, weights_only=True)["state_dict"]
+    for k in end_a:  # Adam makes a ~1e-7 gradient difference on a near-zero element a ~1e-5 step (lr 5e-3)
+        torch.testing.assert_close(end_b[k], end_a[k], rtol=1e-4, atol=5e-5)
+
+
+def test_precompute_resume_reads_the_work_dir_copy_or_refuses(tiny_qwen2, pair_file, tmp_path):
+    """A resumed run starts from trained weights, so it must not recompute the reference: it reads the copy in
+    the work dir when the data cache is gone, and stops with what to do when both are gone."""
+    import shutil
+
+    cfg = make_cfg(tiny_qwen2, pair_file, tmp_path, preference={"loss": "sigmoid", "reference": "precompute"},
+                   train__max_steps=4, train__per_device_batch_size=2)
+    full = tmp_path / "full"
+    reference = [r["loss"] for r in read_train_log(run_training(cfg, work_dir=str(full)).work_dir)]
+    copies = sorted((full / "reference_logps").glob("train-*.pt"))
+    assert len(copies) == 1
+    shutil.rmtree(tmp_path / "cache" / "reference_logps")
+    cut = cut_after_step_2(full, tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cache" / "reference_logps", ignore_errors=True)
+    run_training(cfg, work_dir=str(cut), resume="auto")
+    assert [r["loss"] for r in read_train_log(cut)] == pytest.approx(reference, rel=1e-5)
+    shutil.rmtree(tmp_path / "cache" / "reference_logps", ignore_errors=True)
+    shutil.rmtree(cut / "reference_logps")
+    with pytest.raises(UserError, match="without --resume"):
+        run_training(cfg, work_dir=str(cut), resume=str(cut / "checkpoint-2"))
+
+
+def write_cli_dpo_config(llm, tmp_path) -> str:
+    """A DPO recipe file over 12 text pairs (global batch 6, 2 steps) for the `llava_ft train` subprocess runs."""
     import yaml
-    from test_distributed import assert_same_weights, iter_state, losses, run_cli
 
     pairs = tmp_path / "pairs.jsonl"
     with open(pairs, "w") as fh:
         for k in range(2):
             for q, good, bad in PAIRS:
                 fh.write(json.dumps({"prompt": f"{q} ({k})", "chosen": good, "rejected": bad}) + "\n")
-    raw = {"name": "dpo2", "model": {"llm": tiny_qwen2, "dtype": "fp32", "attn_implementation": "sdpa",
-                                     "llm_lora": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0}},
+    raw = {"name": "dpo_cli", "model": {"llm": llm, "dtype": "fp32", "attn_implementation": "sdpa",
+                                        "llm_lora": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0}},
            "data": {"sources": [{"path": str(pairs)}], "template": "qwen_chat", "max_length": 128,
                     "cache_dir": str(tmp_path / "cache")},
            "preference": {"loss": "sigmoid", "beta": 0.5, "sft_weight": 0.1},
@@ -305,13 +361,65 @@ def test_two_process_dpo_equals_one_process(tiny_qwen2, tmp_path):
                      "logging_steps": 1, "warmup_ratio": 0.0}}
     cfg = tmp_path / "dpo.yaml"
     cfg.write_text(yaml.safe_dump(raw))
+    return str(cfg)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_process_dpo_equals_one_process(tiny_qwen2, tmp_path):
+    """torchrun 2 processes (gloo DDP) x 3 pairs vs 1 process x 3 pairs x accumulation 2: same losses and
+    DPO metrics at every step, same adapter at the end (global batch 6 both ways)."""
+    from test_distributed import assert_same_weights, iter_state, losses, run_cli
+
+    cfg = write_cli_dpo_config(tiny_qwen2, tmp_path)
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    run_cli(["train", str(cfg), "train.gradient_accumulation_steps=2", "--work-dir", one])
-    run_cli(["train", str(cfg), "--work-dir", two], nproc=2)
+    run_cli(["train", cfg, "train.gradient_accumulation_steps=2", "--work-dir", one])
+    run_cli(["train", cfg, "--work-dir", two], nproc=2)
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)
     for a, b in zip(read_train_log(one), read_train_log(two)):
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], rel=1e-4, abs=1e-7)
     assert_same_weights(iter_state(two, 2), iter_state(one, 2))
+
+
+# ZeRO-3 starting points: LoRA from an SFT iter file (zero.Init-built, weight-swap reference), the same on a
+# 4-bit LLM (sharded only when the engine starts), a full fine-tune (frozen copy) and precomputed log-probs.
+ZERO3_CASES = {
+    "lora_sft_start": ["model.pretrained_pth={sft}"],
+    "qlora_sft_start": ["model.pretrained_pth={sft}", "model.quantization=4bit"],
+    "full_copy": ["model.llm_lora.enabled=false", "train.learning_rate=1e-3"],
+    "full_precompute": ["model.llm_lora.enabled=false", "train.learning_rate=1e-3", "preference.reference=precompute"],
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(ZERO3_CASES))
+def test_zero3_dpo_reference_equals_one_process(tiny_qwen2, sft_run, tmp_path, case):
+    """2 processes under ZeRO-3 (every weight partitioned: persistence threshold 0) vs 1 process x accum 2 (~60 s
+    each): same DPO losses and reward margins at every step and the same weights. A reference that read the
+    policy's values (or another rank's shard) would keep the margins at 0 or off from one process."""
+    from test_distributed import assert_same_weights, iter_state, losses, run_cli
+
+    from llava_ft.engine.run import resolve_deepspeed
+
+    cfg = write_cli_dpo_config(tiny_qwen2, tmp_path)
+    ds = json.loads(Path(resolve_deepspeed("zero3")).read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    ds_path = tmp_path / "zero3.json"
+    ds_path.write_text(json.dumps(ds))
+    overrides = [o.format(sft=sft_run.last_checkpoint) for o in ZERO3_CASES[case]]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_cli(["train", cfg, *overrides, "train.gradient_accumulation_steps=2", "--work-dir", one])
+    run_cli(["train", cfg, *overrides, "--work-dir", two, "--deepspeed", str(ds_path)], nproc=2)
+    single, multi = read_train_log(one), read_train_log(two)
+    # reference = the start (precomputed ones come from other batches: padding moves the last digit)
+    assert single[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5) and abs(single[1]["rewards/margins"]) > 1e-4
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    for a, b in zip(single, multi):
+        assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=1e-4, abs=1e-5)
+    # Precomputed log-probs come from other batch shapes on each side (~1e-6 apart), which Adam can turn into a
+    # 1e-5 step on an element whose gradient is near zero (seen: 1 of 8,192).
+    assert_same_weights(iter_state(two, 2), iter_state(one, 2), atol=5e-5 if "precompute" in case else 1e-5)
 
 
 def test_nan_guard_stops_a_diverging_dpo_run(tiny_qwen2, pair_file, tmp_path, capsys):

@@ -19,8 +19,9 @@ Batch keys (tensors, rows right-padded):
 - `pixel_values` [images, 3, H, W] in placeholder order (each pair's images once), a dummy image when a
   LLaVA batch has none (every rank runs the vision path), `image_sizes` with AnyRes;
 - `ref_chosen_logps` / `ref_rejected_logps` [pairs] when the pairs carry precomputed reference log-probs.
-`pack_length`: several pairs share a row (in order, while the row's positions -- image features counted
-with `num_image_tokens` -- stay within it); attention never crosses pairs.
+`pack_length` (data.pack_to_max_length: data.max_length): the batch's pairs share rows (in order, while a row's
+positions -- image features counted, from `modality_length` or `num_image_tokens` -- stay within it), so
+short pairs leave no padding; attention never crosses pairs, and the batch still holds the same pairs.
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ class PreferenceCollator:
             return [[p] for p in pairs]
         rows, used = [], 0
         for p in pairs:
-            size = pair_positions(p, self.num_image_tokens)
+            # a prepared pair knows its positions (AnyRes images vary); a bare encoded one is counted here
+            size = abs(p["modality_length"]) if "modality_length" in p else pair_positions(p, self.num_image_tokens)
             if rows and used + size <= self.pack_length:
                 rows[-1].append(p)
                 used += size

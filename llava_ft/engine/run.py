@@ -285,13 +285,17 @@ def run_training(cfg: Config, work_dir: Optional[str] = None, resume: Optional[s
             dataset, collator, stats, eval_dataset = build_train_data(cfg, model, tokenizer, source_data,
                                                                       with_eval=True)
     source_data = None  # the encoded dataset holds what training needs; free the raw records
+    if preference:  # reference=precompute: the log-probs from the cache, or computed when training begins
+        from llava_ft.engine.preference_reference import attach_precomputed_reference
+
+        dataset, eval_dataset = attach_precomputed_reference(cfg, model, work_dir, dataset, eval_dataset)
     if is_main:
         _print_data_stats(stats)
         from llava_ft.convert.model_card import RUN_INFO, current_command, run_info
         from llava_ft.fileio import write_json
 
         write_json(Path(work_dir) / RUN_INFO, run_info(current_command(), stats))  # for model cards
-        if cfg.data.pack_to_max_length and cfg.train.group_by_length:
+        if cfg.data.pack_to_max_length and cfg.train.group_by_length and not preference:
             print("[llava_ft] packed data: train.group_by_length does not apply (blocks are all ~max_length); "
                   "blocks are shuffled per epoch instead", flush=True)
         if stats.get("validation"):
