@@ -7,6 +7,7 @@ What must come back for that to hold: trainable weights (iter file, or DeepSpeed
 moments, scheduler position, RNG states (LoRA dropout 0.1 in the one-process test makes them matter) and
 the sampler's position inside the epoch (the runs kill at step 10 and resume from step 8, crossing the
 epoch boundary after step 11). A checkpoint folder left half-written by a kill is skipped with a warning.
+A DPO run from an SFT iter file resumes exactly too, its reference still the SFT start.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from test_distributed import ONE_PROCESS, SAVE, STEPS, assert_same_weights, iter
 KILL_AT = 10  # after the step-8 checkpoint, before step 12's: steps 9-10 are lost and must be redone
 
 KILLER = '''
-"""Train like `llava_ft finetune`, but SIGKILL rank 0 at the end of step KILL (not a save step)."""
+"""Train like `llava_ft COMMAND`, but SIGKILL rank 0 at the end of step KILL (not a save step)."""
 import os, signal, sys
 from transformers import TrainerCallback
 from llava_ft.config import load_config
@@ -40,17 +41,20 @@ class KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-config, work, deepspeed, step, *overrides = sys.argv[1:]
+command, config, work, deepspeed, step, *overrides = sys.argv[1:]
 run_training(load_config(config, overrides), work_dir=work, deepspeed=None if deepspeed == "none" else deepspeed,
-             command="finetune", extra_callbacks=[KillAt(int(step))])
+             command=command, extra_callbacks=[KillAt(int(step))])
 raise SystemExit("finished without being killed")
 '''
 
 
-def run_killed(tmp_path: Path, config: str, work: str, deepspeed: str, overrides: list, nproc: int = 1) -> None:
+def run_killed(tmp_path: Path, config: str, work: str, deepspeed: str, overrides: list, nproc: int = 1,
+               command: str = "finetune", kill_at: int = KILL_AT, last_save: int = SAVE * 2,
+               steps: int = STEPS) -> None:
+    """Run until rank 0 is SIGKILLed after step `kill_at`: checkpoint `last_save` is whole, `steps` never came."""
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    cmd = [sys.executable, str(script), config, work, deepspeed, str(KILL_AT), *overrides]
+    cmd = [sys.executable, str(script), command, config, work, deepspeed, str(kill_at), *overrides]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={launch.free_port()}", *cmd[1:]]
@@ -60,8 +64,8 @@ def run_killed(tmp_path: Path, config: str, work: str, deepspeed: str, overrides
     assert proc.returncode != 0 and "finished without being killed" not in out, out[-3000:]
     if nproc == 1:
         assert proc.returncode == -signal.SIGKILL
-    assert (Path(work) / f"checkpoint-{SAVE * 2}" / "trainer_state.json").is_file(), out[-3000:]
-    assert not (Path(work) / f"iter_{STEPS}.pth").exists()
+    assert (Path(work) / f"checkpoint-{last_save}" / "trainer_state.json").is_file(), out[-3000:]
+    assert not (Path(work) / f"iter_{steps}.pth").exists()
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +108,40 @@ def test_zero2_two_process_resume_after_sigkill_equals_uninterrupted(configs, tm
     assert f"resuming from {work}/checkpoint-{SAVE * 2}" in proc.stdout + proc.stderr
     assert losses(work) == pytest.approx(losses(ref), rel=1e-5)
     assert_same_weights(iter_state(work, STEPS), iter_state(ref, STEPS))
+
+
+@pytest.mark.slow
+def test_dpo_resume_after_sigkill_equals_uninterrupted(configs, tmp_path):
+    """~40 s: DPO from an SFT iter file (weight-swap reference, LoRA dropout 0.1, length-grouped pairs), 6 steps
+    saving every 2, SIGKILLed after step 5 and resumed from step 4: the same losses, reward margins and weights
+    as the uninterrupted run (the reference stays the SFT start, not the resumed weights)."""
+    import json
+
+    import yaml
+
+    from llava_ft.engine.callbacks import read_train_log
+
+    run_cli(["train", configs["text"], "--work-dir", str(tmp_path / "sft")])
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w") as fh:
+        for k in range(6):
+            fh.write(json.dumps({"prompt": f"Who are you? ({k})", "chosen": "I am the demo assistant." * (k % 3 + 1),
+                                 "rejected": f"I am a cat number {k}."}) + "\n")
+    raw = yaml.safe_load(Path(configs["text"]).read_text())
+    raw["model"]["pretrained_pth"] = str(tmp_path / "sft" / "iter_4.pth")
+    raw["model"]["llm_lora"]["dropout"] = 0.1
+    raw["data"]["sources"] = [{"path": str(pairs)}]
+    raw["preference"] = {"loss": "sigmoid", "beta": 0.5, "sft_weight": 0.1}
+    raw["train"].update(max_steps=6, save_steps=2, per_device_batch_size=2, gradient_accumulation_steps=1,
+                        group_by_length=True)
+    config = tmp_path / "dpo.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    ref, work = str(tmp_path / "ref"), str(tmp_path / "work")
+    run_cli(["train", str(config), "--work-dir", ref])
+    run_killed(tmp_path, str(config), work, "none", [], command="train", kill_at=5, last_save=4, steps=6)
+    proc = run_cli(["train", str(config), "--work-dir", work, "--resume", "auto"])
+    assert f"resuming from {work}/checkpoint-4" in proc.stdout + proc.stderr
+    assert losses(work) == pytest.approx(losses(ref), rel=1e-6)
+    margins = [[r["rewards/margins"] for r in read_train_log(w)] for w in (ref, work)]
+    assert margins[1] == pytest.approx(margins[0], abs=1e-6) and any(margins[0][1:])
+    assert_same_weights(iter_state(work, 6), iter_state(ref, 6), atol=1e-6)
