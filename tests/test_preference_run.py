@@ -422,6 +422,27 @@ def test_zero3_dpo_reference_equals_one_process(tiny_qwen2, sft_run, tmp_path, c
     assert_same_weights(iter_state(two, 2), iter_state(one, 2), atol=5e-5 if "precompute" in case else 1e-5)
 
 
+# bf16 runs everywhere (CPU autocast here); the gpu-marked ids are what `pytest -m gpu` (benchmarks/gpu_check.sh) runs.
+@pytest.mark.parametrize("dtype", ["bf16", pytest.param("bf16", marks=pytest.mark.gpu, id="bf16-cuda"),
+                                   pytest.param("fp16", marks=pytest.mark.gpu, id="fp16-cuda")])
+def test_qlora_dpo_in_half_precision(tiny_qwen2, pair_file, tmp_path, dtype):
+    """QLoRA DPO under mixed precision, on the CPU (bf16 autocast) here and on CUDA where there is one (bf16,
+    and fp16 with accelerate's GradScaler): the 4D block mask under half-precision sdpa, the reference (adapter
+    switched off) and the policy agree at step 0 (log 2), every loss is finite, the LoRA weights train and stay
+    fp32 masters."""
+    if dtype == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():  # e.g. a T4
+        pytest.skip("this GPU has no bf16")
+    cfg = make_cfg(tiny_qwen2, pair_file, tmp_path, preference={"loss": "sigmoid"}, model__dtype=dtype,
+                   model__quantization="4bit", train__max_steps=4, train__save_steps=4)
+    result = run_training(cfg, work_dir=str(tmp_path / "wd"))
+    rows = [r for r in read_train_log(tmp_path / "wd") if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert all(math.isfinite(r["loss"]) for r in rows) and any(r["rewards/margins"] != 0 for r in rows[1:])
+    trained = result.model.trainable_state_dict()
+    assert trained and all(v.dtype == torch.float32 for v in trained.values())
+    assert any(bool(v.abs().sum()) for k, v in trained.items() if ".lora_B." in k)  # B starts at zero
+
+
 def test_nan_guard_stops_a_diverging_dpo_run(tiny_qwen2, pair_file, tmp_path, capsys):
     """lr 1e30: the first update sends the adapter to ~1e30, the next preference loss is NaN -> stop, no save."""
     from llava_ft.cli import main
