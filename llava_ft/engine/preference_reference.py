@@ -163,6 +163,10 @@ class Reference:
         """Whole starting values (kept before DeepSpeed partitioned the weights) -> this rank's shards, once."""
         for name, value in self.snapshot.items():
             p = params[name]
+            if "nvme" in str(getattr(p.ds_tensor, "final_location", "")).lower():
+                raise UserError(f"{name} is offloaded to NVMe (offload_param.device nvme), where the preference "
+                                "reference cannot swap in its starting values; offload to cpu, or set "
+                                "preference.reference=precompute")
             if value.numel() != p.ds_tensor.numel() or value.shape != p.ds_tensor.shape:
                 self.snapshot[name] = _own_shard(value, p)
 
