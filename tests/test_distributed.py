@@ -78,6 +78,18 @@ def run_cli(args: list, env: dict | None = None, nproc: int = 1, timeout: int = 
     return proc
 
 
+def zero3_config(tmp_path: Path, persistence="auto") -> str:
+    """The built-in zero3.json with stage3_param_persistence_threshold set (0: every weight partitioned, even
+    the tiny models' small ones, which `auto` keeps whole on every rank)."""
+    from llava_ft.engine.run import resolve_deepspeed
+
+    ds = json.loads(Path(resolve_deepspeed("zero3")).read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
 def losses(work_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in Path(work_dir, "train_log.jsonl").read_text().splitlines()]
 
@@ -236,14 +248,9 @@ def test_zero3_anyres_matches_single_process(configs, single_anyres, tmp_path, p
     """AnyRes under ZeRO-3 (~60 s each): the projector's newline is gathered by the projector's own forward.
     With stage3_param_persistence_threshold 0 it is partitioned like every weight (with `auto` a vector this
     small stays whole on every rank); losses and saved weights, newline included, equal one process."""
-    from llava_ft.engine.run import resolve_deepspeed
-
-    ds = json.loads(Path(resolve_deepspeed("zero3")).read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = persistence
-    ds_path = tmp_path / "zero3.json"
-    ds_path.write_text(json.dumps(ds))
     work = str(tmp_path / "w")
-    run_cli(["finetune", configs["llava"], *ANYRES, "--work-dir", work, "--deepspeed", str(ds_path)], nproc=2)
+    ds = zero3_config(tmp_path, persistence)
+    run_cli(["finetune", configs["llava"], *ANYRES, "--work-dir", work, "--deepspeed", ds], nproc=2)
     assert losses(work) == pytest.approx(losses(single_anyres), rel=1e-5)
     multi, single = iter_state(work, 4), iter_state(single_anyres, 4)
     assert "projector.image_newline" in single

@@ -231,6 +231,34 @@ def test_llava_dpo_starts_at_log2(llava_start, tmp_path, start):
         assert answer.completion_tokens > 0 and answer.prompt_tokens > 16  # the image's features are in the prompt
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_llava_dpo_from_finetune_work_dir_zero3_equals_one_process(llava_start, tmp_path):
+    """The LLaVA recipe's shape under ZeRO-3 (~60 s): DPO from a finetune work dir (trained projector + LLM
+    LoRA, so the reference is the swapped-in finetune weights, sharded), RLAIF-V-style image pairs; 2 processes
+    with every weight partitioned vs 1 process x accum 2: same losses, margins and weights."""
+    from test_distributed import assert_same_weights, iter_state, losses, run_cli, zero3_config
+
+    from llava_ft.config import save_config
+
+    config = tmp_path / "dpo.yaml"
+    cfg = llava_cfg(llava_start, tmp_path, pretrained_pth=llava_start["work_dir"])
+    cfg.train.per_device_batch_size = 1  # 6 pairs: 3 steps of 2 pairs either way
+    cfg.train.max_steps = 3
+    cfg.train.save_steps = 3
+    save_config(cfg, str(config))
+    ds_path = zero3_config(tmp_path, persistence=0)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_cli(["train", str(config), "train.gradient_accumulation_steps=2", "--work-dir", one])
+    run_cli(["train", str(config), "--work-dir", two, "--deepspeed", ds_path], nproc=2)
+    single, multi = read_train_log(one), read_train_log(two)
+    assert single[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and abs(single[1]["rewards/margins"]) > 1e-5
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    for a, b in zip(single, multi):
+        assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], rel=1e-4, abs=1e-6)
+    assert_same_weights(iter_state(two, 3), iter_state(one, 3))
+
+
 def test_merged_sft_model_start_and_precompute(tiny_qwen2, pair_file, sft_run, tmp_path, capsys):
     """From a merged SFT model with reference=precompute: step 0 is log 2; a rerun takes the reference
     log-probs from the cache (keyed by the weights and the pairs) and trains the same."""
@@ -398,19 +426,14 @@ def test_zero3_dpo_reference_equals_one_process(tiny_qwen2, sft_run, tmp_path, c
     """2 processes under ZeRO-3 (every weight partitioned: persistence threshold 0) vs 1 process x accum 2 (~60 s
     each): same DPO losses and reward margins at every step and the same weights. A reference that read the
     policy's values (or another rank's shard) would keep the margins at 0 or off from one process."""
-    from test_distributed import assert_same_weights, iter_state, losses, run_cli
-
-    from llava_ft.engine.run import resolve_deepspeed
+    from test_distributed import assert_same_weights, iter_state, losses, run_cli, zero3_config
 
     cfg = write_cli_dpo_config(tiny_qwen2, tmp_path)
-    ds = json.loads(Path(resolve_deepspeed("zero3")).read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    ds_path = tmp_path / "zero3.json"
-    ds_path.write_text(json.dumps(ds))
+    ds_path = zero3_config(tmp_path, persistence=0)
     overrides = [o.format(sft=sft_run.last_checkpoint) for o in ZERO3_CASES[case]]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     run_cli(["train", cfg, *overrides, "train.gradient_accumulation_steps=2", "--work-dir", one])
-    run_cli(["train", cfg, *overrides, "--work-dir", two, "--deepspeed", str(ds_path)], nproc=2)
+    run_cli(["train", cfg, *overrides, "--work-dir", two, "--deepspeed", ds_path], nproc=2)
     single, multi = read_train_log(one), read_train_log(two)
     # reference = the start (precomputed ones come from other batches: padding moves the last digit)
     assert single[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5) and abs(single[1]["rewards/margins"]) > 1e-4
