@@ -146,12 +146,19 @@ class Reference:
             raise UserError("the preference reference runs on ZeRO-3 weights outside their DeepSpeed engine")
         self._to_own_shards(params)
         release = getattr(engine.optimizer, "empty_partition_cache", None) or engine.empty_partition_cache
-        release()  # nothing gathered may keep the policy's values into the reference forward ...
+
+        def release_all():
+            release()
+            held = [n for n in self.snapshot if getattr(params[n].ds_status, "name", "") != "NOT_AVAILABLE"]
+            if held:  # a gathered weight would run with the other policy's values
+                raise RuntimeError(f"DeepSpeed kept {held[0]} gathered after empty_partition_cache")
+
+        release_all()  # nothing gathered may keep the policy's values into the reference forward ...
         self._swap_shards(params)
         try:
             yield
         finally:
-            release()  # ... nor the reference's into the policy's
+            release_all()  # ... nor the reference's into the policy's
             self._swap_shards(params)
 
     def _swap(self, params: dict) -> None:
