@@ -229,6 +229,16 @@ def test_llava_dpo_starts_at_log2(llava_start, tmp_path, start):
         answer = chat.chat([{"role": "user", "content": "<image>\nWhat colour is it?"}], images=[str(image)],
                            settings=GenerationSettings(max_new_tokens=3))
         assert answer.completion_tokens > 0 and answer.prompt_tokens > 16  # the image's features are in the prompt
+        # ... and exports to llava-hf like a finetune's, which transformers' own class loads
+        from transformers import LlavaForConditionalGeneration
+
+        from llava_ft.convert import pth_to_hf
+
+        exported = pth_to_hf(None, result.last_checkpoint, str(tmp_path / "llava_hf"), fmt="llava-hf")
+        hf = LlavaForConditionalGeneration.from_pretrained(exported)
+        trained = result.model.trainable_state_dict()
+        assert torch.equal(hf.model.multi_modal_projector.linear_1.weight.float(),
+                           trained["projector.layers.0.weight"].float())
 
 
 @pytest.mark.multiprocess
