@@ -285,7 +285,8 @@ def attach_precomputed_reference(cfg, model, work_dir: str, train, held):
     return out[0], out[1]
 
 
-def precompute_reference(model, dataset, collator, batch_size: int, device, lockstep: bool = False) -> tuple[list, list]:
+def precompute_reference(model, dataset, collator, batch_size: int, device,
+                         lockstep: bool = False) -> tuple[list, list]:
     """Reference log-probs of every pair of `dataset` with `model`'s current weights, in eval mode (no
     dropout); -> (chosen, rejected) lists in dataset order, the same on every process.
 
