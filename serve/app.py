@@ -50,6 +50,7 @@ DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # base64 inflates images by 4/3: room
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # ~6300 x 6300; a bigger header is treated as a decompression bomb
 DEFAULT_MAX_IMAGES = 8
+DEFAULT_MAX_VIDEO_BYTES = 64 * 1024 * 1024  # a remote clip (a data: one is bounded by the body limit)
 POLL_S = 0.5  # how often a waiting request checks whether its client is still there
 
 
@@ -141,11 +142,13 @@ class ServerState:
 def create_app(chat_model, model_name: str, api_key: Optional[str] = None, max_queue: int = 16,
                max_batch: int = 8, image_dir: Optional[str] = None, allow_remote_images: bool = False,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-               max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_images: int = DEFAULT_MAX_IMAGES) -> FastAPI:
+               max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_images: int = DEFAULT_MAX_IMAGES,
+               max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES) -> FastAPI:
     """Build the app around a loaded `ChatModel` (see docs/architecture.md, Inference)."""
     worker = GenerationWorker(chat_model, max_queue=max_queue, max_batch=max_batch)
     loader = ImageLoader(image_dir=image_dir, allow_remote=allow_remote_images,
-                         max_bytes=min(max_image_bytes, max_body_bytes), max_pixels=max_image_pixels)
+                         max_bytes=min(max_image_bytes, max_body_bytes), max_pixels=max_image_pixels,
+                         max_video_bytes=max_video_bytes)
     app = FastAPI(title="llava_ft serve", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = ServerState(chat_model, model_name, api_key, worker, loader, max_body_bytes, max_images)
     app.state.worker = worker
@@ -254,11 +257,11 @@ async def chat_completions(request: Request):
                        param="messages")
     images = []
     for url in urls:
-        if isinstance(url, VideoRef):  # a clip goes to the model as its path; the model decodes its frames
+        if isinstance(url, VideoRef):  # a clip: a local path (the model decodes it) or its decoded frames
             if not getattr(state.chat_model, "supports_video", False):
                 raise ApiError(400, f"model '{state.model_name}' does not accept videos (only LLaVA-OneVision "
                                     "runs and exports do)", param="messages", code="videos_not_supported")
-            images.append(state.loader.video_path(url))
+            images.append(await state.loader.load_video(url, state.chat_model.load_clip))
             continue
         data = await state.loader.load_bytes(url)
         images.append(await run_in_threadpool(state.loader.decode, data))  # decoding is CPU work: off the loop

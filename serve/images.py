@@ -10,7 +10,9 @@ local paths (`file://...`, absolute, or relative to the image dir) only when an 
 if the real path (symlinks resolved) stays inside it. Sizes are checked before anything is decoded:
 encoded bytes against `max_bytes` (413), the header's width x height against `max_pixels` (413, the
 decompression-bomb guard), then the pixels are decoded (undecodable -> 400) and converted by
-`llava_ft.data.images.normalize_image`, the function training uses.
+`llava_ft.data.images.normalize_image`, the function training uses. `video_url` parts (OneVision models)
+go through `load_video`: the same URL kinds and folder rules, a larger byte limit, frames decoded as
+training samples them.
 """
 from __future__ import annotations
 
@@ -29,38 +31,44 @@ from llava_ft.serve.errors import ApiError
 class ImageLoader:
     def __init__(self, image_dir: Optional[str] = None, allow_remote: bool = False,
                  max_bytes: int = 20 * 1024 * 1024, max_pixels: int = 64 * 1024 * 1024,
-                 remote_timeout_s: float = 10.0):
+                 remote_timeout_s: float = 10.0, max_video_bytes: int = 64 * 1024 * 1024):
         # realpath once: every later check compares real paths, so symlinks cannot escape the folder
         self.image_dir = os.path.realpath(image_dir) if image_dir else None
         self.allow_remote = allow_remote
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         self.remote_timeout_s = remote_timeout_s
+        self.max_video_bytes = max_video_bytes
 
     # ---------------------------------------------------------------------------------------------
-    # bytes from each kind of URL
+    # bytes from each kind of URL (`what`: "image" or "video", for the limits and the messages)
 
-    def _too_big(self, n: int) -> ApiError:
-        return ApiError(413, f"image is {n} bytes; the limit is {self.max_bytes} bytes", code="image_too_large")
+    def _limit(self, what: str) -> int:
+        return self.max_video_bytes if what == "video" else self.max_bytes
 
-    def _data_url(self, url: str) -> bytes:
+    def _too_big(self, n: int, what: str = "image") -> ApiError:
+        return ApiError(413, f"{what} is {n} bytes; the limit is {self._limit(what)} bytes",
+                        code=f"{what}_too_large")
+
+    def _data_url(self, url: str, what: str = "image") -> bytes:
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header.lower():
-            raise ApiError(400, "data URLs must look like data:image/png;base64,<data>", param="image_url")
+            example = "video/mp4" if what == "video" else "image/png"
+            raise ApiError(400, f"data URLs must look like data:{example};base64,<data>", param=f"{what}_url")
         payload = payload.strip()
         # 4 base64 chars carry 3 bytes: refuse before decoding so a huge string costs no memory twice
-        if len(payload) * 3 // 4 > self.max_bytes:
-            raise self._too_big(len(payload) * 3 // 4)
+        if len(payload) * 3 // 4 > self._limit(what):
+            raise self._too_big(len(payload) * 3 // 4, what)
         try:
             return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise ApiError(400, "image data URL is not valid base64", param="image_url", code="invalid_image")
+            raise ApiError(400, f"{what} data URL is not valid base64", param=f"{what}_url", code=f"invalid_{what}")
 
-    async def _remote(self, url: str) -> bytes:
+    async def _remote(self, url: str, what: str = "image") -> bytes:
         if not self.allow_remote:
-            raise ApiError(403, "remote image URLs are disabled on this server (start it with "
-                                "--allow-remote-images, or send the image as a base64 data: URL)",
-                           param="image_url", code="remote_images_disabled")
+            raise ApiError(403, f"remote {what} URLs are disabled on this server (start it with "
+                                f"--allow-remote-images, or send the {what} as a base64 data: URL)",
+                           param=f"{what}_url", code="remote_images_disabled")
         import httpx
 
         data = bytearray()
@@ -69,15 +77,15 @@ class ImageLoader:
                                          max_redirects=3) as client:
                 async with client.stream("GET", url) as resp:
                     if resp.status_code != 200:
-                        raise ApiError(400, f"fetching the image failed: HTTP {resp.status_code}",
-                                       param="image_url", code="invalid_image")
+                        raise ApiError(400, f"fetching the {what} failed: HTTP {resp.status_code}",
+                                       param=f"{what}_url", code=f"invalid_{what}")
                     async for chunk in resp.aiter_bytes():
                         data.extend(chunk)
-                        if len(data) > self.max_bytes:  # stop reading at the limit, never buffer more
-                            raise self._too_big(len(data))
+                        if len(data) > self._limit(what):  # stop reading at the limit, never buffer more
+                            raise self._too_big(len(data), what)
         except httpx.HTTPError as err:
-            raise ApiError(400, f"fetching the image failed: {type(err).__name__}", param="image_url",
-                           code="invalid_image")
+            raise ApiError(400, f"fetching the {what} failed: {type(err).__name__}", param=f"{what}_url",
+                           code=f"invalid_{what}")
         return bytes(data)
 
     def resolve_local(self, url: str) -> str:
@@ -105,18 +113,50 @@ class ImageLoader:
         with open(real, "rb") as f:
             return f.read()
 
-    def video_path(self, url: str) -> str:
-        """A `video_url` part -> the clip's real path, for LLaVA-OneVision models. Only local paths under the
-        image dir (same 403 rules as images): the clip is decoded by PyAV from the file, a few sampled frames
-        at a time, so nothing large is held in the request; data: and remote videos are refused (400)."""
-        from llava_ft.data.videos import VIDEO_SUFFIXES, is_video
+    async def load_video(self, url: str, decode):
+        """A `video_url` part -> what the model takes for a clip (LLaVA-OneVision models).
 
+        A local path under the image dir (same 403 rules as images) stays a path: the model decodes its few
+        sampled frames from the file. A base64 `data:` URL, or an http(s) URL when remote media are allowed,
+        is read (at most `max_video_bytes`) into a temporary file, decoded here by `decode(path)` (the chat
+        model's `load_clip`: the frames training would sample) and deleted: the model gets the frames."""
         if not isinstance(url, str) or not url:
             raise ApiError(400, "video_url.url must be a non-empty string", param="video_url")
         scheme = url.split(":", 1)[0].lower() if ":" in url[:12] else ""
-        if scheme not in ("", "file"):
-            raise ApiError(400, f"video_url takes a path under the server's --image-dir; '{scheme}:' video URLs "
-                                "are not supported", param="video_url", code="invalid_video")
+        if scheme == "data":
+            data = self._data_url(url, "video")
+        elif scheme in ("http", "https"):
+            data = await self._remote(url, "video")
+        elif scheme in ("", "file"):
+            return self.video_path(url)
+        else:
+            raise ApiError(400, f"unsupported video URL scheme '{scheme}'", param="video_url", code="invalid_video")
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(self._decode_video, data, decode)  # decoding is CPU work: off the loop
+
+    @staticmethod
+    def _decode_video(data: bytes, decode):
+        import tempfile
+
+        from llava_ft.errors import UserError
+
+        # PyAV reads containers from a file (it finds the format from the bytes, not the name)
+        fd, path = tempfile.mkstemp(prefix="llava_ft_video_")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            return decode(path)
+        except UserError as err:
+            reason = str(err).replace(path, "the video").removeprefix("the video: ")
+            raise ApiError(400, f"video could not be used: {reason}", param="video_url", code="invalid_video")
+        finally:
+            os.unlink(path)
+
+    def video_path(self, url: str) -> str:
+        """A local `video_url` -> the clip's real path under the image dir (same 403 rules as images)."""
+        from llava_ft.data.videos import VIDEO_SUFFIXES, is_video
+
         real = self.resolve_local(url)
         if not is_video(real):
             raise ApiError(400, f"not a video file name: {url} (expected one of {', '.join(VIDEO_SUFFIXES)})",

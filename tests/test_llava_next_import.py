@@ -375,8 +375,14 @@ def test_chat_takes_a_video_clip_like_transformers(families, tmp_path):
     with pytest.raises(UserError, match="only runs and exports of a released LLaVA-OneVision"):
         next_model.chat([{"role": "user", "content": "<video>\nHi"}], [clip], greedy)
 
-    # serve: vLLM's `video_url` content part, a path under --image-dir
+    # serve: vLLM's `video_url` content part: a path under --image-dir, a base64 data: URL, or an http(s) URL
+    # the server fetches when remote media are allowed
     pytest.importorskip("fastapi")
+    import base64
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
     import httpx
 
     from llava_ft.serve.app import create_app
@@ -387,10 +393,26 @@ def test_chat_takes_a_video_clip_like_transformers(families, tmp_path):
             {"type": "video_url", "video_url": {"url": ref}}, {"type": "text", "text": question}]}]}
         return httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
 
+    as_data = "data:video/mp4;base64," + base64.b64encode(open(clip, "rb").read()).decode()
+    files = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    remote = f"http://127.0.0.1:{files.server_address[1]}/clip.mp4"
+    try:
+        with serve_in_thread(create_app(models["llava_hf"], "ov", allow_remote_images=True)) as url:
+            for ref in (as_data, remote):
+                resp = ask(url, ref)
+                assert resp.status_code == 200, resp.text
+                assert resp.json()["choices"][0]["message"]["content"] == want
+            resp = ask(url, remote.replace("clip.mp4", "missing.mp4"))
+            assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_video", resp.text
+    finally:
+        files.shutdown()
     with serve_in_thread(create_app(models["llava_hf"], "ov", image_dir=str(tmp_path))) as url:
         resp = ask(url, "clip.mp4")
         assert resp.status_code == 200, resp.text
         assert resp.json()["choices"][0]["message"]["content"] == want
+        resp = ask(url, remote)
+        assert resp.status_code == 403 and resp.json()["error"]["code"] == "remote_images_disabled", resp.text
         for ref, status, code in (("wide.png", 400, "invalid_video"), ("../outside.mp4", 403, "path_forbidden"),
                                   ("data:video/mp4;base64,AAAA", 400, "invalid_video"),
                                   ("short.mp4", 400, "invalid_request")):

@@ -42,9 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-dir", help="allow local image paths (and OneVision video_url clips), but only "
                         "inside this folder")
     parser.add_argument("--allow-remote-images", action="store_true",
-                        help="let requests name http(s) image URLs that the server then fetches")
+                        help="let requests name http(s) image (and OneVision video) URLs that the server then fetches")
     parser.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (MiB)")
     parser.add_argument("--max-image-mb", type=float, default=20.0, help="largest single image (MiB, encoded)")
+    parser.add_argument("--max-video-mb", type=float, default=64.0,
+                        help="largest remote video clip fetched (MiB; a data: clip is bounded by --max-body-mb)")
     parser.add_argument("--max-image-pixels", type=int, default=40_000_000,
                         help="largest width x height accepted (guards against decompression bombs)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(chat_model, name, api_key=args.api_key, max_queue=args.max_queue, max_batch=args.max_batch,
                      image_dir=args.image_dir,
                      allow_remote_images=args.allow_remote_images, max_body_bytes=int(args.max_body_mb * mib),
-                     max_image_bytes=int(args.max_image_mb * mib), max_image_pixels=args.max_image_pixels)
+                     max_image_bytes=int(args.max_image_mb * mib), max_image_pixels=args.max_image_pixels,
+                     max_video_bytes=int(args.max_video_mb * mib))
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving '{name}' on http://{shown_host}:{args.port}/  (API: http://{shown_host}:{args.port}/v1)",
           flush=True)

@@ -123,6 +123,17 @@ class ChatStream:
         self._iter.close()
 
 
+
+def _is_path(image) -> bool:
+    return isinstance(image, (str, os.PathLike))
+
+
+def _is_frames(image) -> bool:
+    """A clip given as its decoded frames: uint8 [F, H, W, 3], what `ChatModel.load_clip` returns."""
+    import numpy as np
+
+    return isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[-1] == 3
+
 class ChatModel:
     """A loaded model plus everything needed to prompt it the way it was trained (see module docstring)."""
 
@@ -183,12 +194,15 @@ class ChatModel:
         return bool(getattr(self.anyres, "takes_video", False))
 
     def load_clip(self, path):
-        """A clip's frames (uint8 [F, H, W, 3]), sampled as training sampled them (llava_ft.data.videos)."""
+        """A clip's frames (uint8 [F, H, W, 3]), sampled as training sampled them (llava_ft.data.videos);
+        frames already decoded (such an array, e.g. from the server) are taken as they are."""
         from llava_ft.data.videos import BadVideoError, load_video_frames
 
         if not self.supports_video:
-            raise UserError(f"{path}: {self.source or 'this model'} cannot take a video; only runs and exports "
-                            "of a released LLaVA-OneVision (model.llava) do")
+            raise UserError(f"{path if _is_path(path) else 'a video'}: {self.source or 'this model'} cannot take "
+                            "a video; only runs and exports of a released LLaVA-OneVision (model.llava) do")
+        if _is_frames(path):
+            return path
         try:
             return load_video_frames(str(path), self.anyres.video_frames)
         except BadVideoError as err:
@@ -206,10 +220,9 @@ class ChatModel:
         _check_messages(messages)
         # Training reads LLaVA-NeXT's `<video>` marker as an image placeholder (data.formats); so does chat.
         messages = [dict(m, content=m["content"].replace(VIDEO_TOKEN, IMAGE_TOKEN)) for m in messages]
-        clips = tuple(is_video(str(im)) if isinstance(im, (str, os.PathLike)) else False for im in images)
+        clips = tuple(is_video(str(im)) if _is_path(im) else _is_frames(im) for im in images)
         if any(clips) and not self.supports_video:
-            raise UserError(f"{images[clips.index(True)]}: {self.source or 'this model'} cannot take a video; only "
-                            "runs and exports of a released LLaVA-OneVision (model.llava) do")
+            self.load_clip(images[clips.index(True)])  # says which, and why not
         ids = encode_prompt(messages, self.tokenizer, self.template, system=self.system, images=images)
         n_markers = sum(1 for t in ids if t == IMAGE_TOKEN_INDEX)
         if n_markers != len(images):
