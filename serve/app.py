@@ -219,7 +219,9 @@ async def health(request: Request):
     state = _state(request)
     ok = state.worker.alive
     body = {"status": "ok" if ok else "generation thread stopped", "model": state.model_name,
-            "supports_images": state.supports_images, "auth_required": state.api_key is not None,
+            "supports_images": state.supports_images,
+            "supports_video": bool(getattr(state.chat_model, "supports_video", False)),
+            "auth_required": state.api_key is not None,
             "context_length": state.context_length, "queue": state.worker.stats()}
     return JSONResponse(body, status_code=200 if ok else 503)
 

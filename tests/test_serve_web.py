@@ -1,7 +1,7 @@
 """The web chat page (`GET /`) driven in headless Chromium through Selenium and Debian's chromedriver.
 
-Starts a live server around the tiny LLaVA model, opens the page, picks an image with the file input, asks
-a question and waits for the streamed answer, then checks it equals the model's own greedy answer, asks a
+Starts a live server around the tiny LLaVA model (and a tiny LLaVA-OneVision one for a video clip), opens the
+page, picks an image with the file input, asks a question and waits for the streamed answer, then checks it equals the model's own greedy answer, asks a
 follow-up (multi-turn), resets, and saves screenshots (`serve_page.png`, `serve_page_reset.png` under
 pytest's tmp dir; set LLAVA_FT_SCREENSHOT_DIR to keep copies elsewhere).
 
@@ -78,6 +78,16 @@ def _answers(driver) -> list:
     return driver.find_elements(By.CSS_SELECTOR, "#log .msg.assistant")
 
 
+def _open_greedy(driver, url: str, model_name: str, max_tokens: int) -> None:
+    """Open the page and set what it sends to greedy, so answers can be compared with the model's own."""
+    driver.get(url + "/")
+    WebDriverWait(driver, 30).until(lambda d: model_name in d.find_element(By.ID, "model-name").text)
+    for field, value in (("temperature", "0"), ("max-tokens", str(max_tokens))):
+        el = driver.find_element(By.ID, field)
+        el.clear()
+        el.send_keys(value)
+
+
 def _ask(driver, text: str, n_before: int) -> str:
     box = driver.find_element(By.ID, "prompt")
     box.send_keys(text)
@@ -96,14 +106,8 @@ def test_page_upload_ask_stream_multiturn_reset(browser, llava_model, demo_data,
     question, follow_up = "What colour is the shape?", "And what shape is it?"
     max_tokens = 24
     with serve_in_thread(create_app(llava_model, "tiny-llava")) as url:
-        browser.get(url + "/")
-        WebDriverWait(browser, 30).until(lambda d: "tiny-llava" in d.find_element(By.ID, "model-name").text)
+        _open_greedy(browser, url, "tiny-llava", max_tokens)
         assert "text + images" in browser.find_element(By.ID, "model-name").text
-        # settings the page sends: greedy, so the answer can be compared with the model's own
-        for field, value in (("temperature", "0"), ("max-tokens", str(max_tokens))):
-            el = browser.find_element(By.ID, field)
-            el.clear()
-            el.send_keys(value)
 
         browser.find_element(By.ID, "image-input").send_keys(image_path)  # what "pick an image" does
         WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "preview").is_displayed())
@@ -169,3 +173,26 @@ def test_page_shows_server_errors(browser, llava_model):
         err = WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#log .msg.error"))
         assert "401" in err[0].text and "API key" in err[0].text
         assert _answers(browser) == []  # the failed turn is not kept as an empty answer
+
+
+def test_page_sends_a_video_clip_to_a_onevision_model(browser, tiny_tokenizer, tmp_path):
+    """With a LLaVA-OneVision model the picker also takes a clip: it is shown in the user's bubble, sent as a
+    `video_url` data: URL, and the streamed answer equals the model's own greedy answer on that clip."""
+    from llava_ft.testing.llava_next import build_tiny_llava_onevision, write_test_video
+
+    model = load_chat_model(build_tiny_llava_onevision(tmp_path / "ov", tiny_tokenizer, max_tiles=4),
+                            torch_dtype="fp32")
+    clip = write_test_video(tmp_path / "clip.mp4", frames=10)
+    question, max_tokens = "What moves?", 8
+    with serve_in_thread(create_app(model, "tiny-ov")) as url:
+        _open_greedy(browser, url, "tiny-ov", max_tokens)
+        assert "text + images + video" in browser.find_element(By.ID, "model-name").text
+        browser.find_element(By.ID, "image-input").send_keys(clip)
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "preview-video").is_displayed())
+        answer = _ask(browser, question, 0)
+        settings = GenerationSettings(max_new_tokens=max_tokens, temperature=0)
+        assert answer == model.chat([{"role": "user", "content": "<video>\n" + question}], [clip], settings).text
+        user_msgs = browser.find_elements(By.CSS_SELECTOR, "#log .msg.user")
+        assert len(user_msgs) == 1 and user_msgs[0].find_elements(By.TAG_NAME, "video")
+        assert not browser.find_element(By.ID, "preview-video").is_displayed()
+        _save(browser, tmp_path, "serve_page_video.png")

@@ -1,22 +1,25 @@
 // llava_ft chat page logic (served by serve/app.py at /static/app.js).
 // Keeps the conversation in OpenAI form, sends it to /v1/chat/completions with stream: true and renders the
 // server-sent deltas as they arrive. An image (picked or dropped) rides on the next user message as a
-// base64 data: URL; Reset forgets everything.
+// base64 data: URL, and so does a video clip when the model takes video (LLaVA-OneVision: a `video_url`
+// part); Reset forgets everything.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { model: null, history: [], image: null, busy: false, controller: null };
+// attachment: { kind: "image" | "video", url: data URL } or null
+const state = { model: null, history: [], attachment: null, video: false, busy: false, controller: null };
 
 function setStatus(text) { $("status").textContent = text || ""; }
 
-function addBubble(role, text, imageUrl) {
+function addBubble(role, text, attachment) {
   const div = document.createElement("div");
   div.className = "msg " + role;
-  if (imageUrl) {
-    const img = document.createElement("img");
-    img.src = imageUrl;
-    img.alt = "attached image";
-    div.appendChild(img);
+  if (attachment) {
+    const media = document.createElement(attachment.kind === "video" ? "video" : "img");
+    media.src = attachment.url;
+    if (attachment.kind === "video") { media.controls = true; media.muted = true; }
+    else media.alt = "attached image";
+    div.appendChild(media);
   }
   const span = document.createElement("span");
   span.className = "text";
@@ -27,18 +30,25 @@ function addBubble(role, text, imageUrl) {
   return div;
 }
 
-function setImage(dataUrl) {
-  state.image = dataUrl;
-  $("preview").hidden = !dataUrl;
-  $("drop-hint").hidden = !!dataUrl;
-  if (dataUrl) $("preview").src = dataUrl; else $("preview").removeAttribute("src");
+function setAttachment(attachment) {
+  state.attachment = attachment;
+  for (const [id, kind] of [["preview", "image"], ["preview-video", "video"]]) {
+    const show = !!attachment && attachment.kind === kind;
+    $(id).hidden = !show;
+    if (show) $(id).src = attachment.url; else $(id).removeAttribute("src");
+  }
+  $("drop-hint").hidden = !!attachment;
 }
 
-function readImageFile(file) {
+function readMediaFile(file) {
   if (!file) return;
-  if (!file.type.startsWith("image/")) { setStatus("not an image: " + file.name); return; }
+  const kind = file.type.startsWith("image/") ? "image" : file.type.startsWith("video/") ? "video" : null;
+  if (!kind || (kind === "video" && !state.video)) {
+    setStatus((state.video ? "not an image or a video: " : "not an image: ") + file.name);
+    return;
+  }
   const reader = new FileReader();
-  reader.onload = () => { setImage(reader.result); setStatus("image ready: " + file.name); };
+  reader.onload = () => { setAttachment({ kind, url: reader.result }); setStatus(`${kind} ready: ${file.name}`); };
   reader.readAsDataURL(file);
 }
 
@@ -55,13 +65,14 @@ async function errorText(resp) {
 }
 
 async function send(prompt) {
-  const content = state.image
-    ? [{ type: "image_url", image_url: { url: state.image } }, { type: "text", text: prompt }]
-    : prompt;
-  addBubble("user", prompt, state.image);
+  const a = state.attachment;
+  const part = a && (a.kind === "video" ? { type: "video_url", video_url: { url: a.url } }
+                                        : { type: "image_url", image_url: { url: a.url } });
+  const content = part ? [part, { type: "text", text: prompt }] : prompt;
+  addBubble("user", prompt, a);
   const userMsg = { role: "user", content };
   state.history.push(userMsg);
-  setImage(null);
+  setAttachment(null);
   const bubble = addBubble("assistant streaming", "");
   const textEl = bubble.querySelector(".text");
   state.busy = true; $("send").disabled = true; setStatus("waiting for the model…");
@@ -116,7 +127,7 @@ function reset() {
   if (state.controller) state.controller.abort();
   state.history = [];
   $("log").innerHTML = "";
-  setImage(null);
+  setAttachment(null);
   setStatus("conversation cleared");
 }
 
@@ -126,14 +137,20 @@ async function init() {
   try {
     const health = await (await fetch("/health")).json();
     state.model = health.model;
-    $("model-name").textContent = `model: ${health.model}` + (health.supports_images ? " (text + images)" : " (text)");
+    state.video = !!health.supports_video;
+    $("model-name").textContent = `model: ${health.model}` +
+      (state.video ? " (text + images + video)" : health.supports_images ? " (text + images)" : " (text)");
     $("key-box").hidden = !health.auth_required;
     if (!health.supports_images) $("drop").hidden = true;
+    if (state.video) {
+      $("image-input").accept = "image/*,video/*";
+      $("drop-hint").innerHTML = "Drop an image or a clip<br>or click to pick";
+    }
   } catch (err) {
     $("model-name").textContent = "server unreachable";
   }
   $("drop").addEventListener("click", () => $("image-input").click());
-  $("image-input").addEventListener("change", (e) => readImageFile(e.target.files[0]));
+  $("image-input").addEventListener("change", (e) => readMediaFile(e.target.files[0]));
   // the whole window accepts a dropped image, not only the small box
   for (const type of ["dragenter", "dragover"]) {
     window.addEventListener(type, (e) => { e.preventDefault(); $("drop").classList.add("over"); });
@@ -141,7 +158,7 @@ async function init() {
   window.addEventListener("dragleave", () => $("drop").classList.remove("over"));
   window.addEventListener("drop", (e) => {
     e.preventDefault(); $("drop").classList.remove("over");
-    readImageFile(e.dataTransfer.files && e.dataTransfer.files[0]);
+    readMediaFile(e.dataTransfer.files && e.dataTransfer.files[0]);
   });
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
