@@ -176,6 +176,10 @@ class Reference:
                                 "preference.reference=precompute")
             if value.numel() != p.ds_tensor.numel() or value.shape != p.ds_tensor.shape:
                 self.snapshot[name] = _own_shard(value, p)
+            elif value.dtype != p.ds_tensor.dtype or value.device != p.ds_tensor.device:
+                # a shard kept before the engine cast the partitions (fp32 masters -> bf16/fp16) or moved them
+                # (offload_param): the swap must hand DeepSpeed what its own partition holds
+                self.snapshot[name] = value.to(device=p.ds_tensor.device, dtype=p.ds_tensor.dtype)
 
     def _swap_shards(self, params: dict) -> None:
         for name, value in self.snapshot.items():
