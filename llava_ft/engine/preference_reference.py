@@ -105,6 +105,7 @@ class Reference:
     def __init__(self, kind: str, snapshot: Optional[dict] = None):
         self.kind = kind  # "disable_adapter" | "swap"
         self.snapshot = snapshot  # name -> starting value of each trainable weight ("swap"); a shard under ZeRO-3
+        self._shards_ready = False  # ZeRO-3: snapshot laid out as the engine's partitions (done at first use)
 
     @classmethod
     def build(cls, model, cfg) -> Optional["Reference"]:
@@ -167,7 +168,11 @@ class Reference:
             p.data, self.snapshot[name] = value, p.data
 
     def _to_own_shards(self, params: dict) -> None:
-        """Whole starting values (kept before DeepSpeed partitioned the weights) -> this rank's shards, once."""
+        """Whole starting values (kept before DeepSpeed partitioned the weights) -> this rank's shards, once: the
+        engine has partitioned and cast every weight before the first step, so later steps only swap."""
+        if self._shards_ready:
+            return
+        self._shards_ready = True
         for name, value in self.snapshot.items():
             p = params[name]
             if "nvme" in str(getattr(p.ds_tensor, "final_location", "")).lower():
