@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -210,7 +211,8 @@ def test_zero2_llava_via_nproc_per_node_matches_single_process(configs, single_l
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_zero3_llava_matches_single_process_and_writes_the_same_iter_file(configs, single_llava, tmp_path):
+def test_zero3_llava_matches_single_process_and_writes_the_same_iter_file(configs, single_llava, tmp_path,
+                                                                         monkeypatch):
     """torchrun -m llava_ft finetune --deepspeed zero3 (~40 s): shards gathered into the same iter file."""
     work = str(tmp_path / "w")
     run_cli(["finetune", configs["llava"], "--work-dir", work, "--deepspeed", "zero3"], nproc=2)
@@ -226,7 +228,11 @@ def test_zero3_llava_matches_single_process_and_writes_the_same_iter_file(config
     assert_same_weights(torch.load(gathered, weights_only=True)["state_dict"], iter_state(single_llava, STEPS))
     from llava_ft.cli import main
 
+    scratch = tmp_path / "scratch"  # where convert gathers the shards; it must not stay behind
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert main(["convert", "pth_to_hf", "-", str(folder), str(tmp_path / "hf")]) == 0  # config from the work dir
+    assert list(scratch.iterdir()) == []
     assert {"projector", "llm_adapter", "visual_encoder_adapter"} <= {p.name for p in (tmp_path / "hf").iterdir()}
 
 

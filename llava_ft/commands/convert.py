@@ -10,6 +10,7 @@ CONFIG may be `-` to use the config saved inside the checkpoint. See `llava_ft.c
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,16 +58,21 @@ def run(args: argparse.Namespace) -> int:
 
         from llava_ft.engine.resume import is_trainer_checkpoint_dir, iter_from_trainer_checkpoint
 
-        if is_trainer_checkpoint_dir(args.pth):  # checkpoint-<step>/ (DeepSpeed or not): its iter file
-            args.pth = iter_from_trainer_checkpoint(args.pth)
-        art = detect_artifact(args.pth)
-        if art.kind != "iter_pth":
-            from llava_ft.errors import UserError
+        source = args.pth
+        # A checkpoint-<step>/ folder whose iter file is gone is gathered from its ZeRO shards into a
+        # scratch iter file (the size of the trainable weights), deleted once the export is written.
+        with tempfile.TemporaryDirectory(prefix="llava_ft_zero_") as scratch:
+            pth = args.pth
+            if is_trainer_checkpoint_dir(pth):  # checkpoint-<step>/ (DeepSpeed or not): its iter file
+                pth = iter_from_trainer_checkpoint(pth, out_dir=scratch)
+            art = detect_artifact(pth)
+            if art.kind != "iter_pth":
+                from llava_ft.errors import UserError
 
-            raise UserError(f"{args.pth}: not an iter_N.pth checkpoint (found a {art.kind} folder)")
-        out = pth_to_hf(None if args.config == "-" else args.config, art.path, args.save_dir, fmt=args.fmt,
-                        fp32=args.fp32, max_shard_size=args.max_shard_size, layout=args.layout)
-        print(f"saved {args.fmt} export of {art.path} to {out}")
+                raise UserError(f"{pth}: not an iter_N.pth checkpoint (found a {art.kind} folder)")
+            out = pth_to_hf(None if args.config == "-" else args.config, art.path, args.save_dir, fmt=args.fmt,
+                            fp32=args.fp32, max_shard_size=args.max_shard_size, layout=args.layout)
+        print(f"saved {args.fmt} export of {source} to {out}")
         return 0
     from llava_ft.convert import merge_adapter
 
