@@ -8,7 +8,7 @@ the chunked loss (llava_ft.model.lm_loss) and the shard-by-shard 4-bit load, and
 Models: random-init Qwen2.5-0.5B-shaped (hidden 896, 14 / 2 heads, MLP 4864, vocab 151,936, tied) and
 Qwen2.5-3B-shaped (hidden 2048, 16 / 2 heads, MLP 11008, vocab 151,936, tied) checkpoints written in bf16
 as several safetensors shards, tensor by tensor (no model is ever built in memory to make them). Each
-measurement runs in a fresh process (peak RSS = ru_maxrss of that process):
+measurement runs in a fresh process (peak RSS = VmHWM of that process, common.peak_rss_mb):
 
   load   load_llm(quantization 4bit) alone: peak RSS vs RSS after loading, and the loaded weights' bytes;
          "before" is transformers' default load, "after" llava_ft's (llava_ft.model.llm).
@@ -258,7 +258,7 @@ def section_memory(quick: bool = False) -> dict:
                     r = run_json_child("bench_lm_memory.py", ["--child", "load", "--model", ck["dir"], "--how", how],
                                        1800, f"{label} load {how}")
                     figs.append(figure(f"{label}: 4-bit load peak RSS ({how})", r["peak_rss_mb"], "MiB",
-                                       "ru_maxrss of a fresh process running load_llm(quantization=4bit)"))
+                                       "peak RSS (VmHWM) of a fresh process running load_llm(quantization=4bit)"))
                     ratio = r["peak_rss_mb"] / r["rss_after_load_mb"]
                     figs.append(figure(f"{label}: 4-bit load peak / RSS after load ({how})", ratio, "x",
                                        f"RSS after load {r['rss_after_load_mb']:.0f} MiB (weights "
@@ -284,7 +284,7 @@ def section_memory(quick: bool = False) -> dict:
                 fl = floor_mb(shape, layers, seq, 256, a["lora_params"])
                 figs += [
                     figure(f"{label} {seq}: peak RSS before (full logits)", b["peak_rss_mb"], "MiB",
-                           "ru_maxrss, fresh process: 4-bit load + LoRA + AdamW steps, gradient checkpointing"),
+                           "peak RSS (VmHWM), fresh process: 4-bit load + LoRA + AdamW steps, gradient checkpointing"),
                     figure(f"{label} {seq}: peak RSS after (chunked loss)", a["peak_rss_mb"], "MiB", "same, default "
                            "train.loss_chunk_tokens 256"),
                     figure(f"{label} {seq}: peak after / before", peak_ratio, "x", "ratio of the two peaks",

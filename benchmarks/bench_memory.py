@@ -134,7 +134,7 @@ def section_qlora(quick: bool = False) -> dict:
     w4 = q["weights"]
     peak_key = "peak_gpu_mb" if gpu else "peak_rss_mb"
     peak_how = ("torch.cuda.max_memory_allocated" if gpu else
-                "peak RSS (ru_maxrss) of a fresh process (Python + torch + transformers included)")
+                "peak RSS (VmHWM) of a fresh process (Python + torch + transformers included)")
     step = f"load_llm + LoRA r64 on every Linear but lm_head + one AdamW step on 1 x {seq} tokens"
     # What the 4-bit model's weights weigh with 16-bit non-quantized parts (as on a GPU, compute dtype bf16),
     # against the whole model in bf16: the comparison the QLoRA target is about, measured from the tensors.

@@ -501,7 +501,7 @@ def section_train(quick: bool = False, repeats: int | None = None, sides: tuple 
                    "1 - real tokens / padded positions the model ran over, whole epoch"),
             figure(f"{label}: peak memory", med[w]["peak_rss_mb"] if not has_gpu()
                    else median([r.get("peak_gpu_mb") for r in runs[w]]), "MiB",
-                   "peak RSS of the run's own process (ru_maxrss), model load included" if not has_gpu()
+                   "peak RSS of the run's own process (VmHWM), model load included" if not has_gpu()
                    else "torch.cuda.max_memory_allocated of the run's process"),
         ]
     figs += _ratio_figures(med)

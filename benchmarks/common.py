@@ -51,7 +51,21 @@ def has_gpu() -> bool:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process so far, in MiB.
+
+    On Linux this is VmHWM, the high-water mark of this process's own memory map. Not ru_maxrss: Linux keeps
+    ru_maxrss across exec, and Python's subprocess starts children with vfork, so a child's ru_maxrss starts
+    at its PARENT's peak. A benchmark parent that had written a 1.5 GiB checkpoint made every child it
+    started report at least that (seen: a 4-bit load measured 3,102 MiB by ru_maxrss, 2,576 by VmHWM).
+    Elsewhere, ru_maxrss (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 

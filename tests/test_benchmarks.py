@@ -169,3 +169,24 @@ def test_memory_section_helpers():
     totals = {"padded": 1000, "supervised": 300, "attn_sq": 1000 * 250, "images": 4}
     trl, ours = (bench_train.epoch_model_flops(s, totals, w) for w in ("trl", "llava_ft"))
     assert trl - ours == 4 * s["hidden"] * s["vocab"] * (1000 - 300)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the inherited peak is Linux's exec behaviour")
+def test_peak_memory_of_a_benchmark_child_is_its_own_not_its_parents():
+    """A child started by subprocess (vfork + exec) from a parent that once held 1 GiB reports its own peak.
+
+    ru_maxrss survives exec on Linux, so with it every child of a big benchmark parent read at least the
+    parent's peak (the 4-bit load's "after" figure was the parent's 3.1 GiB)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import common  # noqa: PLC0415
+
+    held = bytearray(1 << 30)
+    for i in range(0, len(held), 4096):  # touch every page: this process's peak is now > 1 GiB
+        held[i] = 1
+    del held
+    assert common.peak_rss_mb() > 1024
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import common; "
+            "print(common.peak_rss_mb())")
+    child = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "benchmarks")],
+                           capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 512  # an interpreter importing two modules, not the parent's gigabyte
