@@ -103,6 +103,79 @@ def test_unreadable_images_all_listed_before_training(tmp_path):
     assert len(read_sources(cfg, check_images=True).records[0]) == 24
 
 
+def test_images_that_passed_and_did_not_change_are_not_read_again(tmp_path, monkeypatch):
+    """A rerun (or --resume) reads only images that are new, changed or failed before; a file replaced by a
+    broken one is never trusted from the memo of the earlier check."""
+    import os
+
+    import llava_ft.data.images as images
+
+    folder = tmp_path / "imgs"
+    rows = []
+    for i in range(6):
+        write_png(folder / f"{i}.png")
+        rows.append({"id": f"s{i}", "image": f"{i}.png", "conversations": conv()})
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(rows))
+    cfg = data_cfg(tmp_path, str(path), src={"image_folder": str(folder)})
+    cfg.sources[0].format = "llava"
+    read_files: list = []
+    real_check = images.check_image
+
+    def counting(source):  # the real check, counted
+        read_files.append(os.path.basename(source))
+        return real_check(source)
+
+    monkeypatch.setattr(images, "check_image", counting)
+
+    def rerun():
+        read_files.clear()
+        read_sources(cfg, check_images=True)
+        return sorted(read_files)
+
+    assert rerun() == [f"{i}.png" for i in range(6)]  # first run: every image
+    assert list((tmp_path / "cache" / "image_checks").glob("*.npz"))
+    assert rerun() == []  # nothing changed: none read
+    Image.new("RGB", (9, 9), (0, 0, 255)).save(folder / "2.png")  # replaced by another valid image
+    assert rerun() == ["2.png"]
+    assert rerun() == []
+    (folder / "4.png").write_bytes(b"not a png")  # broken after it passed: found again
+    with pytest.raises(UserError, match="4.png"):
+        rerun()
+    with pytest.raises(UserError, match="4.png"):  # and on every run until it is fixed
+        rerun()
+    assert read_files == ["4.png"]
+    os.remove(folder / "5.png")
+    write_png(folder / "4.png")
+    with pytest.raises(UserError, match="5.png.*file not found"):
+        rerun()
+    assert sorted(read_files) == ["4.png", "5.png"]
+    write_png(folder / "5.png")
+    assert rerun() == ["5.png"]
+    # Damaged in place at the same size, its old mtime put back (as tar or `cp -p` do): the ctime tells.
+    target = folder / "3.png"
+    before, data = os.stat(target), bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(target).st_size == before.st_size and os.stat(target).st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(UserError, match="3.png"):
+        rerun()
+    write_png(target)
+    assert rerun() == ["3.png"]
+    memo = tmp_path / "cache" / "image_checks"  # a damaged memo only costs time, then is written anew
+    for f in memo.glob("*.npz"):
+        f.write_bytes(b"garbage")
+    assert rerun() == [f"{i}.png" for i in range(6)]
+    assert rerun() == []
+    import shutil
+
+    shutil.rmtree(memo)
+    memo.write_text("in the way")  # a file where its folder goes: unwritable even for root
+    assert rerun() == [f"{i}.png" for i in range(6)]
+    assert rerun() == [f"{i}.png" for i in range(6)]
+
+
 def test_paths_leaving_image_folder_are_counted(tmp_path, tok):
     folder = tmp_path / "imgs"
     write_png(folder / "in.png")

@@ -39,7 +39,7 @@ from llava_ft.data.encode import encode_records
 from llava_ft.data.image_tokens import ImageTokenCount, as_image_token_count
 from llava_ft.data.formats import source_files
 from llava_ft.data.packing import arrow_column, pack_samples
-from llava_ft.data.read import SourceData, read_sources
+from llava_ft.data.read import SourceData, data_cache_dir, read_sources
 from llava_ft.errors import UserError
 from llava_ft.fileio import staging_dir
 from llava_ft.templates import HF_TEMPLATE, get_template
@@ -66,10 +66,6 @@ _FEATURES = datasets.Features({
 class PreparedData:
     dataset: datasets.Dataset
     stats: dict = field(default_factory=dict)
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("LLAVA_FT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llava_ft", "datasets")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -245,7 +241,7 @@ def prepare_dataset(data_cfg: DataConfig, tokenizer, num_image_tokens: Union[int
         get_template(data_cfg.template)  # unknown name -> UserError listing the valid ones, before any work
     num_image_tokens = as_image_token_count(num_image_tokens)
     key = cache_key(data_cfg, tokenizer, num_image_tokens, seed)
-    folder = os.path.join(data_cfg.cache_dir or default_cache_dir(), key)
+    folder = os.path.join(data_cache_dir(data_cfg), key)
     stats_file = os.path.join(folder, "llava_ft_stats.json")
     if use_cache and os.path.isfile(stats_file):
         with open(stats_file) as fh:

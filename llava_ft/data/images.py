@@ -194,11 +194,14 @@ def _rows(rows) -> Iterable[dict]:
     return rows
 
 
-def verify_images(rows, num_threads: int = 16, progress: bool = False) -> list[ImageProblem]:
+def verify_images(rows, num_threads: int = 16, progress: bool = False,
+                  memo_dir: Optional[str] = None) -> list[ImageProblem]:
     """Check every image of `rows` (dicts or a datasets.Dataset with `id` and `images`) before training.
 
     Each distinct path is checked once, in a thread pool (PIL releases the GIL while reading files).
     Returns the problems (empty list = all good), one per bad file, naming the first sample using it.
+    With `memo_dir` (the data cache folder), files that passed an earlier check and have the same size
+    and mtime are not read again (llava_ft.data.image_check_memo).
     """
     users: dict[str, list] = {}
     embedded: list = []  # ImageProblem for images stored in the dataset (bytes), checked here one by one
@@ -212,12 +215,21 @@ def verify_images(rows, num_threads: int = 16, progress: bool = False) -> list[I
                 continue
             users.setdefault(path, []).append(row.get("id", "?"))
     paths: Sequence[str] = list(users)
+    memo = known_good = None
+    if memo_dir is not None and paths:
+        from llava_ft.data.image_check_memo import ImageCheckMemo
+
+        memo = ImageCheckMemo(memo_dir, paths, num_threads)
+        known_good = memo.known_good()
+    to_check = paths if known_good is None else [p for p, good in zip(paths, known_good) if not good]
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        results = pool.map(check_image, paths)
+        results = pool.map(check_image, to_check)
         if progress:
             from tqdm import tqdm
 
-            results = tqdm(results, total=len(paths), desc="checking images", unit="img")
-        reasons = list(results)
+            results = tqdm(results, total=len(to_check), desc="checking images", unit="img")
+        found = dict(zip(to_check, results))
+    if memo is not None:
+        memo.save(np.array([found.get(p) is None for p in paths], dtype=bool))
     return embedded + [ImageProblem(str(users[p][0]), p, reason, len(users[p]) - 1)
-                       for p, reason in zip(paths, reasons) if reason is not None]
+                       for p, reason in found.items() if reason is not None]

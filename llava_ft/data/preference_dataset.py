@@ -35,11 +35,11 @@ import datasets
 
 from llava_ft.config import PAIR_FORMATS, as_data_source
 from llava_ft.data import hub
-from llava_ft.data.dataset import PreparedData, _save, default_cache_dir, tokenizer_fingerprint
+from llava_ft.data.dataset import PreparedData, _save, tokenizer_fingerprint
 from llava_ft.data.formats import LIST_CUT, RecordError, iter_raw, rename_keys, source_files
 from llava_ft.data.preference import BAD_MISSING_IMAGE, detect_pair_format, encode_pairs, missing_images, to_pair
 from llava_ft.data.problems import DataProblems
-from llava_ft.data.read import REASON_UNREADABLE_IMAGE, check_sources
+from llava_ft.data.read import REASON_UNREADABLE_IMAGE, check_sources, data_cache_dir
 from llava_ft.errors import UserError
 from llava_ft.templates import HF_TEMPLATE, get_template
 
@@ -223,7 +223,8 @@ def _build(data_cfg, sources: list, tokenizer, num_image_tokens, max_prompt_leng
         from llava_ft.data.images import verify_images
 
         for part in {id(p): p for p in parts}.values():
-            for problem in verify_images(part.select_columns(["id", "images", "image_bytes"])):
+            for problem in verify_images(part.select_columns(["id", "images", "image_bytes"]),
+                                         memo_dir=data_cache_dir(data_cfg)):
                 problems.add(REASON_UNREADABLE_IMAGE, str(problem))
     problems.finish("bad pair(s) in the preference data")
     dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -260,7 +261,7 @@ def build_preference_dataset(cfg, tokenizer, num_image_tokens=0, seed: int = 42,
         prepared.stats.update(cache_hit=False, cache_path=None)
         return prepared
     key = pair_cache_key(data_cfg, sources, tokenizer, num_image_tokens, max_prompt_length)
-    folder = os.path.join(data_cfg.cache_dir or default_cache_dir(), key)
+    folder = os.path.join(data_cache_dir(data_cfg), key)
     stats_file = os.path.join(folder, "llava_ft_stats.json")
     if os.path.isfile(stats_file):
         with open(stats_file) as fh:

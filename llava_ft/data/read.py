@@ -43,6 +43,15 @@ class SourceData:
     outside_example: Optional[str] = None  # "sample 7: ../elsewhere/x.png" (the first one)
 
 
+def default_cache_dir() -> str:
+    return os.environ.get("LLAVA_FT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llava_ft", "datasets")
+
+
+def data_cache_dir(data_cfg: DataConfig) -> str:
+    """Where prepared data is cached: `data.cache_dir`, else $LLAVA_FT_CACHE, else ~/.cache/llava_ft/datasets."""
+    return data_cfg.cache_dir or default_cache_dir()
+
+
 def _source(src) -> DataSource:
     return src if isinstance(src, DataSource) else DataSource(**src)
 
@@ -120,8 +129,9 @@ def read_sources(data_cfg: DataConfig, check_images: bool = False, num_threads: 
     if image_rows:
         from llava_ft.data.images import verify_images
 
-        # Unreadable images are found here, before the model loads, rather than hours into the run.
-        for problem in verify_images(image_rows, num_threads=num_threads):
+        # Unreadable images are found here, before the model loads, rather than hours into the run. Files
+        # that passed on an earlier run and have not changed are not read again (image_check_memo).
+        for problem in verify_images(image_rows, num_threads=num_threads, memo_dir=data_cache_dir(data_cfg)):
             problems.add(REASON_UNREADABLE_IMAGE, str(problem))
     problems.finish()
     out.skipped = dict(problems.counts)

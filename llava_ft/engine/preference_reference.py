@@ -262,13 +262,13 @@ def reference_weights_key(model, cfg) -> str:
 
 def _cache_files(cfg, work_dir: str, weights_key: str, name: str, dataset) -> list:
     """[<data cache>/reference_logps/<weights key>-<fingerprint>.pt, <work dir>/reference_logps/<name>-...pt]"""
-    from llava_ft.data.dataset import default_cache_dir
+    from llava_ft.data.read import data_cache_dir
 
     hf = dataset
     while not hasattr(hf, "_fingerprint") and hasattr(hf, "data"):  # PreferenceLlavaDataset -> datasets.Dataset
         hf = hf.data
     file = f"{weights_key}-{hf._fingerprint}.pt"
-    return [Path(cfg.data.cache_dir or default_cache_dir()) / "reference_logps" / file,
+    return [Path(data_cache_dir(cfg.data)) / "reference_logps" / file,
             Path(work_dir) / "reference_logps" / f"{name}-{file}"]
 
 
