@@ -136,6 +136,11 @@ def test_images_that_passed_and_did_not_change_are_not_read_again(tmp_path, monk
     assert rerun() == [f"{i}.png" for i in range(6)]  # first run: every image
     assert list((tmp_path / "cache" / "image_checks").glob("*.npz"))
     assert rerun() == []  # nothing changed: none read
+    write_png(folder / "6.png")  # the data file grown by one sample and reordered: only the new image is read
+    path.write_text(json.dumps(rows[::-1] + [{"id": "s6", "image": "6.png", "conversations": conv()}]))
+    assert rerun() == ["6.png"]
+    path.write_text(json.dumps(rows))
+    assert rerun() == []
     Image.new("RGB", (9, 9), (0, 0, 255)).save(folder / "2.png")  # replaced by another valid image
     assert rerun() == ["2.png"]
     assert rerun() == []

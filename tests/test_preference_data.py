@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -221,6 +222,38 @@ def test_skip_bad_samples_counts_them(pair_files, tok):
     assert all(b[0].startswith(b"\x89PNG") for b in ds["image_bytes"][1:])  # images inside stay bytes
     again = build_preference_dataset(cfg, tok, N_IMG)
     assert again.stats["cache_hit"] and again.dataset["prompt_ids"] == ds["prompt_ids"]
+
+
+def test_image_check_of_pairs_is_remembered_over_all_sources(pair_files, tok, monkeypatch):
+    """Two pair files with image paths: the first build reads every image file, a rebuild (tokenized cache
+    missed) none of them, and a file broken since is found again."""
+    import llava_ft.data.images as images
+
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(pair_files / "green.png")
+    for name, colour in (("a.jsonl", "red"), ("b.jsonl", "green")):
+        (pair_files / name).write_text(json.dumps({"prompt": "Colour?", "chosen": colour, "rejected": "blue",
+                                                   "images": [f"{colour}.png"]}) + "\n")
+    cfg = _cfg(pair_files, pair_files / "a.jsonl", pair_files / "b.jsonl", image_folder=str(pair_files))
+    files_read: list = []
+    real_check = images.check_image
+
+    def counting(source):  # the real check; file paths counted (bytes inside a dataset are always checked)
+        if isinstance(source, str):
+            files_read.append(Path(source).name)
+        return real_check(source)
+
+    monkeypatch.setattr(images, "check_image", counting)
+
+    def build():
+        files_read.clear()
+        build_preference_dataset(cfg, tok, N_IMG, use_cache=False, check_images=True)
+        return sorted(files_read)
+
+    assert build() == ["green.png", "red.png"]
+    assert build() == []
+    (pair_files / "green.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="green.png"):
+        build()
 
 
 @pytest.mark.parametrize("name", ["rlaif.parquet", "rlaif_saved"])

@@ -195,13 +195,13 @@ def _rows(rows) -> Iterable[dict]:
 
 
 def verify_images(rows, num_threads: int = 16, progress: bool = False,
-                  memo_dir: Optional[str] = None) -> list[ImageProblem]:
+                  memo_dir: Optional[str] = None, memo_key: str = "") -> list[ImageProblem]:
     """Check every image of `rows` (dicts or a datasets.Dataset with `id` and `images`) before training.
 
     Each distinct path is checked once, in a thread pool (PIL releases the GIL while reading files).
     Returns the problems (empty list = all good), one per bad file, naming the first sample using it.
-    With `memo_dir` (the data cache folder), files that passed an earlier check and have the same size
-    and mtime are not read again (llava_ft.data.image_check_memo).
+    With `memo_dir` (the data cache folder), files that passed an earlier check of the data named by
+    `memo_key` and have not changed since are not read again (llava_ft.data.image_check_memo).
     """
     users: dict[str, list] = {}
     embedded: list = []  # ImageProblem for images stored in the dataset (bytes), checked here one by one
@@ -219,7 +219,7 @@ def verify_images(rows, num_threads: int = 16, progress: bool = False,
     if memo_dir is not None and paths:
         from llava_ft.data.image_check_memo import ImageCheckMemo
 
-        memo = ImageCheckMemo(memo_dir, paths, num_threads)
+        memo = ImageCheckMemo(memo_dir, memo_key, paths, num_threads)
         known_good = memo.known_good()
     to_check = paths if known_good is None else [p for p, good in zip(paths, known_good) if not good]
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:

@@ -39,7 +39,7 @@ from llava_ft.data.dataset import PreparedData, _save, tokenizer_fingerprint
 from llava_ft.data.formats import LIST_CUT, RecordError, iter_raw, rename_keys, source_files
 from llava_ft.data.preference import BAD_MISSING_IMAGE, detect_pair_format, encode_pairs, missing_images, to_pair
 from llava_ft.data.problems import DataProblems
-from llava_ft.data.read import REASON_UNREADABLE_IMAGE, check_sources, data_cache_dir
+from llava_ft.data.read import REASON_UNREADABLE_IMAGE, check_sources, data_cache_dir, image_memo_key
 from llava_ft.errors import UserError
 from llava_ft.templates import HF_TEMPLATE, get_template
 
@@ -220,12 +220,15 @@ def _build(data_cfg, sources: list, tokenizer, num_image_tokens, max_prompt_leng
                            "dropped": dict(reasons)})
         parts += [kept] * src.repeat
     if check_images and not data_cfg.skip_bad_samples:
+        import itertools
+
         from llava_ft.data.images import verify_images
 
-        for part in {id(p): p for p in parts}.values():
-            for problem in verify_images(part.select_columns(["id", "images", "image_bytes"]),
-                                         memo_dir=data_cache_dir(data_cfg)):
-                problems.add(REASON_UNREADABLE_IMAGE, str(problem))
+        # All sources in one check, so the memo of verdicts (image_check_memo) covers every image of the run.
+        rows = itertools.chain.from_iterable(part.select_columns(["id", "images", "image_bytes"])
+                                             for part in {id(p): p for p in parts}.values())
+        for problem in verify_images(rows, memo_dir=data_cache_dir(data_cfg), memo_key=image_memo_key(data_cfg)):
+            problems.add(REASON_UNREADABLE_IMAGE, str(problem))
     problems.finish("bad pair(s) in the preference data")
     dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     skipped = dict(problems.counts)

@@ -52,6 +52,13 @@ def data_cache_dir(data_cfg: DataConfig) -> str:
     return data_cfg.cache_dir or default_cache_dir()
 
 
+def image_memo_key(data_cfg: DataConfig) -> str:
+    """What names a data set for the memo of its image checks (image_check_memo): its sources' files and
+    image folders, not their contents, so a grown or reshuffled file keeps the verdicts of its images."""
+    return json.dumps([(os.path.abspath(src.path), src.image_folder and os.path.abspath(src.image_folder))
+                       for src in map(_source, data_cfg.sources)])
+
+
 def _source(src) -> DataSource:
     return src if isinstance(src, DataSource) else DataSource(**src)
 
@@ -131,7 +138,8 @@ def read_sources(data_cfg: DataConfig, check_images: bool = False, num_threads: 
 
         # Unreadable images are found here, before the model loads, rather than hours into the run. Files
         # that passed on an earlier run and have not changed are not read again (image_check_memo).
-        for problem in verify_images(image_rows, num_threads=num_threads, memo_dir=data_cache_dir(data_cfg)):
+        for problem in verify_images(image_rows, num_threads=num_threads,
+                                     memo_dir=data_cache_dir(data_cfg), memo_key=image_memo_key(data_cfg)):
             problems.add(REASON_UNREADABLE_IMAGE, str(problem))
     problems.finish()
     out.skipped = dict(problems.counts)
