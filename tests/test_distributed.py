@@ -222,7 +222,7 @@ def test_zero3_llava_matches_single_process_and_writes_the_same_iter_file(config
     from llava_ft.engine.resume import iter_from_trainer_checkpoint
 
     folder = Path(work) / f"checkpoint-{STEPS}"
-    assert iter_from_trainer_checkpoint(folder) == str(Path(work) / f"iter_{STEPS}.pth")
+    assert iter_from_trainer_checkpoint(folder, out_dir=tmp_path / "unused") == str(Path(work) / f"iter_{STEPS}.pth")
     os.rename(Path(work) / f"iter_{STEPS}.pth", tmp_path / "moved.pth")
     gathered = iter_from_trainer_checkpoint(folder, out_dir=tmp_path / "gathered")
     assert_same_weights(torch.load(gathered, weights_only=True)["state_dict"], iter_state(single_llava, STEPS))

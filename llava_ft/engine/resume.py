@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -91,12 +90,13 @@ def is_trainer_checkpoint_dir(path: PathLike) -> bool:
     return Path(path).is_dir() and _CKPT_RE.match(Path(path).resolve().name) is not None
 
 
-def iter_from_trainer_checkpoint(folder: PathLike, out_dir: Optional[PathLike] = None) -> str:
+def iter_from_trainer_checkpoint(folder: PathLike, out_dir: PathLike) -> str:
     """An `iter_<step>.pth` for a `checkpoint-<step>/` folder (what `convert pth_to_hf` is given).
 
     The iter file beside the folder when it exists (every run writes one). Otherwise (copied folder,
     deleted iter file) the trainable weights are gathered from the DeepSpeed ZeRO shards with
-    deepspeed's zero_to_fp32 and written as `iter_<step>.pth` under `out_dir` (default: a temp dir):
+    deepspeed's zero_to_fp32 and written as `iter_<step>.pth` under `out_dir` (the caller's to delete;
+    convert uses a scratch folder):
     the same keys as the iter file a single process writes (names from the shards' `param_shapes`,
     which list exactly the parameters the optimizer trained).
     """
@@ -123,8 +123,7 @@ def iter_from_trainer_checkpoint(folder: PathLike, out_dir: Optional[PathLike] =
         import yaml
 
         meta["config"] = yaml.safe_load(saved_cfg.read_text())
-    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="llava_ft_zero_"))
-    return str(save_iter_checkpoint(out, step, {k: v for k, v in full.items() if k in trainable}, meta))
+    return str(save_iter_checkpoint(Path(out_dir), step, {k: v for k, v in full.items() if k in trainable}, meta))
 
 
 def rotate_checkpoints(work_dir: PathLike, limit: int, keep: Optional[int] = None) -> list[str]:

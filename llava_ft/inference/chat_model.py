@@ -123,7 +123,6 @@ class ChatStream:
         self._iter.close()
 
 
-
 def _is_path(image) -> bool:
     return isinstance(image, (str, os.PathLike))
 
@@ -133,6 +132,7 @@ def _is_frames(image) -> bool:
     import numpy as np
 
     return isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[-1] == 3
+
 
 class ChatModel:
     """A loaded model plus everything needed to prompt it the way it was trained (see module docstring)."""
